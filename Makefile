@@ -1,0 +1,29 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both (re)create .venv from constraints.txt when pyproject.toml or constraints.txt changed, make sure
+# Fashion-MNIST is present, then run.
+PYTHON ?= python3
+VENV   := .venv
+STAMP  := $(VENV)/.installed
+CONFIG ?= configs/fashion_tops.yaml
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv data bench clean-cache
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
+	@touch $(STAMP)
+
+data:
+	@bash scripts/ensure_fashion_mnist.sh
+
+demo: venv data
+	$(VENV)/bin/edgesmith build $(CONFIG)
+
+test: venv data
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+clean-cache:
+	rm -rf builds

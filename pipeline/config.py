@@ -1,0 +1,182 @@
+"""The build config: YAML -> frozen pydantic models. Every error is reported at once with its key path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from exporters.config import ExportConfig
+from quantize.config import QATConfig
+
+from .distill.config import DistillConfig, SubspacesConfig
+from .errors import ConfigError
+from .registry import did_you_mean
+from .release.config import ReleaseConfig
+from .schema import Section
+from .validation.config import ValidateConfig
+
+
+class BuildConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    seed: int = 0
+    output: str = "builds"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int = Field(0, ge=0, description="torch CPU threads for training (0: all cores)")
+
+
+class DataConfig(Section):
+    dataset: str = "fashion_mnist"
+    root: Optional[str] = None
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    train_per_class: Optional[int] = Field(None, ge=1, description="cap per class (tiny builds)")
+    test_per_class: Optional[int] = Field(None, ge=1)
+    image_size: Optional[int] = Field(None, ge=8, description="stored size for image_folder datasets")
+    augment: bool = False
+    allow_download: bool = False
+
+
+class SubtaskConfig(Section):
+    classes: list[Union[str, int]] = Field(min_length=2)
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, v):
+        if len(set(map(str, v))) != len(v):
+            raise ValueError("subtask classes must be distinct")
+        return v
+
+
+class InputSpec(Section):
+    """How a model wants to see an image: size, channels, normalisation."""
+
+    size: Optional[int] = Field(None, ge=8)
+    channels: Optional[Literal[1, 3]] = None
+    mean: Optional[list[float]] = None
+    std: Optional[list[float]] = None
+
+
+class AdaptConfig(Section):
+    method: Literal["none", "linear_probe", "finetune"] = "none"
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    batch_size: int = Field(128, ge=1)
+    train_from: Optional[str] = Field(
+        None, description="finetune: first trainable module; earlier layers stay frozen and their output is cached"
+    )
+    max_images: Optional[int] = Field(None, ge=1, description="cap on training images used for adaptation")
+
+
+class TrainTeacherConfig(Section):
+    arch: str = "cnn_teacher"
+    epochs: int = Field(3, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class TeacherConfig(Section):
+    source: Literal["timm", "checkpoint", "train"]
+    name: Optional[str] = Field(None, description="timm architecture (source timm/checkpoint)")
+    weights: Optional[str] = Field(None, description="file, or package:<module>/<path inside it>")
+    weights_format: Literal["timm", "positional"] = "timm"
+    num_classes: Optional[int] = Field(None, ge=1, description="classes of the pretrained head")
+    class_names: Optional[str] = Field(None, description="'imagenet' or a text file, one name per line")
+    input: InputSpec = InputSpec()
+    adapt: AdaptConfig = AdaptConfig()
+    train: TrainTeacherConfig = TrainTeacherConfig()
+
+
+class StudentConfig(Section):
+    arch: str
+    input: InputSpec = InputSpec()
+    pretrained: bool = False
+
+
+class EdgesmithConfig(Section):
+    build: BuildConfig
+    data: DataConfig = DataConfig()
+    subtask: SubtaskConfig
+    teacher: TeacherConfig
+    student: StudentConfig
+    subspaces: SubspacesConfig = SubspacesConfig()
+    distill: DistillConfig = DistillConfig()
+    qat: Optional[QATConfig] = None
+    export: Optional[ExportConfig] = None
+    # "validate" would shadow a pydantic method name, hence the alias.
+    validate_: Optional[ValidateConfig] = Field(None, alias="validate")
+    release: Optional[ReleaseConfig] = None
+
+    def section(self, name: str) -> Any:
+        return getattr(self, "validate_" if name == "validate" else name)
+
+    def dump(self) -> dict:
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.dump(), sort_keys=True).encode()).hexdigest()
+
+
+def _fields_at(model: type, loc: tuple) -> list[str]:
+    """Names of the fields valid at a key path, for did-you-mean on unknown keys."""
+    for part in loc:
+        if isinstance(part, int) or not hasattr(model, "model_fields"):
+            continue
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
+        if field is None:
+            break
+        model = _section_type(field.annotation)
+    return [f.alias or n for n, f in getattr(model, "model_fields", {}).items()]
+
+
+def _section_type(annotation: Any) -> Any:
+    import typing
+
+    for arg in (annotation, *typing.get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, Section):
+            return arg
+        for inner in typing.get_args(arg):
+            if isinstance(inner, type) and issubclass(inner, Section):
+                return inner
+    return annotation
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
+    path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(EdgesmithConfig, loc[:-1])
+        return f"{path}: unknown key.{did_you_mean(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}."
+    if err["type"] == "missing":
+        return f"{path}: required key is missing."
+    return f"{path}: {err['msg']} (got {err.get('input')!r})."
+
+
+def parse_config(raw: Any, source: str = "<config>") -> EdgesmithConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the config must be a YAML mapping of sections, not {type(raw).__name__}.",
+                          "Start from configs/fashion_tops.yaml.")
+    try:
+        return EdgesmithConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [_describe(e) for e in exc.errors()]
+        raise ConfigError(
+            f"{source} has {len(lines)} problem{'s' * (len(lines) > 1)}:\n  - " + "\n  - ".join(lines),
+            "\nFix these keys (the README's config reference lists every key) and run `edgesmith check` again.",
+        ) from None
+
+
+def load_config(path: str | os.PathLike) -> EdgesmithConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist.", "Pass the path of a YAML config, e.g. configs/fashion_tops.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}", "Fix the YAML syntax at the line shown.") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,45 @@
+"""Errors a user can cause. Each says what was wrong and how to fix it; the CLI prints them without a
+traceback and exits with code 2."""
+
+from __future__ import annotations
+
+
+class EdgesmithError(Exception):
+    """Base of every user-facing error: `problem` says what is wrong, `fix` how to put it right."""
+
+    exit_code = 2
+
+    def __init__(self, problem: str, fix: str = ""):
+        self.problem = problem.strip()
+        self.fix = fix.strip()
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        return f"{self.problem} {self.fix}".strip()
+
+
+class ConfigError(EdgesmithError):
+    """The config file is malformed or names something that does not exist."""
+
+
+class DataError(EdgesmithError):
+    """Dataset files are missing, unreadable or do not hold what the config asks for."""
+
+
+class ModelError(EdgesmithError):
+    """A model name, weights file or checkpoint cannot be used."""
+
+
+class DeviceError(EdgesmithError):
+    """The requested compute device or target is not available."""
+
+
+class CacheBusyError(EdgesmithError):
+    """Another build holds the cache lock."""
+
+
+class BudgetError(EdgesmithError):
+    """A validation budget was missed; the results are recorded nonetheless."""
+
+    exit_code = 1

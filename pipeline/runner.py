@@ -1,0 +1,199 @@
+"""The stage runner: declares the chain, keys each stage by what it depends on, reuses or rebuilds."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from .cache import CODE_PACKAGES, BuildCache, code_digest, package_versions, stage_key
+from .config import EdgesmithConfig
+from .errors import ConfigError, DeviceError
+from .progress import ProgressDisplay
+from .registry import Registry
+
+STAGE_ORDER = ("teacher", "adapt", "subspaces", "distill", "qat", "export", "validate", "release")
+STAGES: Registry[type["Stage"]] = Registry("stage")
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """A committed stage output: its folder and its stage.json."""
+
+    name: str
+    key: str
+    dir: Path
+    meta: dict
+
+    @property
+    def metrics(self) -> dict:
+        return self.meta.get("metrics", {})
+
+
+@dataclass
+class StageContext:
+    config: EdgesmithConfig
+    out: Path
+    inputs: dict[str, StageRecord]
+    progress: ProgressDisplay
+    key: str
+    device_name: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self):
+        import torch
+
+        return torch.device(self.device_name)
+
+    def log(self, message: str) -> None:
+        self.progress.log(message)
+
+
+class Stage:
+    """One step of the chain. Subclasses set `name`, the config `sections` in their key, and implement run()."""
+
+    name: ClassVar[str]
+    sections: ClassVar[tuple[str, ...]] = ()
+    packages: ClassVar[tuple[str, ...]] = ("torch",)
+    code: ClassVar[tuple[str, ...]] = CODE_PACKAGES
+
+    def enabled(self, cfg: EdgesmithConfig) -> bool:
+        return all(cfg.section(s) is not None for s in self.sections if s in ("qat", "export", "validate", "release"))
+
+    def inputs(self, cfg: EdgesmithConfig) -> tuple[str, ...]:
+        return ()
+
+    def run(self, ctx: StageContext) -> dict:
+        raise NotImplementedError
+
+    def after_commit(self, record: StageRecord, ctx: StageContext) -> None:
+        """Checks that may fail the build once the result is safely recorded (e.g. budgets)."""
+
+
+def register_stage(cls: type[Stage]) -> type[Stage]:
+    assert cls.name in STAGE_ORDER, f"stage {cls.name} is not in STAGE_ORDER"
+    return STAGES.register(cls.name)(cls)
+
+
+def _load_stage_modules() -> None:
+    # Importing the modules fills the registry; heavy libraries are imported inside run().
+    from .stages import teacher, distill, later  # noqa: F401
+
+
+def resolve_device(requested: str) -> str:
+    import torch
+
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("build.device is 'cuda' but no CUDA device is available on this machine.",
+                          "Set build.device to 'auto' or 'cpu', or run on a machine with a GPU and a CUDA build of torch.")
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass
+class PlannedStage:
+    stage: Stage
+    key: str
+    inputs: dict[str, str]
+    sections: dict
+    versions: dict[str, str]
+    code: str
+
+
+class Build:
+    def __init__(self, cfg: EdgesmithConfig):
+        _load_stage_modules()
+        self.cfg = cfg
+        self.cache = BuildCache(Path(cfg.build.output) / cfg.build.name)
+
+    def stages(self, until: str | None = None) -> list[Stage]:
+        if until is not None and until not in STAGE_ORDER:
+            STAGES.get(until)  # raises the did-you-mean error
+        chosen = []
+        for name in STAGE_ORDER:
+            if name in STAGES and STAGES.get(name)().enabled(self.cfg):
+                chosen.append(STAGES.get(name)())
+            if name == until:
+                break
+        return chosen
+
+    def plan(self, until: str | None = None) -> list[PlannedStage]:
+        keys: dict[str, str] = {}
+        plan = []
+        for stage in self.stages(until):
+            missing = [n for n in stage.inputs(self.cfg) if n not in keys]
+            if missing:
+                raise ConfigError(f"Stage '{stage.name}' needs {', '.join(missing)}, which this config disables.",
+                                  "Add the missing config sections.")
+            inputs = {n: keys[n] for n in stage.inputs(self.cfg)}
+            sections = {s: _dump(self.cfg.section(s)) for s in stage.sections}
+            versions = package_versions(stage.packages)
+            code = code_digest(stage.code)
+            key = stage_key(stage.name, sections, inputs, code, versions)
+            keys[stage.name] = key
+            plan.append(PlannedStage(stage, key, inputs, sections, versions, code))
+        return plan
+
+    def status(self) -> list[tuple[str, str, bool]]:
+        return [(p.stage.name, p.key[:16], self.cache.lookup(p.stage.name, p.key) is not None) for p in self.plan()]
+
+    def run(self, progress: ProgressDisplay, force: tuple[str, ...] = (), until: str | None = None,
+            wait: bool = True) -> list[dict]:
+        for name in force:
+            STAGES.get(name)
+        device = resolve_device(self.cfg.build.device)
+        plan = self.plan(until)
+        summary = []
+        with self.cache.lock(wait=wait, say=progress.log):
+            self.cache.sweep_stale()
+            records: dict[str, StageRecord] = {}
+            with progress.live():
+                for planned in plan:
+                    record, cached, ctx = self._run_one(planned, records, progress, device, force)
+                    records[planned.stage.name] = record
+                    summary.append({"stage": planned.stage.name, "key": planned.key[:16], "cached": cached,
+                                    "wall_s": record.meta.get("wall_time_s", 0.0), "metrics": record.metrics,
+                                    "dir": str(record.dir)})
+                    if not cached:
+                        planned.stage.after_commit(record, ctx)
+        return summary
+
+    def _run_one(self, planned: PlannedStage, records, progress, device, force):
+        stage = planned.stage
+        meta = None if stage.name in force else self.cache.lookup(stage.name, planned.key)
+        inputs = {n: records[n] for n in planned.inputs}
+        if meta is not None:
+            progress.log(f"[green]✓[/] {stage.name:<10} cached  {self.cache.path(stage.name, planned.key)}")
+            return StageRecord(stage.name, planned.key, self.cache.path(stage.name, planned.key), meta), True, None
+        progress.log(f"[cyan]▶[/] {stage.name:<10} running (key {planned.key[:16]})")
+        seed_everything(self.cfg.build.seed, self.cfg.build.threads)
+        start = time.perf_counter()
+        with self.cache.staging(stage.name, planned.key) as tmp:
+            ctx = StageContext(self.cfg, tmp, inputs, progress, planned.key, device)
+            metrics = stage.run(ctx) or {}
+            meta = {"stage": stage.name, "key": planned.key, "inputs": planned.inputs, "config": planned.sections,
+                    "versions": planned.versions, "code": planned.code, "device": device, "seed": self.cfg.build.seed,
+                    "wall_time_s": round(time.perf_counter() - start, 3), "metrics": metrics}
+            final = self.cache.commit(tmp, stage.name, planned.key, meta)
+        progress.log(f"[green]✓[/] {stage.name:<10} done in {meta['wall_time_s']:.1f} s  {final}")
+        return StageRecord(stage.name, planned.key, final, meta), False, ctx
+
+
+def _dump(section: Any) -> Any:
+    return section.model_dump(mode="json") if hasattr(section, "model_dump") else section

@@ -1,0 +1,1 @@
+"""Stage placeholder: not implemented yet (registers nothing)."""

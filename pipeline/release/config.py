@@ -1,9 +1,24 @@
-"""Config section `release` (placeholder; filled in by the release work)."""
+"""Config section `release`: how the release bundle is named and stamped."""
 
 from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import Field
 
 from ..schema import Section
 
 
 class ReleaseConfig(Section):
-    pass
+    version: str = Field(
+        "0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$",
+        description="release version; the tarball is <build>-<version>.tar.gz",
+    )
+    source_date_epoch: Optional[int] = Field(
+        None, ge=0,
+        description="mtime stamped on every tar entry; unset: $SOURCE_DATE_EPOCH, else 0 (1970-01-01)",
+    )
+    include_eval_set: bool = Field(True, description="ship eval.npz so the device tests can measure accuracy")
+    intended_use: Optional[str] = Field(
+        None, description="one paragraph for the model card; unset: generated from the subtask classes",
+    )

@@ -1,0 +1,111 @@
+"""The `edgesmith` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EdgesmithError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Distil a foundation model into a small, quantized, validated model for one edge device.")
+console = Console()
+
+
+@app.command()
+def check(config: Path = typer.Argument(..., help="YAML build config")) -> None:
+    """Validate a config and resolve its subtask classes against the dataset."""
+    from .config import load_config
+    from .stages.common import subtask_data
+
+    cfg = load_config(config)
+    data = subtask_data(cfg)
+    console.print(f"[green]OK[/] {config}: build '{cfg.build.name}', dataset {cfg.data.dataset} "
+                  f"({len(data.dataset.class_names)} classes), subtask {data.class_names} "
+                  f"-> ids {list(data.class_ids)}; train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}")
+
+
+@app.command()
+def build(
+    config: Path = typer.Argument(..., help="YAML build config"),
+    force: List[str] = typer.Option([], "--force", help="re-run this stage even if cached (repeatable)"),
+    until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
+    no_wait: bool = typer.Option(False, "--no-wait", help="fail instead of waiting when another build holds the cache"),
+) -> None:
+    """Run the chain of stages, reusing every cached one."""
+    from .config import load_config
+    from .progress import ProgressDisplay
+    from .runner import Build
+
+    cfg = load_config(config)
+    progress = ProgressDisplay(console)
+    summary = Build(cfg).run(progress, force=tuple(force), until=until, wait=not no_wait)
+    print_summary(summary)
+
+
+@app.command()
+def status(config: Path = typer.Argument(..., help="YAML build config")) -> None:
+    """List the stages of a build and whether each is cached."""
+    from .config import load_config
+    from .runner import Build
+
+    cfg = load_config(config)
+    b = Build(cfg)
+    table = Table("stage", "key", "state", "folder")
+    for name, key, cached in b.status():
+        table.add_row(name, key, "[green]cached[/]" if cached else "[yellow]to build[/]",
+                      str(b.cache.root / f"{name}-{key}") if cached else "")
+    console.print(table)
+
+
+HEADLINE_METRICS = ("teacher_subtask_test_acc", "teacher_test_acc", "student_test_acc", "mac_reduction",
+                    "adapt_best_val_acc", "best_val_acc")
+
+
+def print_summary(summary: list[dict]) -> None:
+    table = Table("stage", "cached", "time (s)", "key metrics", title="build summary")
+    for row in summary:
+        metrics = row["metrics"]
+        shown = ", ".join(f"{k} {_fmt(metrics[k])}" for k in HEADLINE_METRICS if k in metrics)
+        extra = metrics.get("summary", "")
+        table.add_row(row["stage"], "yes" if row["cached"] else "no", f"{row['wall_s']:.1f}",
+                      "; ".join(filter(None, [shown, extra])))
+    console.print(table)
+    distill = next((r["metrics"] for r in summary if r["stage"] == "distill"), None)
+    if distill:
+        console.print(f"teacher subtask accuracy {distill['teacher_test_acc']:.2%}, student subtask accuracy "
+                      f"{distill['student_test_acc']:.2%} ({distill['mac_reduction']:.1f}x fewer MACs, "
+                      f"{distill['student_params']:,} parameters)")
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except EdgesmithError as exc:
+        console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]: nothing half-written was kept in the cache.")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as exc:
+        sys.exit(getattr(exc, "exit_code", getattr(exc, "code", 0)))
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

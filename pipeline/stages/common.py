@@ -1,0 +1,39 @@
+"""What several stages share: the subtask data of a config, and running a model over an image set."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data import SubtaskData, View, load_dataset, make_subtask
+from ..data.views import as_tensor, batches
+
+
+def subtask_data(cfg) -> SubtaskData:
+    return _subtask_data(cfg.data, tuple(cfg.subtask.classes), cfg.build.seed)
+
+
+@lru_cache(maxsize=4)
+def _subtask_data(data_cfg, classes: tuple, seed: int) -> SubtaskData:
+    return make_subtask(load_dataset(data_cfg), list(classes), data_cfg.val_fraction, seed)
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, view: View, images: np.ndarray, device: torch.device,
+                   batch_size: int = 256, columns: list[int] | None = None) -> torch.Tensor:
+    """Logits (optionally only some columns) for uint8 images, on the CPU, in dataset order."""
+    model.eval()
+    out = []
+    source = as_tensor(images)
+    for idx in batches(len(source), batch_size):
+        logits = model(view(source[idx].to(device))).float()
+        out.append((logits[:, columns] if columns is not None else logits).cpu())
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(logits: torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    labels = torch.as_tensor(labels)
+    return float((logits.argmax(1) == labels).float().mean()) if len(labels) else float("nan")

@@ -1,0 +1,84 @@
+"""Stage `distill`: train the small student on the subtask from the frozen, adapted teacher."""
+
+from __future__ import annotations
+
+from ..data import View
+from ..distill.methods import METHODS
+from ..distill.train import Models, distill
+from ..models import count_macs, count_params, create_model, load_teacher, save_model
+from ..runner import Stage, StageContext, register_stage
+from .common import accuracy, predict_logits, subtask_data
+from .teacher import teacher_class_ids
+
+
+def student_view(cfg, dataset) -> View:
+    """The student takes the device's native input unless student.input says otherwise."""
+    return View.resolve(cfg.student.input, default_size=dataset.size, default_channels=dataset.channels)
+
+
+@register_stage
+class DistillStage(Stage):
+    name = "distill"
+    sections = ("distill", "student", "subtask", "data", "build")
+    packages = ("torch", "timm")
+
+    def inputs(self, cfg):
+        return ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg = ctx.config
+        data = subtask_data(cfg)
+        models = self.prepare_models(ctx, data)
+        method = self.prepare_method(ctx, models)
+        result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
+                         ctx.device, ctx.progress)
+        self.save(ctx, models, data)
+        return {**self.measure(ctx, models, data), **result}
+
+    def prepare_models(self, ctx: StageContext, data) -> Models:
+        cfg = ctx.config
+        teacher, spec = load_teacher(ctx.inputs["adapt"].dir)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        view = student_view(cfg, data.dataset)
+        student = create_model(cfg.student.arch, data.num_classes, view.channels, cfg.student.pretrained)
+        return Models(teacher, student, View(**_tuples(spec["input"])), view,
+                      teacher_class_ids(spec["class_names"], data))
+
+    def prepare_method(self, ctx: StageContext, models: Models):
+        cfg = ctx.config.distill
+        method_cls = METHODS.get(cfg.method)
+        pairs = cfg.layers if isinstance(cfg.layers, list) else []
+        subspaces = ctx.inputs["subspaces"].dir if "subspaces" in ctx.inputs else None
+        return method_cls(cfg, pairs=pairs, teacher=models.teacher, student=models.student, models=models,
+                          subspaces_dir=subspaces)
+
+    def save(self, ctx: StageContext, models: Models, data) -> None:
+        view = models.student_view
+        save_model(models.student.cpu(), ctx.out, "student", {
+            "arch": ctx.config.student.arch, "num_classes": data.num_classes, "input": view.to_dict(),
+            "teacher_input": models.teacher_view.to_dict(), "class_names": data.class_names,
+            "class_ids": list(data.class_ids), "teacher_ids": models.teacher_ids,
+            "params": count_params(models.student), "macs": count_macs(models.student, (view.channels, view.size, view.size)),
+        })
+
+    def measure(self, ctx: StageContext, models: Models, data) -> dict:
+        sv, tv = models.student_view, models.teacher_view
+        student_logits = predict_logits(models.student.to(ctx.device), sv, data.test.images, ctx.device)
+        teacher_logits = predict_logits(models.teacher.to(ctx.device), tv, data.test.images, ctx.device,
+                                        columns=models.teacher_ids)
+        student_macs = count_macs(models.student, (sv.channels, sv.size, sv.size))
+        teacher_macs = count_macs(models.teacher, (tv.channels, tv.size, tv.size))
+        return {
+            "teacher_test_acc": accuracy(teacher_logits, data.test.labels),
+            "student_test_acc": accuracy(student_logits, data.test.labels),
+            "agreement_with_teacher": float((student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()),
+            "student_params": count_params(models.student), "teacher_params": count_params(models.teacher),
+            "student_macs": student_macs, "teacher_macs": teacher_macs,
+            "mac_reduction": teacher_macs / max(student_macs, 1),
+            "test_images": len(data.test),
+        }
+
+
+def _tuples(view_dict: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in view_dict.items()}

@@ -1,0 +1,205 @@
+"""Stages `teacher` (obtain the foundation model) and `adapt` (give it a head over the dataset's classes)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data import View
+from ..data.views import as_tensor, augment_batch
+from ..errors import ModelError
+from ..models import count_macs, count_params, create_model, load_teacher, save_model
+from ..models.fit import FitSettings, fit_classifier
+from ..models.split import split_at
+from ..models.teachers import TEACHER_SOURCES, head_classes
+from ..runner import Stage, StageContext, register_stage
+from .common import accuracy, predict_logits, subtask_data
+
+TEACHER_CODE = ("pipeline/models", "pipeline/data", "pipeline/stages/teacher.py", "pipeline/stages/common.py",
+                "pipeline/runner.py", "pipeline/cache.py")
+
+
+def teacher_view(cfg, model: nn.Module, dataset) -> View:
+    """What the teacher expects (timm's data config), overridden by teacher.input."""
+    data_cfg = {}
+    if hasattr(model, "pretrained_cfg"):
+        import timm
+
+        data_cfg = timm.data.resolve_model_data_config(model)
+    size = data_cfg.get("input_size", (dataset.channels, dataset.size, dataset.size))
+    return View.resolve(cfg.teacher.input, default_size=size[-1], default_channels=size[0],
+                        default_mean=data_cfg.get("mean"), default_std=data_cfg.get("std"))
+
+
+def head_class_names(cfg, num_classes: int, dataset) -> list[str]:
+    if cfg.teacher.source == "train":
+        return list(dataset.class_names)
+    if num_classes == 1000 and cfg.teacher.class_names in (None, "imagenet"):
+        import timm.data
+
+        return list(timm.data.ImageNetInfo().label_descriptions())
+    return [str(i) for i in range(num_classes)]
+
+
+@register_stage
+class TeacherStage(Stage):
+    name = "teacher"
+    sections = ("teacher", "data", "build")
+    packages = ("torch", "timm")
+    code = TEACHER_CODE
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg = ctx.config
+        data = subtask_data(cfg)
+        if cfg.teacher.source == "train":
+            model, view, metrics = self.train_from_scratch(ctx, data)
+        else:
+            model = TEACHER_SOURCES.get(cfg.teacher.source)(cfg, in_chans=(cfg.teacher.input.channels or 3))
+            view, metrics = teacher_view(cfg, model, data.dataset), {}
+        names = head_class_names(cfg, _num_outputs(model), data.dataset)
+        save_model(model, ctx.out, "teacher", {"arch": _arch(cfg), "num_classes": len(names), "input": view.to_dict(),
+                                               "class_names": names})
+        return {**metrics, "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}
+
+    def train_from_scratch(self, ctx: StageContext, data):
+        """For users without a foundation model: a small CNN trained on ALL classes of the dataset."""
+        cfg, dataset = ctx.config, data.dataset
+        model = create_model(cfg.teacher.train.arch, len(dataset.class_names), cfg.teacher.input.channels or dataset.channels)
+        view = View.resolve(cfg.teacher.input, dataset.size, dataset.channels)
+        train, val = _full_split(cfg, dataset)
+        settings = FitSettings(cfg.teacher.train.epochs, cfg.teacher.train.lr, 1e-4, cfg.teacher.train.batch_size,
+                               cfg.build.seed)
+        result = _fit_on_images(ctx, model.to(ctx.device), view, train, val, settings, "teacher (from scratch)")
+        return model.cpu(), view, {"train_best_val_acc": result["best_val_acc"], "train_best_epoch": result["best_epoch"]}
+
+
+@register_stage
+class AdaptStage(Stage):
+    name = "adapt"
+    sections = ("teacher", "data", "subtask", "build")
+    packages = ("torch", "timm")
+    code = TEACHER_CODE
+
+    def inputs(self, cfg):
+        return ("teacher",)
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg = ctx.config
+        data = subtask_data(cfg)
+        model, spec = load_teacher(ctx.inputs["teacher"].dir)
+        view = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
+        method = cfg.teacher.adapt.method
+        fit_metrics, names = {}, spec["class_names"]
+        if method != "none":
+            fit_metrics = self.fit_new_head(ctx, model, view, data)
+            names = list(data.dataset.class_names)
+        save_model(model, ctx.out, "teacher", {**spec, "num_classes": len(names), "class_names": names})
+        return {**fit_metrics, **self.measure(ctx, model, view, data, names)}
+
+    def fit_new_head(self, ctx: StageContext, model: nn.Module, view: View, data) -> dict:
+        adapt, dataset = ctx.config.teacher.adapt, data.dataset
+        model.reset_classifier(len(dataset.class_names))
+        model.to(ctx.device)
+        first_trainable = adapt.train_from or (_classifier_name(model) if adapt.method == "linear_probe" else None)
+        train, val = _full_split(ctx.config, dataset)
+        if adapt.max_images and adapt.max_images < len(train):
+            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.config.build.seed))
+            train = train.take(keep[: adapt.max_images].sort().values.numpy())
+        settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size, ctx.config.build.seed)
+        if first_trainable is None:
+            result = _fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})")
+        else:
+            result = _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable)
+        model.cpu().eval()
+        return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
+                "adapt_history": result["history"], "adapt_train_images": len(train)}
+
+    def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str]) -> dict:
+        ids = teacher_class_ids(names, data)
+        logits = predict_logits(model.to(ctx.device), view, data.test.images, ctx.device, columns=ids)
+        model.cpu()
+        return {"teacher_subtask_test_acc": accuracy(logits, data.test.labels), "teacher_subtask_ids": ids,
+                "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}
+
+
+def teacher_class_ids(head_names: list[str], data) -> list[int]:
+    """Columns of the teacher's head that hold the subtask classes (matched by name)."""
+    missing = [n for n in data.class_names if n not in head_names]
+    if missing:
+        raise ModelError(f"The teacher's head has no class named {', '.join(map(repr, missing))}.",
+                         "Adapt the teacher to the dataset's classes (teacher.adapt.method: finetune or linear_probe), "
+                         "or name the subtask classes as the teacher's head does.")
+    return [head_names.index(n) for n in data.class_names]
+
+
+def _full_split(cfg, dataset):
+    from ..data.subtask import full_split
+
+    return full_split(dataset, cfg.data.val_fraction, cfg.build.seed)
+
+
+def _arch(cfg) -> str:
+    return cfg.teacher.train.arch if cfg.teacher.source == "train" else cfg.teacher.name
+
+
+def _num_outputs(model: nn.Module) -> int:
+    classifier = model.get_classifier()
+    last = classifier[-1] if isinstance(classifier, nn.Sequential) else classifier
+    return last.out_features
+
+
+def _classifier_name(model: nn.Module) -> str:
+    classifier = model.get_classifier()
+    return next(name for name, child in model.named_children() if child is classifier)
+
+
+def _fit_on_images(ctx, model, view, train, val, settings, description) -> dict:
+    images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
+    augment = ctx.config.data.augment
+    generator = torch.Generator().manual_seed(ctx.config.build.seed + 1)
+
+    def train_batch(idx):
+        batch = augment_batch(images[idx], generator) if augment else images[idx]
+        return view(batch.to(ctx.device)), labels[idx].to(ctx.device)
+
+    def validate():
+        return accuracy(predict_logits(model, view, val.images, ctx.device), val.labels)
+
+    return fit_classifier(model, len(train), train_batch, validate, settings, ctx.progress, description)
+
+
+def _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable) -> dict:
+    """Run the frozen prefix once over the images, then train only the tail on its cached output."""
+    example = view(as_tensor(train.images[:2]).to(ctx.device))
+    prefix, tail = split_at(model, first_trainable, example)
+    for p in prefix.parameters():
+        p.requires_grad_(False)
+    prefix.eval()
+    cached_train = _cache_features(ctx, prefix, view, train.images, "cache teacher features (train)")
+    cached_val = _cache_features(ctx, prefix, view, val.images, "cache teacher features (val)")
+    labels = torch.as_tensor(train.labels)
+    ctx.log(f"  cached {first_trainable} inputs: {tuple(cached_train.shape)} ({cached_train.numel() * 2 / 2**20:.0f} MiB)")
+
+    def train_batch(idx):
+        return cached_train[idx].to(ctx.device).float(), labels[idx].to(ctx.device)
+
+    @torch.inference_mode()
+    def validate():
+        tail.eval()
+        logits = torch.cat([tail(cached_val[i:i + 512].to(ctx.device).float()).cpu() for i in range(0, len(val), 512)])
+        return accuracy(logits, val.labels)
+
+    return fit_classifier(tail, len(train), train_batch, validate, settings, ctx.progress,
+                          f"adapt (from {first_trainable})")
+
+
+@torch.inference_mode()
+def _cache_features(ctx, prefix: nn.Module, view: View, images, description: str) -> torch.Tensor:
+    source, chunks = as_tensor(images), []
+    batch = 256
+    with ctx.progress.task(description, (len(source) + batch - 1) // batch) as bar:
+        for start in range(0, len(source), batch):
+            # float16 halves the memory of the cache; the tail trains in float32.
+            chunks.append(prefix(view(source[start:start + batch].to(ctx.device))).to(torch.float16).cpu())
+            bar.advance(1)
+    return torch.cat(chunks)

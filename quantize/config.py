@@ -1,9 +1,35 @@
-"""Config section `qat` (placeholder; filled in by the quantization work)."""
+"""Config section `qat`: how the distilled student is quantized to INT8 (NNCF PTQ, then optional QAT)."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
 
 from pipeline.schema import Section
 
 
+class IgnoredScopeConfig(Section):
+    """Layers NNCF leaves in float. Names are NNCF graph node names such as 'features/0/0/conv2d/0'
+    (an unknown name is an error that lists the valid ones); types are op types such as 'linear'."""
+
+    names: list[str] = Field(default_factory=list)
+    types: list[str] = Field(default_factory=list)
+    patterns: list[str] = Field(default_factory=list, description="regular expressions over node names")
+
+    @property
+    def empty(self) -> bool:
+        return not (self.names or self.types or self.patterns)
+
+
 class QATConfig(Section):
-    pass
+    mode: Literal["qat", "ptq"] = Field("qat", description="ptq: calibrate only; qat: calibrate, then fine-tune")
+    calibration_size: int = Field(300, ge=1, description="training images used to calibrate the quantizers")
+    epochs: int = Field(2, ge=1, description="QAT fine-tuning epochs (best epoch on validation is kept)")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(64, ge=1)
+    max_images: int | None = Field(None, ge=1, description="cap on training images per QAT epoch (None: all)")
+    preset: Literal["performance", "mixed"] = Field(
+        "performance", description="performance: symmetric activations; mixed: asymmetric activations")
+    ignored_scope: IgnoredScopeConfig = IgnoredScopeConfig()
+    fold_bn: bool = Field(True, description="fold BatchNorm into convolutions first (needed for fused INT8 kernels)")

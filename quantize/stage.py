@@ -1,1 +1,78 @@
-"""Stage placeholder: not implemented yet (registers nothing)."""
+"""Stage `qat`: fold BatchNorm, calibrate INT8 quantizers with NNCF, fine-tune against the teacher, save."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pipeline.runner import Stage, StageContext, register_stage
+
+from .config import QATConfig
+from .fold import fold_batchnorm, max_output_difference
+from .model_io import save_quantized_student, view_of
+from .nncf_ops import calibration_batches, quantize_ptq
+from .qat import TrainSet, accuracy, distillation_loss, finetune
+
+
+@register_stage
+class QATStage(Stage):
+    name = "qat"
+    sections = ("qat", "distill", "data", "subtask")
+    packages = ("torch", "nncf", "torchao")
+
+    def inputs(self, cfg):
+        return ("adapt", "distill")
+
+    def run(self, ctx: StageContext) -> dict:
+        from pipeline.models import load_student
+        from pipeline.stages.common import subtask_data
+
+        cfg: QATConfig = ctx.config.section("qat")
+        student, spec = load_student(ctx.inputs["distill"].dir)
+        data = subtask_data(ctx.config)
+        view = view_of(spec)
+        float_model, metrics = self.prepare(student, cfg, view, data)
+        model = quantize_ptq(float_model, self.calibration(data, view, cfg, ctx.config.build.seed),
+                             cfg.preset, cfg.ignored_scope)
+        metrics["ptq_val_acc"] = accuracy(model, view, data.val.images, data.val.labels)
+        if cfg.mode == "qat":
+            metrics["qat_val_history"] = self.finetune(ctx, model, spec, view, data, cfg)
+        metrics["int8_val_acc"] = accuracy(model, view, data.val.images, data.val.labels)
+        metrics["int8_test_acc"] = accuracy(model, view, data.test.images, data.test.labels)
+        save_quantized_student(model, ctx.out, {**spec, "fold_bn": cfg.fold_bn, "qat": cfg.model_dump(mode="json")})
+        ctx.log(f"qat: fp32 val {metrics['fp32_val_acc']:.4f}  ptq {metrics['ptq_val_acc']:.4f}  "
+                f"int8 val {metrics['int8_val_acc']:.4f}  test {metrics['int8_test_acc']:.4f}")
+        return metrics
+
+    def prepare(self, student, cfg: QATConfig, view, data) -> tuple[torch.nn.Module, dict]:
+        metrics = {"fp32_val_acc": accuracy(student, view, data.val.images, data.val.labels),
+                   "fp32_test_acc": accuracy(student, view, data.test.images, data.test.labels)}
+        if not cfg.fold_bn:
+            return student.eval(), metrics
+        folded, left = fold_batchnorm(student)
+        example = view(torch.as_tensor(data.val.images[:16]))
+        metrics["fold_max_abs_diff"] = max_output_difference(student, folded, example)
+        metrics["batchnorm_not_folded"] = left
+        return folded, metrics
+
+    def calibration(self, data, view, cfg: QATConfig, seed: int) -> list[torch.Tensor]:
+        rng = np.random.default_rng(seed)
+        pick = np.sort(rng.permutation(len(data.train))[:cfg.calibration_size])
+        return calibration_batches([view(torch.as_tensor(data.train.images[pick]))])
+
+    def finetune(self, ctx: StageContext, model, spec: dict, view, data, cfg: QATConfig) -> list[float]:
+        from pipeline.models import load_teacher
+        from pipeline.stages.common import predict_logits
+
+        teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
+        teacher = teacher.to(ctx.device)
+        teacher_view = view_of(teacher_spec)
+        teacher_logits = predict_logits(teacher, teacher_view, data.train.images, ctx.device,
+                                        columns=list(spec["class_ids"]))
+        train = TrainSet(data.train.images, data.train.labels, teacher_logits)
+        per_epoch = min(len(train.images), cfg.max_images or len(train.images))
+        with ctx.progress.task("QAT fine-tuning", total=cfg.epochs * per_epoch) as task:
+            return finetune(model, view, train, lambda m: accuracy(m, view, data.val.images, data.val.labels),
+                            distillation_loss(ctx.config.distill), cfg.epochs, cfg.lr, cfg.batch_size,
+                            seed=ctx.config.build.seed, max_images=cfg.max_images,
+                            on_step=lambda n, loss: task.advance(n, loss=loss))

@@ -1,1 +1,128 @@
-"""Stage placeholder: not implemented yet (registers nothing)."""
+"""The `release` stage: bundle the exported artifacts, evaluation set, device tests and report, with a manifest.
+
+Output (in the stage folder `<output>/<build>/release-<key>/`): `bundle/` and `<build>-<version>.tar.gz`.
+After commit, `<output>/<build>/release` is pointed at that folder, so users find the latest release.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from ..cache import BuildCache, package_versions, sha256_file
+from ..config import EdgesmithConfig
+from ..runner import Stage, StageContext, StageRecord, register_stage
+from .bundle import ReleaseInfo, ReleaseSources, assemble_release
+from .manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
+from .tarball import source_date_epoch
+
+# The manifest records the full resolved config, so every section is part of the release's key.
+ALL_SECTIONS = ("build", "data", "subtask", "teacher", "student", "subspaces", "distill", "qat", "export",
+                "validate", "release")
+LINK_NAME = "release"
+
+
+@register_stage
+class ReleaseStage(Stage):
+    name = "release"
+    sections = ALL_SECTIONS
+    packages = RECORDED_PACKAGES
+
+    def enabled(self, cfg: EdgesmithConfig) -> bool:
+        return cfg.section("release") is not None
+
+    def inputs(self, cfg: EdgesmithConfig) -> tuple[str, ...]:
+        optional = tuple(n for n in ("qat", "validate") if cfg.section(n) is not None)
+        # export is required: without it the runner reports that this config disables it.
+        return ("distill", "export", *optional)
+
+    def run(self, ctx: StageContext) -> dict:
+        info = release_info(ctx.config, ctx.inputs.values())
+        validate = ctx.inputs.get("validate")
+        sources = ReleaseSources(export_dir=ctx.inputs["export"].dir, validate_dir=validate.dir if validate else None,
+                                 device_tests_dir=device_tests_dir(),
+                                 include_eval_set=ctx.config.section("release").include_eval_set)
+        out = assemble_release(ctx.out, sources, info)
+        for item in out.missing:
+            ctx.log(f"  release: not in the bundle (not produced upstream): {item}")
+        return {"tarball": out.tarball.name, "tarball_sha256": sha256_file(out.tarball),
+                "tarball_bytes": out.tarball.stat().st_size, "content_sha256": out.manifest.content_sha256,
+                "files": len(out.manifest.files), "missing": out.missing,
+                "budget_verdict": out.manifest.budget_verdict}
+
+    def after_commit(self, record: StageRecord, ctx: Optional[StageContext]) -> None:
+        link = refresh_release_link(record.dir)
+        if ctx is not None and link is not None:
+            ctx.log(f"  release: {link}/{record.metrics.get('tarball', '')}")
+
+
+def release_info(cfg: EdgesmithConfig, records: Iterable[StageRecord]) -> ReleaseInfo:
+    release = cfg.section("release")
+    records = list(records)
+    validate = next((r for r in records if r.name == "validate"), None)
+    return ReleaseInfo(
+        build=cfg.build.name, version=release.version, seed=cfg.build.seed,
+        source_date_epoch=source_date_epoch(release.source_date_epoch), config=cfg.dump(),
+        stages=stage_chain(records), budgets=budgets_of(validate.metrics if validate else {}),
+        packages=package_versions(RECORDED_PACKAGES), source=git_state(), host=host_info(),
+        intended_use=release.intended_use,
+    )
+
+
+def stage_chain(records: Iterable[StageRecord]) -> dict[str, StageEntry]:
+    """Key, conditions and metrics of every stage the release depends on, following stage.json inputs."""
+    entries: dict[str, StageEntry] = {}
+    todo = [(r.name, r.key, _committed_meta(r.dir, r.meta), BuildCache(r.dir.parent)) for r in records]
+    while todo:
+        name, key, meta, cache = todo.pop()
+        if name in entries:
+            continue
+        # wall_time_s is deliberately left out: it would make every bundle unique.
+        entries[name] = StageEntry(key=key, device=meta.get("device"), seed=meta.get("seed"),
+                                   versions=meta.get("versions") or {}, metrics=meta.get("metrics") or {})
+        for dep, dep_key in sorted((meta.get("inputs") or {}).items()):
+            todo.append((dep, dep_key, cache.lookup(dep, dep_key) or {}, cache))
+    return dict(sorted(entries.items()))
+
+
+def _committed_meta(stage_dir: Path, fallback: dict) -> dict:
+    # Read stage.json back from disk: a freshly run input's in-memory meta may hold numpy scalars or tuples
+    # that serialise differently from the committed file a cached run would read.
+    try:
+        return json.loads((stage_dir / BuildCache.STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return json.loads(json.dumps(fallback, default=str))
+
+
+def budgets_of(validate_metrics: dict) -> list[dict[str, Any]]:
+    """The validate stage's budget verdicts as a list of dicts (tolerates a {name: verdict} mapping)."""
+    budgets = validate_metrics.get("budgets")
+    if isinstance(budgets, dict):
+        budgets = [{"budget": name, **(v if isinstance(v, dict) else {"value": v})} for name, v in
+                   sorted(budgets.items())]
+    if not isinstance(budgets, list):
+        return []
+    return [b for b in budgets if isinstance(b, dict)]
+
+
+def device_tests_dir() -> Optional[Path]:
+    """The installed device_tests package, copied into every bundle."""
+    try:
+        import device_tests
+    except ImportError:
+        return None
+    return Path(device_tests.__file__).parent
+
+
+def refresh_release_link(stage_dir: Path) -> Optional[Path]:
+    """Point `<build folder>/release` at this stage folder: a new symlink renamed over the old one."""
+    link = stage_dir.parent / LINK_NAME
+    if link.exists() and not link.is_symlink():
+        return None  # a real folder someone put there: leave it alone
+    tmp = stage_dir.parent / f".{LINK_NAME}_link_{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    os.symlink(stage_dir.name, tmp)
+    os.replace(tmp, link)
+    return link

@@ -1,0 +1,32 @@
+"""`edgesmith verify` and `edgesmith diff`; added to the main app in pipeline/cli.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .diff import diff_bundles, render_diff
+from .verify import check_bundle
+
+
+def verify(bundle: Path = typer.Argument(..., help="release bundle folder or .tar.gz")) -> None:
+    """Check every file of a release bundle against its manifest, and that it is safe to unpack."""
+    result = check_bundle(bundle)  # raises VerifyError listing every problem
+    manifest = result.manifest
+    typer.echo(f"OK {bundle}: {result.files_checked} files match manifest.json "
+               f"({manifest.build} {manifest.version}, content {manifest.content_sha256[:16]}, "
+               f"budgets: {manifest.budget_verdict})")
+
+
+def diff(
+    a: Path = typer.Argument(..., help="first bundle (folder or .tar.gz)"),
+    b: Path = typer.Argument(..., help="second bundle (folder or .tar.gz)"),
+    fail_on_change: bool = typer.Option(False, "--fail-on-change",
+                                        help="exit 1 if config, metrics or files differ (for CI)"),
+) -> None:
+    """Config differences, metric deltas and changed artifacts between two release bundles."""
+    result = diff_bundles(a, b)
+    typer.echo(render_diff(result), nl=False)
+    if fail_on_change and result.substantive:
+        raise typer.Exit(1)

@@ -1,0 +1,163 @@
+"""MODEL_CARD.md: what the model is for, where it came from, how well it does and where it does not apply.
+
+Rendered only from the build's recorded facts (config, stage metrics, artifacts index), never from the clock or
+the machine, so the card is as reproducible as the manifest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+from .manifest import StageEntry
+
+METRIC_STAGES = ("teacher", "adapt", "distill", "qat", "export", "validate")
+ARTIFACT_COLUMNS = ("file", "format", "precision", "size")
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    build: str
+    version: str
+    config: dict[str, Any]
+    class_names: list[str]
+    artifacts: list[dict[str, Any]]
+    stages: dict[str, StageEntry]
+    budgets: list[dict[str, Any]]
+    verdict: str
+    intended_use: Optional[str] = None
+    missing: list[str] = field(default_factory=list)
+
+
+def render_model_card(facts: CardFacts) -> str:
+    sections = [
+        f"# Model card: {facts.build} {facts.version}\n",
+        _intended_use(facts),
+        _origin(facts),
+        _artifacts(facts),
+        _metrics(facts),
+        _budgets(facts),
+        _limits(facts),
+    ]
+    return "\n".join(s for s in sections if s).rstrip("\n") + "\n"
+
+
+def _intended_use(facts: CardFacts) -> str:
+    classes = ", ".join(f"`{c}`" for c in facts.class_names) or "(none recorded)"
+    text = facts.intended_use or (
+        f"Classifies an image as one of {len(facts.class_names)} classes: {classes}. "
+        "It is meant for inputs that are known to belong to one of these classes, on the device it was "
+        "validated for (see Metrics)."
+    )
+    return f"## Intended use\n\n{text}\n\nClasses, in output order: {classes}.\n"
+
+
+def _origin(facts: CardFacts) -> str:
+    teacher = facts.config.get("teacher", {}) or {}
+    student = facts.config.get("student", {}) or {}
+    data = facts.config.get("data", {}) or {}
+    name = teacher.get("name") or (teacher.get("train", {}) or {}).get("arch") or "unnamed"
+    lines = [
+        "## How it was made\n",
+        f"- Teacher: `{name}` (source: {teacher.get('source', 'unknown')}"
+        + (f", weights: `{teacher['weights']}`" if teacher.get("weights") else "")
+        + f", adaptation: {(teacher.get('adapt', {}) or {}).get('method', 'none')}).",
+        f"- Student: `{student.get('arch', 'unknown')}`, distilled from the teacher on the subtask "
+        f"(method: {(facts.config.get('distill', {}) or {}).get('method', 'see config')}).",
+        f"- Data: `{data.get('dataset', 'unknown')}`, restricted to the subtask classes; validation fraction "
+        f"{data.get('val_fraction', 'n/a')}, training images per class: {data.get('train_per_class') or 'all'}, "
+        f"test images per class: {data.get('test_per_class') or 'all'}.",
+        f"- Seed: {(facts.config.get('build', {}) or {}).get('seed', 'n/a')}. The full resolved config is in "
+        "manifest.json (`config`, hash `config_sha256`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _artifacts(facts: CardFacts) -> str:
+    if not facts.artifacts:
+        return "## Artifacts\n\nNo artifacts index (artifacts.json) was produced by the export stage.\n"
+    extra = sorted({k for a in facts.artifacts for k in a} - set(ARTIFACT_COLUMNS) - {"sha256"})
+    header = [*ARTIFACT_COLUMNS, *extra]
+    rows = [[_cell(_flat_value(a.get(col))) for col in header] for a in facts.artifacts]
+    return "## Artifacts\n\n" + _table(header, rows) + (
+        "\nParity columns compare each artifact with the FP32 PyTorch student on the evaluation set "
+        "(eval.npz), on the build machine.\n")
+
+
+def _metrics(facts: CardFacts) -> str:
+    parts = ["## Metrics and the conditions they were measured under\n"]
+    for stage in METRIC_STAGES:
+        entry = facts.stages.get(stage)
+        if entry is None or not entry.metrics:
+            continue
+        rows = [[f"`{k}`", _cell(v)] for k, v in _flatten(entry.metrics) if k != "budgets" and
+                not k.startswith("budgets.")]
+        conditions = f"device `{entry.device or 'n/a'}`, seed {entry.seed if entry.seed is not None else 'n/a'}"
+        versions = ", ".join(f"{k} {v}" for k, v in sorted(entry.versions.items()))
+        parts.append(f"### {stage}\n\nMeasured with {conditions}; {versions or 'no package versions recorded'}.\n")
+        parts.append(_table(["metric", "value"], rows))
+    if len(parts) == 1:
+        parts.append("No metrics were recorded.\n")
+    return "\n".join(parts)
+
+
+def _budgets(facts: CardFacts) -> str:
+    if not facts.budgets:
+        return "## Budgets\n\nNo budgets were checked (the validate stage was disabled or set none).\n"
+    header = sorted({k for b in facts.budgets for k in b})
+    rows = [[_cell(_flat_value(b.get(col))) for col in header] for b in facts.budgets]
+    return f"## Budgets (verdict: {facts.verdict})\n\n" + _table(header, rows)
+
+
+def _limits(facts: CardFacts) -> str:
+    k = len(facts.class_names)
+    lines = [
+        "## Known limits\n",
+        f"- Out-of-subtask inputs: the model has exactly {k} outputs and no 'none of these' class. Any image, "
+        "including one of a class outside the subtask or one that is not from the training domain at all, is "
+        f"assigned to one of the {k} classes, often with high confidence. Filter inputs before the model, and "
+        "do not read the softmax as a calibrated probability without checking it on your own data.",
+        "- INT8: the `*.int8.*` artifacts use 8-bit weights and activations. Their accuracy differs from FP32 "
+        "by the parity figures above; errors can concentrate on some classes even when the overall accuracy "
+        "barely moves. INT8 is only faster where the runtime has fused INT8 kernels and there is enough "
+        "compute to save; check the measured latencies rather than assuming it.",
+        "- Device-specific numbers: latency, throughput and memory were measured on the machine named in the "
+        "validate results and differ on any other device, runtime version or thread count. Accuracy and "
+        "parity are properties of the files and carry over, up to floating-point differences between "
+        "runtimes. TensorRT engines are not shipped: `tensorrt/` holds a script that builds one on the target, "
+        "and its numbers must be measured there (run device_tests/ on the device).",
+    ]
+    if facts.missing:
+        lines.append("- Not in this bundle: " + ", ".join(f"`{m}`" for m in facts.missing) + ".")
+    return "\n".join(lines) + "\n"
+
+
+def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(value, dict):
+        for key in sorted(value, key=str):
+            yield from _flatten(value[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+        for i, item in enumerate(value):
+            yield from _flatten(item, f"{prefix}[{i}]")
+    else:
+        yield prefix, value
+
+
+def _flat_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={_cell(v)}" for k, v in _flatten(value))
+    return value
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, list):
+        return ", ".join(_cell(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,156 @@
+"""Measure one model with one runtime in this process: load, accuracy on the evaluation set, single-stream
+latency, throughput, peak memory, environment. The suite runs each artifact in a fresh process
+(`python -m device_tests.measure ...`) so that peak RSS belongs to that artifact alone.
+
+    python -m device_tests.measure --bundle B --artifact model.onnx --runtime onnxruntime --out r.json
+    python -m device_tests.measure --model any.onnx [--eval eval.npz] [--shape 1,3,224,224] --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from . import accuracy, latency
+from .bundle import Artifact, Bundle, EvalSet, check_artifact
+from .environment import current_rss_mb, environment, peak_rss_mb
+from .errors import BundleError, DeviceTestError, IncompatibleArtifactError, RuntimeUnavailableError
+from .latency import LatencySettings
+from .preprocess import Preprocess
+from .runners import get_runner
+
+SYNTHETIC_IMAGES = 32
+EXIT_SKIPPED = 3
+EXIT_ERROR = 2
+
+
+def measure(artifact: Artifact, runtime: str, settings: LatencySettings, threads: int = 1,
+            precision_hint: str = "f32", eval_set: Optional[EvalSet] = None, preprocess: Optional[Preprocess] = None,
+            shape: Optional[tuple[int, ...]] = None) -> dict:
+    runner_cls = get_runner(runtime)
+    baseline_mb = current_rss_mb()
+    start = time.perf_counter()
+    with runner_cls(artifact.path, artifact.format, threads, precision_hint, settings.throughput_batch) as runner:
+        load_s = time.perf_counter() - start
+        raw, prep = _inputs(runner, eval_set, preprocess, shape)
+        result = {"artifact": artifact.file, "format": artifact.format, "precision": artifact.precision,
+                  "size_bytes": artifact.path.stat().st_size, "load_s": load_s, **runner.describe(),
+                  "input_shape": [d for d in runner.input_shape], "synthetic_input": eval_set is None}
+        if eval_set is not None:
+            result["accuracy"] = _accuracy(runner, eval_set, prep, settings)
+        result["latency"] = latency.single_stream(runner.infer, prep, raw, settings)
+        batch = runner.batch_for(settings.throughput_batch)
+        result["throughput"] = latency.throughput(runner.infer, prep(_tile(raw, batch)), settings)
+    result.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_mb)
+    return result
+
+
+def _accuracy(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettings) -> dict:
+    logits = accuracy.predict(runner.infer, prep(eval_set.images_u8), runner.batch_for(settings.throughput_batch))
+    if logits.ndim != 2 or not np.isfinite(logits).all():
+        raise IncompatibleArtifactError(
+            f"{runner.path.name} returned {'non-finite values' if logits.ndim == 2 else f'shape {logits.shape}'} "
+            "on the evaluation set.", "The model must output finite logits N x classes; check the export.")
+    num_classes = max(logits.shape[1], int(eval_set.labels.max()) + 1)
+    scores = accuracy.scores(logits.argmax(1), eval_set.labels, num_classes, eval_set.teacher_pred, eval_set.fp32_pred)
+    return {**scores, **accuracy.reference(eval_set.labels, eval_set.teacher_pred, eval_set.fp32_pred),
+            "num_outputs": int(logits.shape[1])}
+
+
+def _inputs(runner, eval_set, preprocess, shape):
+    """Raw uint8 images to cycle through, and the pre-processing that turns them into the model's input."""
+    model_shape = tuple(shape) if shape else runner.input_shape
+    if eval_set is not None:
+        raw = eval_set.images_u8
+        if preprocess is None:  # a bare model with an eval set: size from the model, no normalisation
+            size, channels = model_shape[-1] or raw.shape[-1], model_shape[1] or raw.shape[1]
+            preprocess = Preprocess(size, channels, (0.0,) * channels, (1.0,) * channels)
+        return raw, preprocess
+    if any(d is None for d in model_shape[1:]):
+        raise IncompatibleArtifactError(
+            f"{runner.path.name} has input shape {list(model_shape)} with dynamic dimensions beyond the batch.",
+            "Pass --shape N,C,H,W (e.g. 1,3,224,224), or an evaluation set and its preprocessing spec.")
+    rng = np.random.default_rng(0)
+    raw = rng.integers(0, 256, (SYNTHETIC_IMAGES, *model_shape[1:]), dtype=np.uint8)
+    return raw, lambda images: np.ascontiguousarray(images, dtype=np.float32) * np.float32(1 / 255)
+
+
+def _tile(raw: np.ndarray, n: int) -> np.ndarray:
+    return raw[np.arange(n) % len(raw)]
+
+
+# -- command line (the suite and `edgesmith profile` call this in a fresh process) ------------------------
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m device_tests.measure", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path, help="bundle folder (with --artifact)")
+    src.add_argument("--model", type=Path, help="any ONNX / OpenVINO IR / TensorRT engine file")
+    p.add_argument("--artifact", help="file name of the artifact inside the bundle, as in artifacts.json")
+    p.add_argument("--runtime", required=True)
+    p.add_argument("--eval", type=Path, help="eval.npz for a bare --model")
+    p.add_argument("--spec", help="preprocessing spec as JSON, for a bare --model")
+    p.add_argument("--shape", help="input shape N,C,H,W for a model with dynamic dimensions")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--precision-hint", default="f32")
+    p.add_argument("--min-queries", type=int, default=1024)
+    p.add_argument("--min-duration", type=float, default=2.0)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--throughput-batch", type=int, default=64)
+    p.add_argument("--out", type=Path, required=True)
+    return p.parse_args(argv)
+
+
+def _load(args):
+    if args.bundle is not None:
+        bundle = Bundle.load(args.bundle, verify=False)  # only this artifact must be intact to measure it
+        match = [a for a in bundle.artifacts if a.file == args.artifact]
+        if not match:
+            raise DeviceTestError(f"The bundle has no artifact '{args.artifact}'.",
+                                  f"Artifacts: {', '.join(a.file for a in bundle.artifacts)}.")
+        problems = check_artifact(match[0])
+        if problems:
+            raise BundleError(f"{args.artifact} cannot be validated: {'; '.join(problems)}.",
+                              "Copy the bundle again from the build output (or re-run the export stage).")
+        return match[0], bundle.eval_set(), bundle.preprocess, None
+    artifact = Artifact.from_path(args.model)
+    eval_set = EvalSet.load(args.eval) if args.eval else None
+    spec = Preprocess.from_spec(json.loads(args.spec)) if args.spec else None
+    shape = tuple(int(v) for v in args.shape.split(",")) if args.shape else None
+    return artifact, eval_set, spec, shape
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Temp file + rename: a reader never sees half a result."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    settings = LatencySettings(args.min_queries, args.min_duration, args.warmup, args.throughput_batch)
+    try:
+        artifact, eval_set, spec, shape = _load(args)
+        result = measure(artifact, args.runtime, settings, args.threads, args.precision_hint, eval_set, spec, shape)
+        result.update(status="passed", settings=settings.to_dict(), environment=environment())
+        code = 0
+    except DeviceTestError as exc:
+        skipped = isinstance(exc, RuntimeUnavailableError)
+        result = {"artifact": args.artifact or (args.model and args.model.name), "runtime": args.runtime,
+                  "status": "skipped" if skipped else "error", "error_type": type(exc).__name__, "message": str(exc)}
+        print(str(exc), file=sys.stderr)
+        code = EXIT_SKIPPED if skipped else EXIT_ERROR
+    write_json(args.out, result)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

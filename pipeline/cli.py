@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EdgesmithError
+from .release.cli import diff, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a foundation model into a small, quantized, validated model for one edge device.")
@@ -61,6 +62,10 @@ def status(config: Path = typer.Argument(..., help="YAML build config")) -> None
         table.add_row(name, key, "[green]cached[/]" if cached else "[yellow]to build[/]",
                       str(b.cache.root / f"{name}-{key}") if cached else "")
     console.print(table)
+
+
+app.command("verify")(verify)
+app.command("diff")(diff)
 
 
 HEADLINE_METRICS = ("teacher_subtask_test_acc", "teacher_test_acc", "student_test_acc", "mac_reduction",

@@ -114,6 +114,7 @@ class TarBundle:
     prefix: str = ""
     kinds: dict[str, str] = field(default_factory=dict)
     link_targets: dict[str, str] = field(default_factory=dict)
+    link_names: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     _members: dict[str, tarfile.TarInfo] = field(default_factory=dict)
 
@@ -184,6 +185,8 @@ def _classify(bundle: TarBundle, member: tarfile.TarInfo) -> None:
         bundle.problems.append(f"{rel}: appears more than once in the archive")
         return
     bundle.kinds[rel] = _kind(member)
+    if member.issym() or member.islnk():
+        bundle.link_names[rel] = member.linkname
     if member.issym():
         bundle.link_targets[rel] = member.linkname
     elif member.islnk():

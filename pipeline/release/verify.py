@@ -33,6 +33,7 @@ class FolderBundle:
     root: Path
     kinds: dict[str, str] = field(default_factory=dict)
     link_targets: dict[str, str] = field(default_factory=dict)
+    link_names: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
 
     def sha256(self, rel: str) -> tuple[str, int]:
@@ -55,7 +56,7 @@ def _inspect_folder(root: Path) -> FolderBundle:
             mode = path.lstat().st_mode
             if stat.S_ISLNK(mode):
                 bundle.kinds[rel] = "symlink"
-                bundle.link_targets[rel] = os.readlink(path)
+                bundle.link_targets[rel] = bundle.link_names[rel] = os.readlink(path)
             elif stat.S_ISDIR(mode):
                 bundle.kinds[rel] = "dir"
             elif stat.S_ISREG(mode):
@@ -130,11 +131,11 @@ def _entry_problems(bundle: Bundle) -> list[str]:
     problems = []
     for rel, kind in sorted(bundle.kinds.items()):
         if kind in ("symlink", "hardlink"):
-            target = bundle.link_targets.get(rel, "")
-            if resolve_link(rel, target) is None:
-                problems.append(f"{rel}: {kind} to '{target}' leaves the bundle")
+            shown = bundle.link_names.get(rel, "")
+            if resolve_link(rel, bundle.link_targets.get(rel, "")) is None:
+                problems.append(f"{rel}: {kind} to '{shown}' leaves the bundle")
             else:
-                problems.append(f"{rel}: {kind} to '{target}'; a bundle holds only regular files and folders")
+                problems.append(f"{rel}: {kind} to '{shown}'; a bundle holds only regular files and folders")
         elif kind not in ("file", "dir"):
             problems.append(f"{rel}: {kind}; a bundle holds only regular files and folders")
     return problems

@@ -1,0 +1,109 @@
+"""The `release` stage run the way the runner runs it: upstream records committed in a real build cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.cache import BuildCache
+from pipeline.config import parse_config
+from pipeline.errors import ConfigError
+from pipeline.progress import ProgressDisplay
+from pipeline.release.stage import ReleaseStage
+from pipeline.release.verify import verify_bundle
+from pipeline.runner import Build, StageContext, StageRecord
+from test_release import BUDGETS, make_export_dir, make_validate_dir, tiny_config
+
+
+def _commit(cache: BuildCache, name: str, key: str, inputs: dict, metrics: dict, fill=None) -> StageRecord:
+    with cache.staging(name, key) as tmp:
+        if fill is not None:
+            for item in fill.iterdir():
+                shutil.move(str(item), tmp / item.name)
+        meta = {"stage": name, "key": key, "inputs": inputs, "device": "cpu", "seed": 7,
+                "versions": {"python": "3.11"}, "wall_time_s": 41.7, "metrics": metrics}
+        final = cache.commit(tmp, name, key, meta)
+    return StageRecord(name, key, final, meta)
+
+
+def upstream(root: Path, scratch: Path) -> dict[str, StageRecord]:
+    """teacher -> distill -> export -> validate, committed like the runner commits them."""
+    cache = BuildCache(root)
+    keys = {n: (n[0] * 64) for n in ("teacher", "distill", "export", "validate")}
+    _commit(cache, "teacher", keys["teacher"], {}, {"teacher_test_acc": 0.93})
+    distill = _commit(cache, "distill", keys["distill"], {"teacher": keys["teacher"]}, {"student_test_acc": 0.9})
+    export = _commit(cache, "export", keys["export"], {"distill": keys["distill"]}, {"onnx_parity": 1.0},
+                     fill=make_export_dir(scratch / "e"))
+    validate = _commit(cache, "validate", keys["validate"], {"export": keys["export"]},
+                       {"budgets": BUDGETS, "accuracy": {"model.onnx": 0.9}}, fill=make_validate_dir(scratch / "v"))
+    return {"distill": distill, "export": export, "validate": validate}
+
+
+def run_release(output: Path, scratch: Path) -> StageRecord:
+    raw = tiny_config()
+    raw["build"]["output"] = "builds"  # relative, as shipped: an absolute path would enter the manifest
+    cfg = parse_config(raw)
+    cache = BuildCache(output / cfg.build.name)
+    inputs = upstream(cache.root, scratch)
+    stage = ReleaseStage()
+    key = "r" * 64
+    with cache.staging("release", key) as tmp:
+        ctx = StageContext(cfg, tmp, inputs, ProgressDisplay(enabled=False), key)
+        metrics = stage.run(ctx)
+        meta = {"stage": "release", "key": key, "wall_time_s": 1.0, "metrics": metrics}
+        final = cache.commit(tmp, "release", key, meta)
+    record = StageRecord("release", key, final, meta)
+    stage.after_commit(record, ctx)
+    return record
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    return [run_release(tmp_path_factory.mktemp(f"build{i}"), tmp_path_factory.mktemp(f"scratch{i}"))
+            for i in range(2)]
+
+
+def test_the_stage_writes_a_verified_bundle_and_points_release_at_it(records):
+    record = records[0]
+    link = record.dir.parent / "release"
+    assert link.is_symlink() and link.resolve() == record.dir.resolve()
+    tarball = link / record.metrics["tarball"]
+    assert tarball.name == "tiny-1.2.3.tar.gz" and tarball.is_file()
+    assert verify_bundle(tarball).ok and verify_bundle(link / "bundle").ok
+    assert record.metrics["budget_verdict"] == "pass"
+
+
+def test_the_manifest_follows_the_whole_stage_chain_without_wall_times(records):
+    manifest = json.loads((records[0].dir / "bundle" / "manifest.json").read_text())
+    assert sorted(manifest["stages"]) == ["distill", "export", "teacher", "validate"]
+    assert manifest["stages"]["teacher"] == {"key": "t" * 64, "device": "cpu", "seed": 7,
+                                             "versions": {"python": "3.11"},
+                                             "metrics": {"teacher_test_acc": 0.93}}
+    assert manifest["budgets"] == BUDGETS
+    assert "wall_time" not in json.dumps(manifest) and "41.7" not in json.dumps(manifest)
+
+
+def test_two_stage_runs_in_fresh_build_folders_give_the_same_bundle(records):
+    a, b = (json.loads((r.dir / "bundle" / "manifest.json").read_text()) for r in records)
+    # The git state is read at release time; another commit in between may change it, nothing else can.
+    a.pop("source"), b.pop("source")
+    assert a == b
+    assert records[0].metrics["content_sha256"] == records[1].metrics["content_sha256"]
+
+
+def test_inputs_follow_the_enabled_sections():
+    raw = tiny_config()
+    assert ReleaseStage().inputs(parse_config(raw)) == ("distill", "export", "validate")
+    raw.pop("validate")
+    assert ReleaseStage().inputs(parse_config(raw)) == ("distill", "export")
+
+
+def test_a_release_without_export_is_a_config_error():
+    raw = tiny_config()
+    raw.pop("export")
+    raw.pop("validate")
+    with pytest.raises(ConfigError, match="release.*needs export"):
+        Build(parse_config(raw)).plan()

@@ -41,7 +41,7 @@ def measure(artifact: Artifact, runtime: str, settings: LatencySettings, threads
         load_s = time.perf_counter() - start
         raw, prep = _inputs(runner, eval_set, preprocess, shape)
         result = {"artifact": artifact.file, "format": artifact.format, "precision": artifact.precision,
-                  "size_bytes": artifact.path.stat().st_size, "load_s": load_s, **runner.describe(),
+                  "size_bytes": artifact_size(artifact), "load_s": load_s, **runner.describe(),
                   "input_shape": [d for d in runner.input_shape], "synthetic_input": eval_set is None}
         if eval_set is not None:
             result["accuracy"] = _accuracy(runner, eval_set, prep, settings)
@@ -50,6 +50,13 @@ def measure(artifact: Artifact, runtime: str, settings: LatencySettings, threads
         result["throughput"] = latency.throughput(runner.infer, prep(_tile(raw, batch)), settings)
     result.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_mb)
     return result
+
+
+def artifact_size(artifact: Artifact) -> int:
+    """Bytes on disk, with the weights file of an OpenVINO IR."""
+    weights = artifact.path.with_suffix(".bin")
+    extra = weights.stat().st_size if artifact.format == "openvino" and weights.is_file() else 0
+    return artifact.path.stat().st_size + extra
 
 
 def _accuracy(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettings) -> dict:

@@ -1,9 +1,82 @@
-"""Config section `validate` (placeholder; filled in by the validation work)."""
+"""Config section `validate`: where to run the on-device suite, how to measure, and the budgets that fail
+the build. Accuracies are fractions (0.85 = 85 %); drops are in the same unit (0.01 = one point)."""
 
 from __future__ import annotations
 
+from typing import Literal, Optional, Union
+
+from pydantic import Field, field_validator, model_validator
+
 from ..schema import Section
+from .targets import parse_target
+
+Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
+PerTarget = Union[float, dict[str, float]]
+
+
+class LatencyConfig(Section):
+    """MLPerf single-stream discipline (see design.md): warm-up discarded, >= min_queries AND >= min_duration_s."""
+
+    min_queries: int = Field(1024, ge=1)
+    min_duration_s: float = Field(2.0, ge=0)
+    warmup: int = Field(50, ge=0)
+    throughput_batch: int = Field(64, ge=1)
+
+
+class Budgets(Section):
+    """Every budget is optional (None: not checked). Latency budgets apply to the model call at batch 1 and may
+    be one number for all targets or a mapping target -> number."""
+
+    min_accuracy: Optional[float] = Field(None, ge=0, le=1, description="top-1 of every artifact on the eval set")
+    max_drop_vs_fp32: Optional[float] = Field(None, ge=0, le=1, description="FP32 student top-1 minus artifact top-1")
+    max_drop_vs_teacher: Optional[float] = Field(None, ge=0, le=1, description="teacher top-1 minus artifact top-1")
+    max_p90_ms: Optional[PerTarget] = None
+    max_p99_ms: Optional[PerTarget] = None
+    max_size_mb: Optional[float] = Field(None, gt=0, description="artifact file size (MiB)")
+    max_peak_rss_mb: Optional[float] = Field(None, gt=0, description="peak resident memory of the measuring process (MiB)")
+
+    @field_validator("max_p90_ms", "max_p99_ms")
+    @classmethod
+    def _positive(cls, v):
+        values = v.values() if isinstance(v, dict) else [v] if v is not None else []
+        if any(x <= 0 for x in values):
+            raise ValueError("latency budgets must be positive milliseconds")
+        return v
+
+
+class SshConfig(Section):
+    python: str = Field("python3", description="Python on the target; a venv with its packages is made from it")
+    connect_timeout_s: float = Field(10.0, gt=0)
+    command_timeout_s: float = Field(1800.0, gt=0, description="limit for one remote command (the suite run)")
+    known_hosts: Optional[str] = Field(None, description="known_hosts file (default ~/.ssh/known_hosts); unknown hosts are refused")
+    key_file: Optional[str] = Field(None, description="private key (default: ssh agent and ~/.ssh/id_*)")
+    workdir: str = Field(".cache/edgesmith", description="folder on the target (relative to the login's home)")
 
 
 class ValidateConfig(Section):
-    pass
+    targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
+    runtimes: list[Runtime] = Field(default_factory=lambda: ["onnxruntime", "openvino"], min_length=1)
+    threads: int = Field(1, ge=0, description="runtime threads (0: the runtime's default)")
+    precision_hint: Literal["f32", "bf16", "f16"] = Field("f32", description="OpenVINO inference precision")
+    min_fp32_agreement: float = Field(0.99, ge=0, le=1, description="FP32 artifacts vs the exported FP32 predictions")
+    latency: LatencyConfig = LatencyConfig()
+    budgets: Budgets = Budgets()
+    ssh: SshConfig = SshConfig()
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v):
+        for target in v:
+            parse_target(target)  # ValueError with the accepted forms
+        if len(set(v)) != len(v):
+            raise ValueError("targets must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _per_target_budgets_name_targets(self):
+        for key in ("max_p90_ms", "max_p99_ms"):
+            value = getattr(self.budgets, key)
+            unknown = sorted(set(value) - set(self.targets)) if isinstance(value, dict) else []
+            if unknown:
+                raise ValueError(f"budgets.{key} names {unknown}, which are not in targets {self.targets}")
+        return self

@@ -1,0 +1,208 @@
+"""SSH targets for real: key authentication, host keys checked against known_hosts (unknown hosts refused),
+timeouts, and clear errors. Commands are argument lists, quoted one by one for the remote shell; no user
+string is ever pasted into a command line unquoted."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import socket
+import time
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+from ..errors import DeviceError
+from .config import SshConfig, ValidateConfig
+from .suite import TargetRun, _finish, bundle_files, device_files, load_results, suite_args, DEVICE_TESTS
+from .targets import Target
+
+REQUIRED = ("numpy", "pytest")
+
+
+class SshSession:
+    """A connection to one target; a context manager (connect on enter, close on exit)."""
+
+    def __init__(self, target: Target, cfg: SshConfig):
+        self.target = target
+        self.cfg = cfg
+        self._client = None
+        self._sftp = None
+
+    def __enter__(self) -> "SshSession":
+        self.connect()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- connection ------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        import paramiko
+
+        t, cfg = self.target, self.cfg
+        known_hosts = Path(os.path.expanduser(cfg.known_hosts or "~/.ssh/known_hosts"))
+        client = paramiko.SSHClient()
+        if known_hosts.is_file():
+            client.load_host_keys(str(known_hosts))
+        client.set_missing_host_key_policy(paramiko.RejectPolicy())
+        key_file = os.path.expanduser(cfg.key_file) if cfg.key_file else None
+        if key_file and not Path(key_file).is_file():
+            raise DeviceError(f"validate.ssh.key_file {key_file} does not exist.",
+                              "Point it at the private key whose public half is in the target's authorized_keys.")
+        try:
+            client.connect(t.host, t.port, t.user, key_filename=key_file, timeout=cfg.connect_timeout_s,
+                           banner_timeout=cfg.connect_timeout_s, auth_timeout=cfg.connect_timeout_s,
+                           allow_agent=key_file is None, look_for_keys=key_file is None)
+        except paramiko.BadHostKeyException:
+            raise DeviceError(f"The host key of {t.host}:{t.port} does not match the one in {known_hosts}: the target "
+                              "was reinstalled, or someone is in the middle.",
+                              f"Check the target's fingerprint; if the change is expected, remove the old line "
+                              f"(ssh-keygen -R '[{t.host}]:{t.port}' -f {known_hosts}).") from None
+        except paramiko.AuthenticationException as exc:
+            raise DeviceError(f"{t.user}@{t.host}:{t.port} refused the key ({exc}).",
+                              "Add your public key to the target's ~/.ssh/authorized_keys, or set validate.ssh.key_file.") from None
+        except paramiko.SSHException as exc:
+            if "not found in known_hosts" in str(exc):
+                raise DeviceError(f"{t.host}:{t.port} is not in {known_hosts}; edgesmith does not trust unknown hosts.",
+                                  f"Verify the target's fingerprint, then add it: ssh-keyscan -p {t.port} {t.host} >> "
+                                  f"{known_hosts} (or set validate.ssh.known_hosts).") from None
+            raise DeviceError(f"SSH to {t.host}:{t.port} failed: {exc}.", "Check that an SSH server runs there.") from None
+        except (socket.timeout, TimeoutError):
+            raise DeviceError(f"{t.host}:{t.port} did not answer within {cfg.connect_timeout_s:.0f} s.",
+                              "Check that the target is on and reachable, or raise validate.ssh.connect_timeout_s.") from None
+        except OSError as exc:  # refused, no route, unknown host name (NoValidConnectionsError is one)
+            raise DeviceError(f"Cannot reach {t.host}:{t.port} ({exc.strerror or exc}).",
+                              "Check the target's address and port and that sshd runs there.") from None
+        self._client = client
+
+    def close(self) -> None:
+        if self._sftp is not None:
+            self._sftp.close()
+        if self._client is not None:
+            self._client.close()
+        self._client = self._sftp = None
+
+    @property
+    def sftp(self):
+        if self._sftp is None:
+            self._sftp = self._client.open_sftp()
+        return self._sftp
+
+    # -- commands and files ----------------------------------------------------------------------------
+    def run(self, args: list[str], timeout: float) -> tuple[int, str]:
+        """Run an argument list on the target; returns (exit code, stdout and stderr combined)."""
+        channel = self._client.get_transport().open_session(timeout=self.cfg.connect_timeout_s)
+        channel.set_combine_stderr(True)  # one stream: read continuously, so the remote side never blocks
+        channel.exec_command(shlex.join(str(a) for a in args))
+        chunks, deadline = [], time.monotonic() + timeout
+        while not (channel.exit_status_ready() and not channel.recv_ready()):
+            if channel.recv_ready():
+                chunks.append(channel.recv(1 << 16))
+            elif time.monotonic() > deadline:
+                channel.close()
+                raise DeviceError(f"`{args[0]} ...` on {self.target.spec} did not finish within {timeout:.0f} s.",
+                                  "Raise validate.ssh.command_timeout_s or shorten validate.latency.")
+            else:
+                time.sleep(0.02)
+        channel.settimeout(self.cfg.connect_timeout_s)
+        try:
+            while data := channel.recv(1 << 16):
+                chunks.append(data)
+        except socket.timeout:
+            pass
+        code = channel.recv_exit_status()
+        channel.close()
+        return code, b"".join(chunks).decode(errors="replace")
+
+    def home(self) -> PurePosixPath:
+        return PurePosixPath(self.sftp.normalize("."))
+
+    def makedirs(self, path: PurePosixPath) -> None:
+        for parent in reversed([path, *path.parents]):
+            if str(parent) in ("/", "."):
+                continue
+            try:
+                self.sftp.stat(str(parent))
+            except FileNotFoundError:
+                self.sftp.mkdir(str(parent))
+
+    def upload(self, files: list[tuple[Path, PurePosixPath]]) -> None:
+        for local, remote in files:
+            self.makedirs(remote.parent)
+            tmp = f"{remote}.part"
+            self.sftp.put(str(local), tmp)
+            self.sftp.posix_rename(tmp, str(remote))
+
+    def remove(self, remote: PurePosixPath) -> None:
+        try:
+            self.sftp.remove(str(remote))
+        except FileNotFoundError:
+            pass
+
+    def download(self, remote: PurePosixPath, local: Path) -> bool:
+        tmp = local.with_name(f".{local.name}.part")
+        try:
+            self.sftp.get(str(remote), str(tmp))
+        except FileNotFoundError:
+            return False
+        os.replace(tmp, local)
+        return True
+
+
+def _digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f).encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def prepare(session: SshSession, python: str, runtimes: list[str], workdir: PurePosixPath,
+            venv_dir: PurePosixPath) -> dict:
+    """Make (or reuse) the venv on the target and check that it has numpy, pytest and the runtimes."""
+    code, out = session.run([python, str(workdir / "device_tests" / "remote_env.py"), "--venv",
+                             str(venv_dir), "--require", *REQUIRED, *runtimes],
+                            timeout=session.cfg.command_timeout_s)
+    if code == 127:
+        raise DeviceError(f"The target {session.target.spec} has no Python at '{python}' ({out.strip()[-300:]}).",
+                          "Set validate.ssh.python (or ?python=... in the target) to the target's Python 3 interpreter.")
+    try:
+        info = json.loads(out.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        raise DeviceError(f"Preparing the environment on {session.target.spec} failed: {out.strip()[-500:]}",
+                          "Check that the target's Python is 3.9 or newer and has the venv module (Debian: python3-venv).") from None
+    if info.get("error"):
+        raise DeviceError(f"The virtual environment on {session.target.spec} does not start: {info['error']}",
+                          "Remove it on the target and retry, or set validate.ssh.python to another interpreter.")
+    if info["missing"]:
+        names = ", ".join(info["missing"])
+        raise DeviceError(f"The target {session.target.spec} lacks {names} for {python} ({'; '.join(info['missing'].values())}).",
+                          f"Install them on the target (e.g. {python} -m pip install {' '.join(info['missing'])}), or set "
+                          "validate.ssh.python to a Python that has them, or remove the runtime from validate.runtimes.")
+    return info
+
+
+def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) -> TargetRun:
+    """Copy bundle + device_tests, prepare the venv, run the suite, fetch results.json."""
+    python = target.python or cfg.ssh.python
+    bundle_rel = bundle_files(bundle)
+    with SshSession(target, cfg.ssh) as session:
+        base = PurePosixPath(cfg.ssh.workdir)
+        base = base if base.is_absolute() else session.home() / base
+        run_dir = base / "runs" / _digest([bundle / f for f in bundle_rel] + device_files())
+        uploads = [(bundle / f, run_dir / "bundle" / PurePosixPath(*f.parts)) for f in bundle_rel]
+        uploads += [(f, run_dir / "device_tests" / PurePosixPath(*f.relative_to(DEVICE_TESTS).parts)) for f in device_files()]
+        session.upload(uploads)
+        venv_dir = base / f"venv-{hashlib.sha256(python.encode()).hexdigest()[:8]}"  # one per interpreter
+        info = prepare(session, python, list(cfg.runtimes), run_dir, venv_dir)
+        remote_results = run_dir / "results.json"
+        args = suite_args(info["venv_python"], str(run_dir / "device_tests"), str(run_dir / "bundle"),
+                          str(remote_results), cfg)
+        session.remove(remote_results)  # never fetch the results of an earlier run
+        code, out = session.run(args, timeout=cfg.ssh.command_timeout_s)
+        fetched = session.download(remote_results, results)
+    run = _finish(target.spec, code, out, load_results(results) if fetched else None)
+    run.setup = {"python": python, "venv_python": info["venv_python"], "versions": info["versions"], "run_dir": str(run_dir)}
+    return run

@@ -80,7 +80,7 @@ def register_stage(cls: type[Stage]) -> type[Stage]:
 
 def _load_stage_modules() -> None:
     # Importing the modules fills the registry; heavy libraries are imported inside run().
-    from .stages import teacher, distill, later  # noqa: F401
+    from .stages import teacher, subspaces, distill, later  # noqa: F401
 
 
 def resolve_device(requested: str) -> str:

@@ -15,9 +15,11 @@ class LayerPair(Section):
 
 
 class SubspacesConfig(Section):
-    basis: Literal["subdistill", "pca", "prca", "random"] = "subdistill"
-    positions_per_image: int = Field(20, ge=1)
-    max_images: Optional[int] = Field(None, ge=1, description="cap on training images used (None: all)")
+    basis: Literal["subdistill", "pca", "prca", "random"] = Field(
+        "subdistill", description="subdistill (relevance of activations x margin gradients); ablations: pca "
+        "(activations only), prca (cross term only), random (a random orthonormal basis)")
+    positions_per_image: int = Field(20, ge=1, description="random spatial positions kept per image and layer")
+    max_images: Optional[int] = Field(4096, ge=1, description="cap on training images used (None: all)")
     batch_size: int = Field(128, ge=1)
 
 
@@ -25,8 +27,11 @@ class DistillConfig(Section):
     method: str = "kd"
     temperature: float = Field(4.0, gt=0)
     label_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy added to the KD loss")
-    lambda_layer: float = Field(100.0, ge=0)
-    layers: list[LayerPair] | Literal["auto"] = Field(default_factory=list)
+    lambda_layer: Optional[float] = Field(
+        None, ge=0, description="weight of the layer loss; None: the method's own default, chosen on validation "
+        "data (the loss scales differ by orders of magnitude between methods)")
+    layers: list[LayerPair] | Literal["auto"] = Field(
+        "auto", description="teacher/student module pairs, or auto: pair the models' stages by relative depth")
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)

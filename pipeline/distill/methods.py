@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 
+from ..errors import ConfigError
 from ..registry import Registry
+from .features import PairSpec, as_map, pool_to, prefix_tokens
 
 METHODS: Registry[type["DistillMethod"]] = Registry("distillation method")
 
@@ -38,6 +43,7 @@ class DistillMethod(nn.Module):
     uses_layers = False       # whether the method reads intermediate features
     uses_kd = True
     needs_subspaces = False
+    default_lambda = 0.0      # lambda_layer when the config leaves it unset (chosen on validation data)
 
     def __init__(self, cfg, pairs=(), **_context):
         super().__init__()
@@ -61,9 +67,14 @@ class DistillMethod(nn.Module):
         losses.update(layers)
         total = losses.get("kd", 0.0) + (self.cfg.label_weight or (0.0 if self.uses_kd else 1.0)) * losses.get("ce", 0.0)
         if layers:
-            total = total + self.cfg.lambda_layer * sum(layers.values())
+            total = total + self.lambda_layer * sum(layers.values())
         losses["total"] = total
         return losses
+
+    @property
+    def lambda_layer(self) -> float:
+        configured = getattr(self.cfg, "lambda_layer", None)
+        return self.default_lambda if configured is None else configured
 
 
 @METHODS.register("kd")
@@ -76,3 +87,156 @@ class StudentOnly(DistillMethod):
     """No teacher: cross-entropy on the labels (the baseline every method must beat)."""
 
     uses_kd = False
+
+
+class LayerMethod(DistillMethod):
+    """KD + lambda_layer x a loss per layer pair. Both sides become maps (ViT tokens lose their prefix and form a
+    grid) and the larger map is average-pooled to the smaller; subclasses define the teacher target (cached
+    when the inputs are fixed) and the student-side comparison, and register their trainable parts."""
+
+    uses_layers = True
+
+    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), teacher: nn.Module | None = None,
+                 student: nn.Module | None = None, **_context):
+        super().__init__(cfg, pairs)
+        if not self.pairs:
+            raise ConfigError(f"Distillation method '{cfg.method}' compares layers, but no layer pairs were given.",
+                              "Set distill.layers: auto, or list pairs like [{teacher: blocks.4, student: features.3}].")
+        self.teacher_prefix = prefix_tokens(teacher) if teacher is not None else 0
+        self.student_prefix = prefix_tokens(student) if student is not None else 0
+
+    def teacher_target(self, index: int, feature: torch.Tensor) -> torch.Tensor:
+        return self.teacher_side(index, pool_to(as_map(feature, self.teacher_prefix), self.pairs[index].size))
+
+    def layer_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
+        losses = {}
+        for i, pair in enumerate(self.pairs):
+            student_map = pool_to(as_map(out.student_feats[i], self.student_prefix), pair.size)
+            losses[f"layer{i}"] = self.pair_loss(i, student_map, out.teacher_feats[i])
+        return losses
+
+    def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
+        return teacher_map
+
+    def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class MeanCentre(nn.Module):
+    """BatchNorm2d without variance scaling or affine parameters: subtracts the per-channel batch mean in
+    training (updating a running mean like BatchNorm, momentum 0.1) and the running mean in eval."""
+
+    def __init__(self, channels: int, momentum: float = 0.1):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("running_mean", torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x - self.running_mean.view(1, -1, 1, 1)
+        mean = x.mean(dim=(0, 2, 3))
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+        return x - mean.view(1, -1, 1, 1)
+
+
+def orthogonal_linear(inputs: int, outputs: int) -> nn.Linear:
+    """A bias-free Linear whose weight stays (semi-)orthogonal through training (a parametrization, not a penalty)."""
+    return orthogonal(nn.Linear(inputs, outputs, bias=False))
+
+
+@METHODS.register("subdistill")
+class SubDistill(LayerMethod):
+    """Match the student, centred and rotated by a learned orthogonal V, to the teacher's activations projected
+    on its relevant subspace U_k (from the `subspaces` stage): t~ = U_k^T (t - mu), s^ = V (s - m), loss per
+    position ||s^ - t~||^2 / alpha (alpha: teacher energy inside U_k, so predicting zero costs about 1)."""
+
+    needs_subspaces = True
+    default_lambda = 1.0
+
+    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, **context):
+        super().__init__(cfg, pairs, **context)
+        if subspaces_dir is None:
+            raise ConfigError("Method 'subdistill' needs the output of the `subspaces` stage.",
+                              "Build with the `subspaces` stage enabled (it is whenever distill.method is subdistill).")
+        from .subspace import load_subspaces
+
+        estimated_pairs, tensors = load_subspaces(subspaces_dir)
+        _check_same_pairs(self.pairs, estimated_pairs)
+        for i, layer in enumerate(tensors):
+            self.register_buffer(f"basis{i}", layer["basis"])
+            self.register_buffer(f"mean{i}", layer["mean"])
+            self.register_buffer(f"alpha{i}", layer["alpha"])
+        self.centre = nn.ModuleList(MeanCentre(p.student_channels) for p in self.pairs)
+        self.rotate = nn.ModuleList(orthogonal_linear(p.student_channels, p.student_channels) for p in self.pairs)
+
+    def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
+        # Pooling commutes with the affine projection, so pool first: fewer positions to project.
+        centred = teacher_map - getattr(self, f"mean{index}").view(1, -1, 1, 1)
+        return torch.einsum("ndhw,dk->nkhw", centred, getattr(self, f"basis{index}"))
+
+    def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rotated = torch.einsum("nkhw,jk->njhw", self.centre[index](student_map), self.rotate[index].weight)
+        positions = target.shape[-1] * target.shape[-2]
+        per_image = (rotated - target).pow(2).sum(dim=(1, 2, 3)) / positions
+        return per_image.mean() / getattr(self, f"alpha{index}")
+
+
+def _check_same_pairs(pairs: Sequence[PairSpec], estimated: Sequence[PairSpec]) -> None:
+    # Both stages resolve the pairs from the same config; a mismatch means a stale or foreign subspaces folder.
+    if [(p.teacher, p.student, p.teacher_channels, p.student_channels) for p in pairs] != \
+            [(p.teacher, p.student, p.teacher_channels, p.student_channels) for p in estimated]:
+        raise ConfigError("The subspaces were estimated for other layer pairs than distill.layers gives.",
+                          "Rebuild the `subspaces` stage (edgesmith build --force subspaces).")
+
+
+@METHODS.register("fitnet")
+class FitNet(LayerMethod):
+    """Romero et al.: regress the teacher map from the student's through a 1x1 convolution k -> d; squared
+    error summed over channels, averaged over positions and images."""
+
+    default_lambda = 0.01
+
+    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), **context):
+        super().__init__(cfg, pairs, **context)
+        self.regressors = nn.ModuleList(nn.Conv2d(p.student_channels, p.teacher_channels, 1) for p in self.pairs)
+
+    def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (self.regressors[index](student_map) - target).pow(2).sum(1).mean()
+
+
+def attention_map(feature_map: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis: L2-normalised flatten(mean over channels of x^2)."""
+    return F.normalize(feature_map.pow(2).mean(1).flatten(1), dim=1)
+
+
+@METHODS.register("attention")
+class AttentionTransfer(LayerMethod):
+    """Match where each network's activation energy sits (channel counts need not agree)."""
+
+    default_lambda = 100.0
+
+    def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
+        return attention_map(teacher_map)
+
+    def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (attention_map(student_map) - target).pow(2).mean()
+
+
+@METHODS.register("vkd")
+class VkD(LayerMethod):
+    """Miles et al.: the position-averaged teacher feature, LayerNorm'd (no affine), predicted from the
+    student's position-averaged feature through a semi-orthogonal k -> d map; smooth L1."""
+
+    default_lambda = 1.0
+
+    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), **context):
+        super().__init__(cfg, pairs, **context)
+        self.lift = nn.ModuleList(orthogonal_linear(p.student_channels, p.teacher_channels) for p in self.pairs)
+
+    def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
+        pooled = teacher_map.mean(dim=(2, 3))
+        return F.layer_norm(pooled, pooled.shape[1:])
+
+    def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.smooth_l1_loss(self.lift[index](student_map.mean(dim=(2, 3))), target)

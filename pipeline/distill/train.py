@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import copy
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -14,6 +13,7 @@ from torch import nn
 from ..data import View
 from ..data.views import as_tensor, augment_batch, batches
 from ..stages.common import accuracy, predict_logits
+from .features import PairSpec, resolve_pairs, tap_features
 from .methods import DistillMethod, Outputs
 
 
@@ -26,18 +26,10 @@ class Models:
     teacher_ids: list[int]          # the subtask's columns in the teacher's head
 
 
-@contextmanager
-def tap_features(model: nn.Module, names: list[str]) -> Iterator[dict[int, torch.Tensor]]:
-    """Collect the outputs of named modules during a forward pass, keyed by position in `names`."""
-    modules = dict(model.named_modules())
-    store: dict[int, torch.Tensor] = {}
-    hooks = [modules[name].register_forward_hook(lambda _m, _i, out, i=i: store.__setitem__(i, out))
-             for i, name in enumerate(names)]
-    try:
-        yield store
-    finally:
-        for hook in hooks:
-            hook.remove()
+def layer_pairs(layers, models: Models, say=lambda _msg: None) -> list[PairSpec]:
+    """distill.layers ('auto' or names) resolved against the two models at their own input sizes."""
+    tv, sv = models.teacher_view, models.student_view
+    return resolve_pairs(layers, models.teacher, models.student, (tv.channels, tv.size), (sv.channels, sv.size), say)
 
 
 class TeacherOutputs:
@@ -52,7 +44,7 @@ class TeacherOutputs:
         if cached:
             self.cached = self._compute_all(images, progress)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: cached targets enter losses that autograd records
     def compute(self, raw: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         teacher = self.models.teacher
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()

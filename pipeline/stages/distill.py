@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..data import View
 from ..distill.methods import METHODS
-from ..distill.train import Models, distill
+from ..distill.train import Models, distill, layer_pairs
 from ..models import count_macs, count_params, create_model, load_teacher, save_model
 from ..runner import Stage, StageContext, register_stage
 from .common import accuracy, predict_logits, subtask_data
@@ -48,7 +48,7 @@ class DistillStage(Stage):
     def prepare_method(self, ctx: StageContext, models: Models):
         cfg = ctx.config.distill
         method_cls = METHODS.get(cfg.method)
-        pairs = cfg.layers if isinstance(cfg.layers, list) else []
+        pairs = layer_pairs(cfg.layers, models, ctx.log) if method_cls.uses_layers else []
         subspaces = ctx.inputs["subspaces"].dir if "subspaces" in ctx.inputs else None
         return method_cls(cfg, pairs=pairs, teacher=models.teacher, student=models.student, models=models,
                           subspaces_dir=subspaces)

@@ -1,0 +1,70 @@
+"""Stage `subspaces`: for each (teacher layer, student layer) pair, the teacher's relevant subspace U_k, mean mu
+and normaliser alpha (SubDistill step A). Only in the chain when the distillation method needs it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..data.views import as_tensor, batches
+from ..distill.methods import METHODS
+from ..distill.subspace import Subspace, accumulate, save_subspaces
+from ..distill.train import Models, layer_pairs
+from ..runner import Stage, StageContext, register_stage
+from .common import subtask_data
+from .distill import DistillStage
+
+
+@register_stage
+class SubspacesStage(Stage):
+    name = "subspaces"
+    sections = ("subspaces", "distill", "student", "subtask", "data", "build")
+    packages = ("torch", "timm")
+
+    def enabled(self, cfg) -> bool:
+        return METHODS.get(cfg.distill.method).needs_subspaces
+
+    def inputs(self, cfg):
+        return ("adapt",)
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg = ctx.config
+        data = subtask_data(cfg)
+        models = DistillStage().prepare_models(ctx, data)
+        pairs = layer_pairs(cfg.distill.layers, models, ctx.log)
+        images = self.choose_images(data.train.images, cfg.subspaces.max_images, cfg.build.seed)
+        start = time.perf_counter()
+        moments = self.accumulate(ctx, models, pairs, images)
+        subspaces = [Subspace.from_moments(m, p.student_channels, cfg.subspaces.basis, cfg.build.seed + i)
+                     for i, (m, p) in enumerate(zip(moments, pairs))]
+        seconds = time.perf_counter() - start
+        save_subspaces(ctx.out, pairs, subspaces, {"basis": cfg.subspaces.basis, "images": len(images),
+                                                   "positions_per_image": cfg.subspaces.positions_per_image})
+        return self.measure(pairs, subspaces, len(images), seconds)
+
+    def choose_images(self, images, cap: int | None, seed: int) -> torch.Tensor:
+        """A seeded subset (kept in dataset order) when the training split is larger than the cap."""
+        source = as_tensor(images)
+        if cap is None or cap >= len(source):
+            return source
+        keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed + 3))[:cap]
+        return source[keep.sort().values]
+
+    def accumulate(self, ctx: StageContext, models: Models, pairs, images: torch.Tensor):
+        cfg = ctx.config.subspaces
+        teacher = models.teacher.to(ctx.device)
+        normalised = (models.teacher_view(images[idx].to(ctx.device)) for idx in batches(len(images), cfg.batch_size))
+        with ctx.progress.task("subspaces (teacher margin gradients)", len(images)) as bar:
+            return accumulate(teacher, normalised, pairs, models.teacher_ids, cfg.positions_per_image,
+                              ctx.config.build.seed, on_batch=bar.advance)
+
+    def measure(self, pairs, subspaces, images: int, seconds: float) -> dict:
+        return {
+            "estimation_s": round(seconds, 2), "images": images,
+            "pairs": [f"{p.teacher}<-{p.student}" for p in pairs],
+            "layers": [{"teacher": p.teacher, "student": p.student, "d": p.teacher_channels, "k": p.student_channels,
+                        "compared_at": list(p.size), "alpha": s.alpha,
+                        "energy_fraction_in_subspace": round(s.spectrum["energy_fraction_in_subspace"], 4)}
+                       for p, s in zip(pairs, subspaces)],
+        }

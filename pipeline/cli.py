@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EdgesmithError
-from .release.cli import diff, verify
+from .release.cli import diff, track, verify
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a foundation model into a small, quantized, validated model for one edge device.")
@@ -66,6 +66,7 @@ def status(config: Path = typer.Argument(..., help="YAML build config")) -> None
 
 app.command("verify")(verify)
 app.command("diff")(diff)
+app.command("track")(track)
 
 
 HEADLINE_METRICS = ("teacher_subtask_test_acc", "teacher_test_acc", "student_test_acc", "mac_reduction",

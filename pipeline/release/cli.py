@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -30,3 +31,15 @@ def diff(
     typer.echo(render_diff(result), nl=False)
     if fail_on_change and result.substantive:
         raise typer.Exit(1)
+
+
+def track(
+    bundle: Path = typer.Argument(..., help="release bundle folder or .tar.gz"),
+    mlflow_uri: str = typer.Option(..., "--mlflow", help="MLflow tracking URI, e.g. sqlite:///mlflow.db"),
+    experiment: Optional[str] = typer.Option(None, "--experiment", help="experiment name (default: the build name)"),
+) -> None:
+    """Verify a release bundle, then log its config, metrics and files as one MLflow run (needs edgesmith[mlflow])."""
+    from .tracking import log_release
+
+    run_id = log_release(bundle, mlflow_uri, experiment)
+    typer.echo(f"logged {bundle} to {mlflow_uri} as run {run_id}")

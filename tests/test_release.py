@@ -49,6 +49,12 @@ def make_export_dir(root: Path, seed: int = 0) -> Path:
                   "sha256": hashlib.sha256((export / rel).read_bytes()).hexdigest(), "size": size,
                   "parity": {"top1_agreement": 0.995 if "int8" in rel else 1.0}}
                  for rel, size in files.items() if not rel.endswith(".bin")]
+    # One artifact outside the usual names, with a sidecar, and a path that tries to leave the folder.
+    (export / "extra").mkdir()
+    for rel in ("extra/student.fp16.xml", "extra/student.fp16.bin", "extra/student.fp16.xml.json"):
+        (export / rel).write_bytes(rng.bytes(64))
+    artifacts += [{"file": "extra/student.fp16.xml", "format": "openvino", "precision": "fp16",
+                   "sidecar": "extra/student.fp16.xml.json"}, {"file": "../../etc/passwd", "format": "onnx"}]
     index = {"artifacts": artifacts, "class_names": CLASSES,
              "preprocessing": {"size": 28, "channels": 1, "mean": [0.5], "std": [0.5], "layout": "NCHW"}}
     (export / "artifacts.json").write_text(json.dumps(index, indent=2))
@@ -120,9 +126,10 @@ def test_bundle_holds_the_payload_and_nothing_time_dependent(built):
     names = {f.path for f in built.manifest.files}
     expected = {"model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.bin", "artifacts.json",
                 "eval.npz", "tensorrt/build_engine.sh", "report.html", "report.md", "results/results_cpu.json",
-                "labels.txt", "preprocessing.json", "MODEL_CARD.md", "device_tests/__init__.py"}
+                "labels.txt", "preprocessing.json", "MODEL_CARD.md", "device_tests/__init__.py",
+                "extra/student.fp16.xml", "extra/student.fp16.bin", "extra/student.fp16.xml.json"}
     assert expected <= names
-    assert not any("__pycache__" in n or n.endswith("stage.json") for n in names)
+    assert not any("__pycache__" in n or n.endswith("stage.json") or "passwd" in n for n in names)
     assert built.missing == ["openvino/model.int8.bin", "openvino/model.int8.xml"]
     assert (built.bundle_dir / "labels.txt").read_text().splitlines() == CLASSES
     for text_file in ("manifest.json", "MODEL_CARD.md"):
@@ -160,6 +167,13 @@ def test_model_card_names_the_subtask_teacher_metrics_and_limits(built):
                    "## Known limits", "no 'none of these' class", "INT8", "Device-specific", "verdict: pass",
                    "model.int8.onnx", "top1_agreement=0.995"):
         assert needle in card, needle
+    assert card.count("latency_p90_ms") == 1, "budgets are shown once, in their own table"
+    assert "None" not in card
+
+
+def test_the_recorded_config_loads_back_to_the_same_digest(built):
+    manifest = json.loads((built.bundle_dir / MANIFEST_NAME).read_text())
+    assert parse_config(manifest["config"]).digest() == manifest["config_sha256"]
 
 
 def test_release_refuses_an_export_without_the_onnx_model(tmp_path, info):

@@ -115,9 +115,14 @@ def copy_payload(bundle: Path, sources: ReleaseSources) -> list[str]:
 
 
 def _listed_artifacts(export: Path) -> list[str]:
-    """Files named in artifacts.json, if they are safe relative paths (the index is not trusted blindly)."""
+    """Files named in artifacts.json (each artifact, its sidecar, an IR's weights), if they are safe relative
+    paths: the index is not trusted blindly."""
     index = _read_json(export / "artifacts.json") or {}
-    files = [a.get("file") for a in index.get("artifacts", []) if isinstance(a, dict)]
+    files = []
+    for artifact in (a for a in index.get("artifacts", []) if isinstance(a, dict)):
+        files += [artifact.get("file"), artifact.get("sidecar")]
+        if isinstance(artifact.get("file"), str) and artifact["file"].endswith(".xml"):
+            files.append(artifact["file"].removesuffix(".xml") + ".bin")  # OpenVINO IR = .xml + .bin
     return [f for f in files if isinstance(f, str) and unsafe_name(f) is None]
 
 

@@ -90,8 +90,8 @@ def _metrics(facts: CardFacts) -> str:
         entry = facts.stages.get(stage)
         if entry is None or not entry.metrics:
             continue
-        rows = [[f"`{k}`", _cell(v)] for k, v in _flatten(entry.metrics) if k != "budgets" and
-                not k.startswith("budgets.")]
+        # Budget verdicts get their own table below.
+        rows = [[f"`{k}`", _cell(v)] for k, v in _flatten(entry.metrics) if not k.startswith("budgets")]
         conditions = f"device `{entry.device or 'n/a'}`, seed {entry.seed if entry.seed is not None else 'n/a'}"
         versions = ", ".join(f"{k} {v}" for k, v in sorted(entry.versions.items()))
         parts.append(f"### {stage}\n\nMeasured with {conditions}; {versions or 'no package versions recorded'}.\n")
@@ -150,6 +150,8 @@ def _flat_value(value: Any) -> Any:
 
 
 def _cell(value: Any) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return f"{value:.6g}"
     if isinstance(value, list):

@@ -1,9 +1,39 @@
-"""Config section `export` (placeholder; filled in by the export work)."""
+"""Config section `export`: which deployable artifacts are written and how they are checked."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from pipeline.schema import Section
 
 
+class TensorRTConfig(Section):
+    precision: Literal["fp16", "int8"] = Field(
+        "int8", description="int8 builds from the Q/DQ ONNX (explicit quantization); fp16 from the FP32 ONNX")
+    workspace_mb: int = Field(1024, ge=16, description="builder workspace memory pool")
+    timing_cache: bool = Field(True, description="reuse kernel timings between builds on the same device")
+    min_batch: int = Field(1, ge=1)
+    opt_batch: int = Field(1, ge=1)
+    max_batch: int = Field(64, ge=1)
+
+
 class ExportConfig(Section):
-    pass
+    formats: list[str] = Field(
+        default_factory=lambda: ["onnx", "onnx_int8", "openvino"],
+        description="onnx, onnx_int8, openvino, tensorrt (the registry lists them)")
+    opset: int = Field(17, ge=13, le=21, description="ONNX opset (13+: per-channel QuantizeLinear)")
+    dynamic_batch: bool = True
+    parity_limit: int = Field(1000, ge=1, description="validation images used for the parity checks")
+    eval_images: int = Field(2000, ge=1, description="test images written to eval.npz for the device tests")
+    tensorrt: TensorRTConfig = TensorRTConfig()
+
+    @field_validator("formats")
+    @classmethod
+    def _distinct(cls, v):
+        if len(set(v)) != len(v):
+            raise ValueError("export formats must be distinct")
+        if not v:
+            raise ValueError("list at least one export format")
+        return v

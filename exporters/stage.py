@@ -1,1 +1,102 @@
-"""Stage placeholder: not implemented yet (registers nothing)."""
+"""Stage `export`: write every configured format, check each against its PyTorch model, list them."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from pipeline.errors import ConfigError
+from pipeline.runner import Stage, StageContext, register_stage
+
+from .config import ExportConfig
+from .eval_set import write_npz
+from .formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
+from .metadata import model_metadata, preprocessing
+
+INT8_FORMATS = ("onnx_int8",)
+
+
+@register_stage
+class ExportStage(Stage):
+    name = "export"
+    sections = ("export", "data", "subtask")
+    packages = ("torch", "nncf", "torchao", "onnx", "onnxruntime", "openvino", "polygraphy", "tensorrt")
+
+    def inputs(self, cfg):
+        export: ExportConfig = cfg.section("export")
+        check_format_names(export.formats)
+        needs_int8 = any(f in INT8_FORMATS for f in export.formats) or (
+            "tensorrt" in export.formats and export.tensorrt.precision == "int8")
+        if needs_int8 and cfg.section("qat") is None:
+            raise ConfigError("export.formats asks for an INT8 artifact, but the config has no qat section.",
+                              "Add a `qat:` section (its defaults are fine) or drop onnx_int8 / set "
+                              "export.tensorrt.precision: fp16.")
+        return ("adapt", "distill", "qat") if cfg.section("qat") is not None else ("adapt", "distill")
+
+    def run(self, ctx: StageContext) -> dict:
+        from pipeline.stages.common import subtask_data
+
+        cfg: ExportConfig = ctx.config.section("export")
+        data = subtask_data(ctx.config)
+        job, spec = self.prepare(ctx, cfg, data)
+        artifacts = []
+        for name in in_order(cfg.formats):
+            artifacts += EXPORT_FORMATS.get(name)(job)
+        eval_info = self.write_eval_set(ctx, job, spec, data, cfg)
+        listing = {"artifacts": artifacts, "preprocessing": preprocessing(spec), "class_names": spec["class_names"],
+                   "eval_set": eval_info, "metadata": job.meta}
+        (ctx.out / "artifacts.json").write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")
+        for a in artifacts:
+            ctx.log(f"export: {a['file']:<28} {a['size'] / 1024:8.1f} KiB  parity {summary(a['parity'])}")
+        return {"artifacts": {a["file"]: {"size": a["size"], "parity": a["parity"]} for a in artifacts}}
+
+    def prepare(self, ctx: StageContext, cfg: ExportConfig, data) -> tuple[ExportJob, dict]:
+        from pipeline.models import load_student
+        from quantize.model_io import load_quantized_student, view_of
+
+        student, spec = load_student(ctx.inputs["distill"].dir)
+        quantized = load_quantized_student(ctx.inputs["qat"].dir)[0] if "qat" in ctx.inputs else None
+        view = view_of(spec)
+        parity_set = data.val.images[:cfg.parity_limit]
+        job = ExportJob(
+            out=ctx.out, cfg=cfg, log=ctx.log,
+            meta=model_metadata(spec, ctx.config.digest(), cfg.dynamic_batch),
+            example=view(torch.as_tensor(data.val.images[:1])),
+            models={"fp32": student.eval(), "int8": quantized},
+            parity_inputs=view(torch.as_tensor(parity_set)).numpy(),
+            parity_labels=data.val.labels[:cfg.parity_limit],
+        )
+        return job, spec
+
+    def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig) -> dict:
+        """Raw uint8 test images plus what the teacher, the FP32 and the INT8 student predict for them."""
+        from pipeline.models import load_teacher
+        from quantize.model_io import view_of
+
+        images, labels = data.test.images[:cfg.eval_images], data.test.labels[:cfg.eval_images]
+        teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
+        arrays = {"images_u8": images, "labels": labels.astype(np.int64),
+                  "teacher_pred": predict(teacher.to(ctx.device), view_of(teacher_spec), images, ctx.device,
+                                          list(spec["class_ids"]))}
+        for precision, model in job.models.items():
+            if model is not None:
+                arrays[f"{precision}_pred"] = predict(model, view_of(spec), images, torch.device("cpu"))
+        write_npz(ctx.out / "eval.npz", arrays)
+        return {"file": "eval.npz", "images": int(len(labels)), "arrays": sorted(arrays),
+                "accuracy": {k.removesuffix("_pred"): float((v == labels).mean())
+                             for k, v in arrays.items() if k.endswith("_pred")}}
+
+
+def predict(model, view, images, device, columns=None) -> np.ndarray:
+    from pipeline.stages.common import predict_logits
+
+    return predict_logits(model, view, images, device, columns=columns).argmax(1).numpy().astype(np.int64)
+
+
+def summary(checked: dict | None) -> str:
+    if not checked:
+        return "n/a (built on device)"
+    return (f"max|dlogit| {checked['max_abs_logit_diff']:.2e}  top-1 agree {checked['top1_agreement']:.4f}  "
+            f"acc {checked['accuracy']:.4f} (torch {checked['reference_accuracy']:.4f})")

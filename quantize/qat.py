@@ -68,7 +68,7 @@ def finetune(model: nn.Module, view: View, train: TrainSet, evaluate: Callable[[
             loss.backward()
             optimizer.step()
             if on_step:
-                on_step(len(idx), float(loss))
+                on_step(len(idx), loss.item())
         history.append(evaluate(model))
         if history[-1] > best:
             best_state, best = copy.deepcopy(model.state_dict()), history[-1]

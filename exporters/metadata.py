@@ -1,0 +1,84 @@
+"""What travels with every artifact: class names, input spec, normalisation, provenance. Written into the ONNX
+metadata_props / the IR's rt_info and into a JSON sidecar, always with sorted keys so bytes are stable."""
+
+from __future__ import annotations
+
+import json
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+
+from .onnx_export import INPUT_NAME, OUTPUT_NAME
+
+VERSIONED_PACKAGES = ("edgesmith", "torch", "nncf", "onnx", "onnxruntime", "openvino")
+
+
+def package_versions(names=VERSIONED_PACKAGES) -> dict[str, str]:
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = "absent"
+    return versions
+
+
+def model_metadata(spec: dict, config_digest: str, dynamic_batch: bool) -> dict:
+    """The shared part; each artifact adds its format and precision."""
+    inp = spec["input"]
+    return {
+        "class_names": list(spec["class_names"]),
+        "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32",
+                  "shape": ["batch" if dynamic_batch else 1, inp["channels"], inp["size"], inp["size"]]},
+        "output": {"name": OUTPUT_NAME, "meaning": "logits over class_names (argmax = prediction)"},
+        "preprocessing": preprocessing(spec),
+        "arch": spec["arch"],
+        "config_sha256": config_digest,
+        "versions": package_versions(),
+    }
+
+
+def preprocessing(spec: dict) -> dict:
+    """Enough for a device without torch to turn a uint8 image into the model's input with numpy."""
+    inp = spec["input"]
+    return {"size": inp["size"], "channels": inp["channels"], "mean": list(inp["mean"]), "std": list(inp["std"]),
+            "recipe": "x = (uint8 / 255 - mean) / std per channel; grey <-> RGB by mean/repeat; "
+                      "bilinear resize to size x size"}
+
+
+def flat_properties(meta: dict) -> dict[str, str]:
+    """ONNX metadata_props are string pairs: one per top-level key, the value as compact JSON."""
+    return {key: value if isinstance(value, str) else json.dumps(value, sort_keys=True, separators=(",", ":"))
+            for key, value in sorted(meta.items())}
+
+
+def stamp_onnx(path: Path, meta: dict) -> None:
+    """Replace the metadata_props, check the model with onnx.checker, write it back in place."""
+    import onnx
+
+    proto = onnx.load(str(path))
+    del proto.metadata_props[:]
+    for key, value in flat_properties(meta).items():
+        proto.metadata_props.add(key=f"edgesmith.{key}", value=value)
+    proto.doc_string = "edgesmith model; see metadata_props"
+    onnx.checker.check_model(proto, full_check=True)
+    Path(path).write_bytes(proto.SerializeToString())
+
+
+def read_onnx_metadata(path: Path) -> dict:
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    out = {}
+    for prop in proto.metadata_props:
+        key = prop.key.removeprefix("edgesmith.")
+        try:
+            out[key] = json.loads(prop.value)
+        except json.JSONDecodeError:
+            out[key] = prop.value
+    return out
+
+
+def write_sidecar(path: Path, meta: dict) -> Path:
+    sidecar = Path(path).with_name(Path(path).name + ".json")
+    sidecar.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return sidecar

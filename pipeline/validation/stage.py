@@ -1,1 +1,81 @@
-"""Stage placeholder: not implemented yet (registers nothing)."""
+"""The `validate` stage: run the on-device suite for every artifact on every target, check the budgets,
+write results-<target>.json, report.html and report.md. A missed budget fails the build only after the
+results are committed (after_commit), so nothing measured is lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import BudgetError
+from ..runner import Stage, StageContext, StageRecord, register_stage
+from .budgets import Verdict, check, table
+from .report import write_report
+from .sections import validation_sections
+from .suite import TargetRun, run_target
+from .targets import parse_target
+
+
+@register_stage
+class ValidateStage(Stage):
+    name = "validate"
+    sections = ("validate",)
+    packages = ("numpy", "onnxruntime", "openvino", "paramiko", "matplotlib")
+
+    def inputs(self, cfg):
+        return ("export",)
+
+    def run(self, ctx: StageContext) -> dict:
+        cfg = ctx.config.section("validate")
+        bundle = ctx.inputs["export"].dir
+        runs = [self._run_target(ctx, spec, bundle, cfg) for spec in cfg.targets]
+        verdicts = check(runs, cfg.budgets)
+        class_names = _class_names(bundle)
+        write_report(ctx.out, f"Validation of {ctx.config.build.name}", validation_sections(runs, verdicts, class_names),
+                     subtitle=f"bundle {bundle.name}, {len(cfg.targets)} target(s), runtimes {', '.join(cfg.runtimes)}")
+        missed = [v for v in verdicts if not v.ok]
+        ctx.log(f"validate: {len(verdicts) - len(missed)}/{len(verdicts)} checks met; report {ctx.out.name}/report.html")
+        return {"passed": not missed, "checks": len(verdicts), "missed": len(missed),
+                "budgets": [v.to_dict() for v in verdicts], "targets": [r.summary() for r in runs],
+                "artifacts": _summary(runs)}
+
+    def _run_target(self, ctx: StageContext, spec: str, bundle: Path, cfg) -> TargetRun:
+        target = parse_target(spec)
+        ctx.log(f"validate: device suite on {spec} ({', '.join(cfg.runtimes)}, {cfg.threads} thread(s))")
+        run = run_target(target, bundle, cfg, ctx.out / f"results-{target.slug}.json")
+        (ctx.out / f"suite-{target.slug}.log").write_text(run.log)
+        if run.error:
+            ctx.log(f"[red]validate: {spec}: {run.error}[/]")
+        return run
+
+    def after_commit(self, record: StageRecord, ctx) -> None:
+        verdicts = [Verdict(**v) for v in record.metrics.get("budgets", [])]
+        missed = [v for v in verdicts if not v.ok]
+        if missed:
+            raise BudgetError(
+                f"Validation missed {len(missed)} of {len(verdicts)} checks:\n\n{table(missed)}\n",
+                f"All results are kept in {record.dir} (results-*.json, report.html). Improve the model, fix the "
+                "target, or relax validate.budgets; then rebuild.")
+
+
+def _class_names(bundle: Path) -> list[str]:
+    try:
+        return [str(c) for c in json.loads((bundle / "artifacts.json").read_text()).get("class_names", [])]
+    except (OSError, json.JSONDecodeError):
+        return []
+
+
+def _summary(runs: list[TargetRun]) -> list[dict]:
+    """One compact row per measured artifact, for stage.json and `edgesmith status`."""
+    rows = []
+    for r in runs:
+        for run in (r.results or {}).get("runs", []):
+            if run.get("status") != "passed":
+                continue
+            m = run["latency"]["model"]
+            rows.append({"target": r.target, "artifact": run["artifact"], "runtime": run["runtime"],
+                         "precision": run["precision"], "top1": run.get("accuracy", {}).get("top1"),
+                         "p50_ms": m["p50_ms"], "p90_ms": m["p90_ms"], "p99_ms": m["p99_ms"],
+                         "images_per_s": run["throughput"]["images_per_s"], "peak_rss_mb": run["peak_rss_mb"],
+                         "size_bytes": run["size_bytes"]})
+    return rows

@@ -15,7 +15,7 @@ from typing import Optional
 
 from ..errors import DeviceError
 from .config import SshConfig, ValidateConfig
-from .suite import TargetRun, _finish, bundle_files, device_files, load_results, suite_args, DEVICE_TESTS
+from .suite import DEVICE_TESTS, TargetRun, _finish, bundle_files, device_files, load_results, suite_args
 from .targets import Target
 
 REQUIRED = ("numpy", "pytest")
@@ -184,19 +184,24 @@ def prepare(session: SshSession, python: str, runtimes: list[str], workdir: Pure
     return info
 
 
+def stage_files(session: SshSession, cfg: ValidateConfig, files: list[tuple[Path, PurePosixPath]],
+                python: str, requires: list[str]) -> tuple[PurePosixPath, dict]:
+    """Upload files (plus device_tests/) into a run folder named by their content; prepare the venv."""
+    base = PurePosixPath(cfg.ssh.workdir)
+    base = base if base.is_absolute() else session.home() / base
+    devices = [(f, PurePosixPath("device_tests", *f.relative_to(DEVICE_TESTS).parts)) for f in device_files()]
+    run_dir = base / "runs" / _digest([local for local, _ in files + devices])
+    session.upload([(local, run_dir / rel) for local, rel in files + devices])
+    venv_dir = base / f"venv-{hashlib.sha256(python.encode()).hexdigest()[:8]}"  # one per interpreter
+    return run_dir, prepare(session, python, requires, run_dir, venv_dir)
+
+
 def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) -> TargetRun:
     """Copy bundle + device_tests, prepare the venv, run the suite, fetch results.json."""
     python = target.python or cfg.ssh.python
-    bundle_rel = bundle_files(bundle)
+    files = [(bundle / f, PurePosixPath("bundle", *f.parts)) for f in bundle_files(bundle)]
     with SshSession(target, cfg.ssh) as session:
-        base = PurePosixPath(cfg.ssh.workdir)
-        base = base if base.is_absolute() else session.home() / base
-        run_dir = base / "runs" / _digest([bundle / f for f in bundle_rel] + device_files())
-        uploads = [(bundle / f, run_dir / "bundle" / PurePosixPath(*f.parts)) for f in bundle_rel]
-        uploads += [(f, run_dir / "device_tests" / PurePosixPath(*f.relative_to(DEVICE_TESTS).parts)) for f in device_files()]
-        session.upload(uploads)
-        venv_dir = base / f"venv-{hashlib.sha256(python.encode()).hexdigest()[:8]}"  # one per interpreter
-        info = prepare(session, python, list(cfg.runtimes), run_dir, venv_dir)
+        run_dir, info = stage_files(session, cfg, files, python, [*REQUIRED, *cfg.runtimes])
         remote_results = run_dir / "results.json"
         args = suite_args(info["venv_python"], str(run_dir / "device_tests"), str(run_dir / "bundle"),
                           str(remote_results), cfg)
@@ -206,3 +211,22 @@ def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) ->
     run = _finish(target.spec, code, out, load_results(results) if fetched else None)
     run.setup = {"python": python, "venv_python": info["venv_python"], "versions": info["versions"], "run_dir": str(run_dir)}
     return run
+
+
+def run_measure_ssh(target: Target, cfg: ValidateConfig, files: list[tuple[Path, PurePosixPath]],
+                    measure_args: list[str], runtime: str, out: Path) -> tuple[int, str]:
+    """`edgesmith profile --target ssh://...`: one device_tests.measure run on the target. Paths in
+    measure_args that start with '@/' are made relative to the remote run folder."""
+    python = target.python or cfg.ssh.python
+    with SshSession(target, cfg.ssh) as session:
+        run_dir, info = stage_files(session, cfg, files, python, ["numpy", runtime])
+        remote_out = run_dir / "profile.json"
+        args = [str(run_dir / a[2:]) if a.startswith("@/") else a for a in measure_args]
+        session.remove(remote_out)
+        # `env PYTHONPATH=...` instead of `cd dir && ...`: still an argument list, no shell syntax.
+        code, log = session.run(["env", f"PYTHONPATH={run_dir}", info["venv_python"], "-m", "device_tests.measure",
+                                 *args, "--out", str(remote_out)], timeout=cfg.ssh.command_timeout_s)
+        if not session.download(remote_out, out):
+            raise DeviceError(f"The measurement on {target.spec} wrote no result (exit {code}): {log.strip()[-800:]}",
+                              "Run the same command by hand on the target to see what fails.")
+        return code, log

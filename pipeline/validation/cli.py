@@ -1,0 +1,158 @@
+"""`edgesmith profile MODEL`: the trtexec / benchmark_app of edgesmith. The same latency protocol (and, with
+an evaluation set, the same accuracy) as the validate stage, for any ONNX / OpenVINO IR / TensorRT engine
+file, built by edgesmith or not, locally or on an SSH target, with no config file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Optional
+
+import typer
+
+from ..cache import PROJECT_ROOT
+from ..errors import ConfigError, DeviceError
+from .config import LatencyConfig, SshConfig, ValidateConfig
+from .targets import parse_target
+
+
+def profile(
+    model: Path = typer.Argument(..., help="model file: .onnx, OpenVINO .xml (with its .bin), TensorRT .engine/.plan"),
+    runtime: Optional[str] = typer.Option(None, help="onnxruntime | openvino | tensorrt (default: by file type)"),
+    target: str = typer.Option("local", help="'local' or ssh://user@host[:port][?python=/path/to/python]"),
+    eval_set: Optional[Path] = typer.Option(None, "--eval", help="eval.npz (images_u8 + labels [+ teacher_pred, fp32_pred]) for accuracy"),
+    threads: int = typer.Option(1, help="runtime threads (0: the runtime's default)"),
+    queries: int = typer.Option(1024, help="minimum timed queries at batch 1"),
+    duration: float = typer.Option(2.0, help="minimum timed seconds at batch 1 (and for throughput)"),
+    warmup: int = typer.Option(50, help="discarded warm-up queries"),
+    batch: int = typer.Option(64, help="batch size for the throughput measurement"),
+    shape: Optional[str] = typer.Option(None, help="input shape N,C,H,W when the model's is dynamic"),
+    precision_hint: str = typer.Option("f32", help="OpenVINO inference precision: f32 | bf16 | f16"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full measurement as JSON"),
+    ssh_key: Optional[str] = typer.Option(None, help="private key for an SSH target"),
+    known_hosts: Optional[str] = typer.Option(None, help="known_hosts for an SSH target (default ~/.ssh/known_hosts)"),
+    ssh_python: str = typer.Option("python3", help="Python on the SSH target"),
+) -> None:
+    """Measure latency (p50/p90/p99, throughput, peak memory) and, with --eval, accuracy of any model file."""
+    result = run_profile(model, runtime, target, eval_set, threads, LatencyConfig(
+        min_queries=queries, min_duration_s=duration, warmup=warmup, throughput_batch=batch), shape, precision_hint,
+        SshConfig(python=ssh_python, key_file=ssh_key, known_hosts=known_hosts))
+    print_result(result)
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=1))
+
+
+def run_profile(model: Path, runtime: Optional[str], target: str, eval_set: Optional[Path], threads: int,
+                latency: LatencyConfig, shape: Optional[str] = None, precision_hint: str = "f32",
+                ssh: SshConfig = SshConfig()) -> dict:
+    from device_tests.bundle import format_of
+    from device_tests.errors import DeviceTestError
+    from device_tests.runners import default_runtime, get_runner
+
+    model = Path(model)
+    if not model.is_file():
+        raise ConfigError(f"Model file {model} does not exist.", "Pass the path of an .onnx, .xml or .engine file.")
+    try:
+        fmt = format_of(model)
+        runtime = runtime or default_runtime(fmt)
+        if fmt not in get_runner(runtime).formats:
+            raise ConfigError(f"The {runtime} runtime cannot run {model.name} ({fmt}).",
+                              f"{runtime} runs {', '.join(get_runner(runtime).formats)} files; pick another --runtime.")
+    except DeviceTestError as exc:
+        raise ConfigError(exc.problem, exc.fix) from None
+    try:
+        parsed = parse_target(target)
+    except ValueError as exc:
+        raise ConfigError(f"--target: {exc}.", "Use 'local' or ssh://user@host[:port].") from None
+    if eval_set is not None and not eval_set.is_file():
+        raise ConfigError(f"Evaluation set {eval_set} does not exist.", "Pass an eval.npz (images_u8, labels).")
+    cfg = ValidateConfig(targets=[target], runtimes=[runtime], threads=threads, precision_hint=precision_hint,
+                         latency=latency, ssh=ssh)
+    files = _model_files(model, fmt) + ([(eval_set, PurePosixPath("eval.npz"))] if eval_set else [])
+    args = _measure_args(model, runtime, eval_set, cfg, shape, _spec_near(model, eval_set))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "profile.json"
+        if parsed.kind == "local":
+            local = [a.replace("@/", "", 1) if a.startswith("@/") else a for a in _localise(args, files)]
+            subprocess.run([sys.executable, "-m", "device_tests.measure", *local, "--out", str(out)],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True)
+        else:
+            from .ssh import run_measure_ssh
+
+            run_measure_ssh(parsed, cfg, files, args, runtime, out)
+        result = json.loads(out.read_text()) if out.is_file() else {"status": "error", "message": "no result written"}
+    if result.get("status") != "passed":
+        raise DeviceError(f"Profiling {model.name} with {runtime} on {target} failed: {result.get('message')}",
+                          "See the message above; `--runtime` picks another runtime.")
+    result["target"] = target
+    return result
+
+
+def _model_files(model: Path, fmt: str) -> list[tuple[Path, PurePosixPath]]:
+    files = [(model, PurePosixPath("model", model.name))]
+    if fmt == "openvino" and model.with_suffix(".bin").is_file():
+        files.append((model.with_suffix(".bin"), PurePosixPath("model", model.with_suffix(".bin").name)))
+    return files
+
+
+def _spec_near(model: Path, eval_set: Optional[Path]) -> Optional[str]:
+    """The preprocessing spec of an edgesmith bundle next to the model or the eval set, if there is one."""
+    if eval_set is None:
+        return None
+    for folder in (eval_set.parent, model.parent, model.parent.parent):
+        meta = folder / "artifacts.json"
+        if meta.is_file():
+            data = json.loads(meta.read_text())
+            spec = next((data[k] for k in ("preprocessing", "preprocess", "input") if isinstance(data.get(k), dict)), None)
+            if spec:
+                return json.dumps(spec)
+    return None
+
+
+def _measure_args(model: Path, runtime: str, eval_set: Optional[Path], cfg: ValidateConfig, shape, spec) -> list[str]:
+    lat = cfg.latency
+    args = ["--model", f"@/model/{model.name}", "--runtime", runtime, "--threads", str(cfg.threads),
+            "--precision-hint", cfg.precision_hint, "--min-queries", str(lat.min_queries),
+            "--min-duration", str(lat.min_duration_s), "--warmup", str(lat.warmup),
+            "--throughput-batch", str(lat.throughput_batch)]
+    if eval_set is not None:
+        args += ["--eval", "@/eval.npz"]
+    if spec:
+        args += ["--spec", spec]
+    if shape:
+        args += ["--shape", shape]
+    return args
+
+
+def _localise(args: list[str], files: list[tuple[Path, PurePosixPath]]) -> list[str]:
+    """Map the remote-relative '@/...' paths back to the local files."""
+    where = {f"@/{rel}": str(local.resolve()) for local, rel in files}
+    return [where.get(a, a) for a in args]
+
+
+def print_result(r: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    lat, tp = r["latency"], r["throughput"]
+    table = Table(title=f"{r['artifact']} · {r['runtime']} {r['runtime_version']} · {r['target']} · "
+                        f"{r['threads']} thread(s) · precision hint {r['precision_hint']}")
+    for col in ("", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "n"):
+        table.add_column(col, justify="right" if col else "left")
+    for name in ("model", "preprocess", "postprocess", "end_to_end"):
+        s = lat[name]
+        table.add_row(name, *(f"{s[k]:.4f}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")), str(s["n"]))
+    console = Console()
+    console.print(table)
+    env = r["environment"]
+    console.print(f"throughput: {tp['images_per_s']:,.0f} img/s at batch {tp['batch']} · peak RSS {r['peak_rss_mb']:.1f} MiB "
+                  f"· load {r['load_s']:.2f} s · {env['cpu_model']} ({env['usable_cores']} usable cores)")
+    if "accuracy" in r:
+        a = r["accuracy"]
+        extra = "".join(f" · agreement with {k.split('_')[1]} {a[k]:.4f}" for k in ("agreement_teacher", "agreement_fp32") if k in a)
+        console.print(f"accuracy: top-1 {a['top1']:.4f} on {a['n']} images{extra}")
+    if r.get("synthetic_input"):
+        console.print("(random input of the model's shape; pass --eval for accuracy and real images)")

@@ -15,14 +15,15 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.release.bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from pipeline.release.diff import diff_bundles, render_diff
-from pipeline.release.manifest import MANIFEST_NAME, git_state, host_info
+from pipeline.release.manifest import MANIFEST_NAME, budget_verdict, git_state, host_info
 from pipeline.release.stage import budgets_of, device_tests_dir
 from pipeline.release.tarball import write_tarball
 from pipeline.release.verify import verify_bundle
 
 CLASSES = ["T-shirt/top", "Shirt", "Pullover"]
-BUDGETS = [{"artifact": "model.int8.onnx", "target": "cpu", "budget": "latency_p90_ms", "measured": 0.21,
-            "allowed": 5.0, "passed": True}]
+# As the validate stage records them (stage.json metrics["budgets"]).
+BUDGETS = [{"artifact": "model.int8.onnx", "target": "cpu", "runtime": "onnxruntime", "budget": "max_p90_ms",
+            "measured": 0.21, "allowed": 5.0, "ok": True}]
 
 
 def tiny_config(**release) -> dict:
@@ -167,8 +168,14 @@ def test_model_card_names_the_subtask_teacher_metrics_and_limits(built):
                    "## Known limits", "no 'none of these' class", "INT8", "Device-specific", "verdict: pass",
                    "model.int8.onnx", "top1_agreement=0.995"):
         assert needle in card, needle
-    assert card.count("latency_p90_ms") == 1, "budgets are shown once, in their own table"
+    assert card.count("max_p90_ms") == 1, "budgets are shown once, in their own table"
     assert "None" not in card
+
+
+@pytest.mark.parametrize("flags, verdict", [([], "none"), ([{"ok": True}, {"passed": True}], "pass"),
+                                            ([{"ok": True}, {"ok": False}], "fail"), ([{"ok": True}, {}], "unknown")])
+def test_budget_verdict_reads_each_checks_flag(flags, verdict):
+    assert budget_verdict([{"budget": "x", **f} for f in flags]) == verdict
 
 
 def test_the_recorded_config_loads_back_to_the_same_digest(built):

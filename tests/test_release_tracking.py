@@ -28,7 +28,7 @@ def test_params_metrics_and_tags_come_from_the_manifest(release):
     assert params["distill.temperature"] == "4.0" and params["build.seed"] == "7"
     assert params["subtask.classes"] == "['T-shirt/top', 'Shirt', 'Pullover']"
     assert metrics["distill.student_test_acc"] == 0.9
-    assert metrics["validate.budgets.0.passed"] == 1.0 and metrics["validate.budgets.0.measured"] == 0.21
+    assert metrics["validate.budgets.0.ok"] == 1.0 and metrics["validate.budgets.0.measured"] == 0.21
     assert "validate.budgets.0.artifact" not in metrics  # strings are not metrics
     assert all(MLFLOW_KEY.match(k) for k in [*params, *metrics])
     assert release_tags(manifest)["edgesmith.content_sha256"] == manifest.content_sha256

@@ -73,7 +73,7 @@ class Manifest(_Strict):
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     stages: dict[str, StageEntry]
     budgets: list[dict[str, Any]] = []
-    budget_verdict: Literal["pass", "fail", "none"] = "none"
+    budget_verdict: Literal["pass", "fail", "unknown", "none"] = "none"
     packages: dict[str, str]
     source: SourceState
     host: HostInfo
@@ -108,10 +108,23 @@ def content_digest(files: list[FileEntry]) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
+PASS_FLAGS = ("passed", "ok", "met")  # the names a budget record may give its verdict
+
+
+def budget_passed(budget: dict) -> bool | None:
+    """A budget record's verdict, whichever flag name it uses; None if it has none."""
+    flag = next((budget[k] for k in PASS_FLAGS if k in budget), None)
+    return flag if isinstance(flag, bool) else None
+
+
 def budget_verdict(budgets: list[dict]) -> str:
-    if not budgets:
+    """'pass' if every budget passed, 'fail' if one failed, 'unknown' if one has no verdict, 'none' if empty."""
+    verdicts = [budget_passed(b) for b in budgets]
+    if not verdicts:
         return "none"
-    return "pass" if all(b.get("passed") is True for b in budgets) else "fail"
+    if False in verdicts:
+        return "fail"
+    return "unknown" if None in verdicts else "pass"
 
 
 def git_state(root: Path = PROJECT_ROOT) -> SourceState:

@@ -70,7 +70,11 @@ def make_validate_dir(root: Path) -> Path:
     validate.mkdir(parents=True)
     (validate / "report.html").write_text("<html><body><h1>tiny</h1></body></html>\n")
     (validate / "report.md").write_text("# tiny\n")
-    (validate / "results_cpu.json").write_text(json.dumps({"target": "cpu", "accuracy": 0.91}))
+    results = {"environment": {"cpu_model": "Test CPU 9000", "cpu_count": 4, "os": "Linux"},
+               "settings": {"threads": 1, "min_queries": 1024},
+               "runs": [{"artifact": "model.onnx", "runtime": "onnxruntime", "runtime_version": "1.31.1",
+                         "threads": 1, "latency": {"p90_ms": 0.2}}]}
+    (validate / "results_cpu.json").write_text(json.dumps(results))
     return validate
 
 
@@ -121,6 +125,10 @@ def test_manifest_lists_every_file_with_its_real_hash(built, info):
     assert raw["schema_version"] == 1 and raw["config_sha256"] == parse_config(tiny_config()).digest()
     assert raw["budget_verdict"] == "pass" and raw["budgets"] == BUDGETS
     assert raw["stages"]["distill"]["metrics"]["student_test_acc"] == 0.9
+    assert raw["measurement_conditions"] == {"results/results_cpu.json": {
+        "environment": {"cpu_model": "Test CPU 9000", "cpu_count": 4, "os": "Linux"},
+        "settings": {"threads": 1, "min_queries": 1024},
+        "runs": [{"artifact": "model.onnx", "runtime": "onnxruntime", "runtime_version": "1.31.1", "threads": 1}]}}
 
 
 def test_bundle_holds_the_payload_and_nothing_time_dependent(built):
@@ -166,7 +174,8 @@ def test_model_card_names_the_subtask_teacher_metrics_and_limits(built):
     card = (built.bundle_dir / "MODEL_CARD.md").read_text()
     for needle in ("`T-shirt/top`", "`Pullover`", "tf_efficientnet_lite0", "student_test_acc", "| 0.9 |",
                    "## Known limits", "no 'none of these' class", "INT8", "Device-specific", "verdict: pass",
-                   "model.int8.onnx", "top1_agreement=0.995"):
+                   "model.int8.onnx", "top1_agreement=0.995",
+                   "taken on Test CPU 9000, 4 cores", "runtimes: onnxruntime 1.31.1"):
         assert needle in card, needle
     assert card.count("max_p90_ms") == 1, "budgets are shown once, in their own table"
     assert "None" not in card

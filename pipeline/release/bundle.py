@@ -73,22 +73,25 @@ def assemble_release(out: Path, sources: ReleaseSources, info: ReleaseInfo) -> R
     bundle.mkdir(parents=True, exist_ok=False)
     missing = copy_payload(bundle, sources)
     artifacts_index = _read_json(bundle / "artifacts.json")
+    conditions = measurement_conditions(bundle)
     write_derived_files(bundle, artifacts_index, info)
-    write_text_atomic(bundle / "MODEL_CARD.md", render_model_card(_card_facts(info, artifacts_index, missing)))
-    manifest = build_manifest(bundle, info, missing)
+    write_text_atomic(bundle / "MODEL_CARD.md",
+                      render_model_card(_card_facts(info, artifacts_index, missing, conditions)))
+    manifest = build_manifest(bundle, info, missing, conditions)
     write_manifest(bundle, manifest)
     name = f"{info.build}-{info.version}"
     tarball = write_tarball(bundle, out / f"{name}.tar.gz", name, info.source_date_epoch)
     return ReleaseOutput(bundle, tarball, manifest, missing)
 
 
-def build_manifest(bundle: Path, info: ReleaseInfo, missing: list[str]) -> Manifest:
+def build_manifest(bundle: Path, info: ReleaseInfo, missing: list[str],
+                   conditions: Optional[dict[str, dict]] = None) -> Manifest:
     files = file_entries(bundle)
     return Manifest(
         build=info.build, version=info.version, seed=info.seed, source_date_epoch=info.source_date_epoch,
         files=files, content_sha256=content_digest(files), missing=sorted(missing),
         config=info.config, config_sha256=config_sha256(info.config), stages=info.stages,
-        budgets=info.budgets, budget_verdict=budget_verdict(info.budgets), packages=info.packages,
+        measurement_conditions=conditions or {}, budgets=info.budgets, budget_verdict=budget_verdict(info.budgets), packages=info.packages,
         source=info.source, host=info.host,
     )
 
@@ -175,14 +178,36 @@ def _subtask_class_names(info: ReleaseInfo) -> list[str]:
     return [str(c) for c in info.config.get("subtask", {}).get("classes", [])]
 
 
-def _card_facts(info: ReleaseInfo, artifacts_index: Optional[dict], missing: list[str]) -> CardFacts:
+# Keys of one device-suite run that say how it was measured (the rest are the measurements).
+RUN_CONDITION_KEYS = ("artifact", "runtime", "runtime_version", "threads", "precision_hint", "providers",
+                      "input_shape")
+
+
+def measurement_conditions(bundle: Path) -> dict[str, dict]:
+    """For each results file of the device suite: the machine, the settings and each run's runtime, so every
+    measured number in the bundle can be read with the conditions it was measured under."""
+    conditions = {}
+    for path in sorted((bundle / "results").glob("*.json")):
+        results = _read_json(path) or {}
+        runs = [{k: run[k] for k in RUN_CONDITION_KEYS if k in run}
+                for run in results.get("runs", []) if isinstance(run, dict)]
+        entry = {k: results[k] for k in ("environment", "settings") if isinstance(results.get(k), dict)}
+        if runs:
+            entry["runs"] = runs
+        if entry:
+            conditions[path.relative_to(bundle).as_posix()] = entry
+    return conditions
+
+
+def _card_facts(info: ReleaseInfo, artifacts_index: Optional[dict], missing: list[str],
+                conditions: dict[str, dict]) -> CardFacts:
     index = artifacts_index or {}
     return CardFacts(
         build=info.build, version=info.version, config=info.config,
         class_names=[str(c) for c in (index.get("class_names") or _subtask_class_names(info))],
         artifacts=[a for a in index.get("artifacts", []) if isinstance(a, dict)],
         stages=info.stages, budgets=info.budgets, verdict=budget_verdict(info.budgets),
-        intended_use=info.intended_use, missing=missing,
+        intended_use=info.intended_use, missing=missing, conditions=conditions,
     )
 
 

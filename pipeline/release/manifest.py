@@ -72,6 +72,7 @@ class Manifest(_Strict):
     config: dict[str, Any]
     config_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     stages: dict[str, StageEntry]
+    measurement_conditions: dict[str, dict[str, Any]] = {}
     budgets: list[dict[str, Any]] = []
     budget_verdict: Literal["pass", "fail", "unknown", "none"] = "none"
     packages: dict[str, str]

@@ -12,7 +12,8 @@ from typing import Any, Iterator, Optional
 from .manifest import StageEntry
 
 METRIC_STAGES = ("teacher", "adapt", "distill", "qat", "export", "validate")
-ARTIFACT_COLUMNS = ("file", "format", "precision", "size")
+# The card shows these; artifacts.json has the rest (sidecars, op counts, runtime options).
+ARTIFACT_COLUMNS = ("file", "format", "precision", "runtime", "size", "parity")
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class CardFacts:
     verdict: str
     intended_use: Optional[str] = None
     missing: list[str] = field(default_factory=list)
+    conditions: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def render_model_card(facts: CardFacts) -> str:
@@ -76,8 +78,7 @@ def _origin(facts: CardFacts) -> str:
 def _artifacts(facts: CardFacts) -> str:
     if not facts.artifacts:
         return "## Artifacts\n\nNo artifacts index (artifacts.json) was produced by the export stage.\n"
-    extra = sorted({k for a in facts.artifacts for k in a} - set(ARTIFACT_COLUMNS) - {"sha256"})
-    header = [*ARTIFACT_COLUMNS, *extra]
+    header = [c for c in ARTIFACT_COLUMNS if any(c in a for a in facts.artifacts)]
     rows = [[_cell(_flat_value(a.get(col))) for col in header] for a in facts.artifacts]
     return "## Artifacts\n\n" + _table(header, rows) + (
         "\nParity columns compare each artifact with the FP32 PyTorch student on the evaluation set "
@@ -90,15 +91,43 @@ def _metrics(facts: CardFacts) -> str:
         entry = facts.stages.get(stage)
         if entry is None or not entry.metrics:
             continue
-        # Budget verdicts get their own table below.
-        rows = [[f"`{k}`", _cell(v)] for k, v in _flatten(entry.metrics) if not k.startswith("budgets")]
         conditions = f"device `{entry.device or 'n/a'}`, seed {entry.seed if entry.seed is not None else 'n/a'}"
         versions = ", ".join(f"{k} {v}" for k, v in sorted(entry.versions.items()))
-        parts.append(f"### {stage}\n\nMeasured with {conditions}; {versions or 'no package versions recorded'}.\n")
-        parts.append(_table(["metric", "value"], rows))
+        parts.append(f"### {stage}\n\nComputed with {conditions}; {versions or 'no package versions recorded'}.\n")
+        if stage == "validate":
+            parts += [_measurement_conditions(name, c) for name, c in sorted(facts.conditions.items())]
+        parts += _stage_tables(entry.metrics)
     if len(parts) == 1:
         parts.append("No metrics were recorded.\n")
     return "\n".join(parts)
+
+
+def _stage_tables(metrics: dict[str, Any]) -> list[str]:
+    """One metric/value table for the scalars, and one table per list of records (per-artifact results,
+    training history). Budget verdicts are left out: they get their own section."""
+    scalars, tables = [], []
+    for key in sorted(metrics):
+        value = metrics[key]
+        if key == "budgets":
+            continue
+        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+            header = list(dict.fromkeys(k for record in value for k in record))
+            rows = [[_cell(_flat_value(record.get(col))) for col in header] for record in value]
+            tables.append(f"`{key}`:\n\n" + _table(header, rows))
+        else:
+            scalars += [[f"`{k}`", _cell(_flat_value(v))] for k, v in _flatten(value, key)]
+    return ([_table(["metric", "value"], scalars)] if scalars else []) + tables
+
+
+def _measurement_conditions(name: str, conditions: dict[str, Any]) -> str:
+    env, settings = conditions.get("environment", {}), conditions.get("settings", {})
+    runtimes = sorted({f"{r['runtime']} {r.get('runtime_version', '')}".strip()
+                       for r in conditions.get("runs", []) if r.get("runtime")})
+    machine = (f"{env.get('cpu_model', 'unknown CPU')}, {env.get('cpu_count', '?')} cores, {env.get('os', '')}"
+               if env else "an unrecorded machine")
+    setting_text = ", ".join(f"{k} {_cell(v)}" for k, v in sorted(settings.items()))
+    return (f"Device measurements in `{name}` were taken on {machine}; runtimes: {', '.join(runtimes) or 'n/a'}; "
+            f"settings: {setting_text or 'n/a'}.\n")
 
 
 def _budgets(facts: CardFacts) -> str:

@@ -73,13 +73,13 @@ class ExportStage(Stage):
     def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig) -> dict:
         """Raw uint8 test images plus what the teacher, the FP32 and the INT8 student predict for them."""
         from pipeline.models import load_teacher
-        from quantize.model_io import view_of
+        from quantize.model_io import teacher_columns, view_of
 
         images, labels = data.test.images[:cfg.eval_images], data.test.labels[:cfg.eval_images]
         teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
         arrays = {"images_u8": images, "labels": labels.astype(np.int64),
                   "teacher_pred": predict(teacher.to(ctx.device), view_of(teacher_spec), images, ctx.device,
-                                          list(spec["class_ids"]))}
+                                          teacher_columns(spec))}
         for precision, model in job.models.items():
             if model is not None:
                 arrays[f"{precision}_pred"] = predict(model, view_of(spec), images, torch.device("cpu"))

@@ -41,3 +41,9 @@ def load_quantized_student(folder: Path) -> tuple[nn.Module, dict]:
     """(NNCF fake-quantized student in eval mode, spec) from a qat stage folder."""
     spec = json.loads((Path(folder) / SPEC_FILE).read_text())
     return load_quantized(folder, float_model_factory(spec)), spec
+
+
+def teacher_columns(spec: dict) -> list[int]:
+    """Columns of the teacher's head that hold the subtask classes (student.json's teacher_ids; older specs
+    only have the dataset's class ids, which equal them for a teacher adapted to the dataset)."""
+    return list(spec.get("teacher_ids") or spec["class_ids"])

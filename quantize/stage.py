@@ -9,7 +9,7 @@ from pipeline.runner import Stage, StageContext, register_stage
 
 from .config import QATConfig
 from .fold import fold_batchnorm, max_output_difference
-from .model_io import save_quantized_student, view_of
+from .model_io import save_quantized_student, teacher_columns, view_of
 from .nncf_ops import calibration_batches, quantize_ptq
 from .qat import TrainSet, accuracy, distillation_loss, finetune
 
@@ -68,7 +68,7 @@ class QATStage(Stage):
         teacher = teacher.to(ctx.device)
         teacher_view = view_of(teacher_spec)
         teacher_logits = predict_logits(teacher, teacher_view, data.train.images, ctx.device,
-                                        columns=list(spec["class_ids"]))
+                                        columns=teacher_columns(spec))
         train = TrainSet(data.train.images, data.train.labels, teacher_logits)
         per_epoch = min(len(train.images), cfg.max_images or len(train.images))
         with ctx.progress.task("QAT fine-tuning", total=cfg.epochs * per_epoch) as task:

@@ -1,0 +1,224 @@
+"""Distillation methods and layer pairing: SubDistill's student side, the baselines' named losses, pair errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.data import View
+from pipeline.data.base import ImageSet
+from pipeline.distill.config import DistillConfig
+from pipeline.distill.features import PairSpec, as_map, auto_pairs, resolve_pairs, stage_names, tap_features
+from pipeline.distill.methods import METHODS, MeanCentre, Outputs, SubDistill
+from pipeline.distill.subspace import Moments, Subspace, accumulate, save_subspaces
+from pipeline.distill.train import Models, TeacherOutputs, distill, layer_pairs
+from pipeline.errors import ConfigError, ModelError
+from pipeline.models import create_model
+from pipeline.progress import ProgressDisplay
+
+LAYER_METHODS = ("subdistill", "fitnet", "attention", "vkd")
+
+
+def subspace_from_maps(teacher_maps: torch.Tensor, k: int, seed: int = 0) -> Subspace:
+    """Estimate from every position of the maps (gradients: a fixed random linear function of them)."""
+    rows = teacher_maps.permute(0, 2, 3, 1).reshape(-1, teacher_maps.shape[1]).double()
+    grads = rows @ torch.randn(rows.shape[1], rows.shape[1], generator=torch.Generator().manual_seed(seed),
+                               dtype=torch.float64)
+    moments = Moments(rows.shape[1])
+    moments.add(rows, grads)
+    return Subspace.from_moments(moments, k, "subdistill", seed)
+
+
+def make_subdistill(tmp_path, teacher_maps: torch.Tensor, k: int, size=(4, 4), **cfg) -> SubDistill:
+    pair = PairSpec("t", "s", teacher_maps.shape[1], k, tuple(teacher_maps.shape[-2:]), size)
+    save_subspaces(tmp_path, [pair], [subspace_from_maps(teacher_maps, k)], {"basis": "subdistill"})
+    return SubDistill(DistillConfig(method="subdistill", **cfg), pairs=[pair], subspaces_dir=tmp_path)
+
+
+def teacher_maps(n=16, d=10, size=4, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=g)
+    return torch.einsum("nchw,cd->ndhw", torch.randn(n, d, size, size, generator=g), mix) + 1.5
+
+
+def test_teacher_target_is_the_centred_projection_in_float64(tmp_path):
+    maps = teacher_maps()
+    method = make_subdistill(tmp_path, maps, k=3)
+    target = method.teacher_target(0, maps)
+    basis, mean = method.basis0.double(), method.mean0.double()
+    reference = torch.einsum("ndhw,dk->nkhw", maps.double() - mean.view(1, -1, 1, 1), basis)
+    assert target.shape == (16, 3, 4, 4)            # k channels per position are cached, not d
+    torch.testing.assert_close(target.double(), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_student_reproducing_the_teacher_subspace_has_zero_layer_loss(tmp_path):
+    maps = teacher_maps()
+    method = make_subdistill(tmp_path, maps, k=3).train()
+    target = method.teacher_target(0, maps)
+    rotation = method.rotate[0].weight.detach()
+    # Any per-channel offset is removed by the mean-centring; V^T undoes the learned rotation.
+    student = torch.einsum("nkhw,kj->njhw", target, rotation) + torch.tensor([5.0, -2.0, 0.5]).view(1, 3, 1, 1)
+    perfect = method.pair_loss(0, student, target)
+    zero = method.pair_loss(0, torch.zeros_like(student), target)
+    noise = method.pair_loss(0, torch.randn_like(student), target)
+    assert float(perfect.detach()) < 1e-4
+    assert float(zero.detach()) == pytest.approx(1.0, abs=0.05)   # predicting nothing costs about 1 (normalised by alpha)
+    assert float(noise.detach()) > 1.0
+
+
+def test_rotation_stays_orthogonal_after_optimizer_steps(tmp_path):
+    maps = teacher_maps()
+    method = make_subdistill(tmp_path, maps, k=4).train()
+    target = method.teacher_target(0, maps)
+    student = torch.randn(16, 4, 4, 4, requires_grad=True)
+    optimizer = torch.optim.AdamW([student, *method.parameters()], lr=0.05)
+    before = method.rotate[0].weight.detach().clone()
+    losses = []
+    for _ in range(30):
+        loss = method.pair_loss(0, student, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    weight = method.rotate[0].weight.detach()
+    torch.testing.assert_close(weight.T @ weight, torch.eye(4), atol=1e-5, rtol=0)
+    assert not torch.allclose(weight, before, atol=1e-3)
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_mean_centre_uses_batch_mean_in_training_and_running_mean_in_eval():
+    centre = MeanCentre(2)
+    x = torch.stack([torch.full((3, 3), 4.0), torch.full((3, 3), -2.0)]).unsqueeze(0).repeat(5, 1, 1, 1)
+    torch.testing.assert_close(centre(x), torch.zeros_like(x))
+    torch.testing.assert_close(centre.running_mean, torch.tensor([0.4, -0.2]))
+    centre.eval()
+    torch.testing.assert_close(centre(x)[0, :, 0, 0], torch.tensor([3.6, -1.8]))
+    assert not any(p.requires_grad for p in centre.parameters())   # no affine, no variance scaling
+
+
+def cnn_pair() -> tuple[torch.nn.Module, torch.nn.Module, list[PairSpec]]:
+    torch.manual_seed(0)
+    teacher = create_model("cnn_small", 10, 1).eval()
+    student = create_model("cnn_tiny", 3, 1)
+    return teacher, student, resolve_pairs("auto", teacher, student, (1, 28), (1, 28))
+
+
+@pytest.mark.parametrize("name", ["kd", "student_only", *LAYER_METHODS])
+def test_every_method_returns_named_losses_and_trains_its_parts(name, tmp_path):
+    teacher, student, pairs = cnn_pair()
+    x = torch.randn(6, 1, 28, 28)
+    if name == "subdistill":
+        moments = accumulate(teacher, [x], pairs, [0, 1, 2], positions=20, seed=0)
+        save_subspaces(tmp_path, pairs, [Subspace.from_moments(m, p.student_channels, "subdistill", 0)
+                                         for m, p in zip(moments, pairs)], {})
+    method = METHODS.get(name)(DistillConfig(method=name), pairs=pairs, teacher=teacher, student=student,
+                               subspaces_dir=tmp_path)
+    with torch.no_grad(), tap_features(teacher, [p.teacher for p in method.pairs]) as feats:
+        t_logits = teacher(x)[:, :3]
+        t_feats = {i: method.teacher_target(i, f) for i, f in feats.items()}
+    with tap_features(student, [p.student for p in method.pairs]) as s_feats:
+        s_logits = student(x)
+    losses = method(Outputs(s_logits, t_logits, torch.tensor([0, 1, 2, 0, 1, 2]), dict(s_feats), t_feats))
+    expected = {"total", "ce"} if name == "student_only" else {"total", "kd"}
+    if name in LAYER_METHODS:
+        expected |= {f"layer{i}" for i in range(len(pairs))}
+    assert set(losses) == expected
+    layer_sum = sum(v for k, v in losses.items() if k.startswith("layer"))
+    head = losses["kd"] if "kd" in losses else losses["ce"]
+    expected_total = head + method.lambda_layer * layer_sum
+    assert float(losses["total"].detach()) == pytest.approx(float(expected_total.detach()), rel=1e-5)
+    losses["total"].backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
+
+
+def test_lambda_layer_defaults_per_method_and_can_be_set():
+    teacher, student, pairs = cnn_pair()
+    fitnet = METHODS.get("fitnet")(DistillConfig(method="fitnet"), pairs=pairs, teacher=teacher, student=student)
+    attention = METHODS.get("attention")(DistillConfig(method="attention", lambda_layer=3.0), pairs=pairs)
+    assert fitnet.lambda_layer == METHODS.get("fitnet").default_lambda
+    assert attention.lambda_layer == 3.0
+
+
+def test_auto_pairs_by_relative_depth_for_the_default_models():
+    import timm
+
+    teacher = timm.create_model("tf_efficientnet_lite0", num_classes=10)
+    student = create_model("cnn_small", 4, 1)
+    assert stage_names(student, 1, 28) == ["features.0", "features.1", "features.3"]
+    pairs = resolve_pairs("auto", teacher, student, (3, 64), (1, 28))
+    assert [(p.teacher, p.student) for p in pairs] == [("blocks.1", "features.0"), ("blocks.2", "features.1"),
+                                                      ("blocks.6", "features.3")]
+    assert [p.size for p in pairs] == [(16, 16), (8, 8), (2, 2)]      # the larger map is pooled to the smaller
+    assert all(p.student_channels <= p.teacher_channels for p in pairs)
+    assert auto_pairs(["t0", "t1"], ["s0", "s1", "s2"]) == [("t0", "s1"), ("t1", "s2")]
+
+
+def test_wrong_layer_names_list_what_exists():
+    teacher, student, _ = cnn_pair()
+    layers = DistillConfig(layers=[{"teacher": "features.9", "student": "features.1"}]).layers
+    with pytest.raises(ModelError) as err:
+        resolve_pairs(layers, teacher, student, (1, 28), (1, 28))
+    assert "teacher has no module named 'features.9'" in err.value.problem
+    assert "features.0, features.1, features.3" in err.value.fix
+    layers = DistillConfig(layers=[{"teacher": "features.3", "student": "feature.1"}]).layers
+    with pytest.raises(ModelError, match="Did you mean 'features.1'"):
+        resolve_pairs(layers, teacher, student, (1, 28), (1, 28))
+
+
+def test_student_wider_than_teacher_layer_is_an_error():
+    teacher, student, _ = cnn_pair()
+    layers = DistillConfig(layers=[{"teacher": "features.0", "student": "features.1"}]).layers
+    with pytest.raises(ModelError, match=r"k=16 > d=16|k <= d") as err:
+        resolve_pairs(layers, student, teacher, (1, 28), (1, 28))   # roles swapped: 48 student ch vs 8
+    assert "k=32 > d=8" in err.value.problem
+
+
+def test_layer_method_without_pairs_is_a_config_error():
+    with pytest.raises(ConfigError, match="layer pairs"):
+        METHODS.get("fitnet")(DistillConfig(method="fitnet"), pairs=[])
+
+
+def tiny_vit():
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, depth=2,
+                             num_classes=10, embed_dim=48, num_heads=3)
+
+
+def test_vit_tokens_become_a_grid_without_the_class_token():
+    vit = tiny_vit()
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).view(2, 17, 3)
+    grid = as_map(tokens, vit.num_prefix_tokens)
+    assert grid.shape == (2, 3, 4, 4)
+    torch.testing.assert_close(grid[1, :, 0, 1], tokens[1, 2])      # token 2 = patch (0, 1), after the class token
+
+
+def test_vit_teacher_cnn_student_subdistill_trains(tmp_path):
+    torch.manual_seed(0)
+    teacher = tiny_vit().eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = create_model("cnn_tiny", 3, 1)
+    models = Models(teacher, student, View(32, 3, (0.5,) * 3, (0.5,) * 3), View(28, 1, (0.5,), (0.5,)), [1, 4, 7])
+    pairs = layer_pairs("auto", models)
+    assert [(p.teacher, p.student, p.size) for p in pairs] == [("blocks.0", "features.0", (4, 4)),
+                                                              ("blocks.1", "features.1", (4, 4))]
+    rng = np.random.default_rng(0)
+    train = ImageSet(rng.integers(0, 256, (48, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 48))
+    val = ImageSet(rng.integers(0, 256, (16, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 16))
+    images = torch.from_numpy(train.images)
+    moments = accumulate(teacher, [models.teacher_view(images[i:i + 16]) for i in range(0, 48, 16)], pairs,
+                         models.teacher_ids, positions=20, seed=0)
+    subspaces = [Subspace.from_moments(m, p.student_channels, "subdistill", 0) for m, p in zip(moments, pairs)]
+    save_subspaces(tmp_path, pairs, subspaces, {})
+    cfg = DistillConfig(method="subdistill", epochs=4, batch_size=16, lr=3e-3)
+    method = SubDistill(cfg, pairs=pairs, teacher=teacher, student=student, subspaces_dir=tmp_path)
+    cached = TeacherOutputs(models, method, images, torch.device("cpu"), cached=True)
+    assert cached.cached[1][0].shape == (48, 8, 4, 4)                  # k x h x w per image, not d x h x w
+    result = distill(models, method, train, val, cfg, seed=0, augment=False, device=torch.device("cpu"),
+                     progress=ProgressDisplay(enabled=False))
+    first, last = result["history"][0], result["history"][-1]
+    assert {"kd", "layer0", "layer1", "total"} <= set(first)
+    assert last["layer0"] < first["layer0"] and last["layer1"] < first["layer1"]
+    assert np.isfinite(last["total"])

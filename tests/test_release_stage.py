@@ -15,7 +15,7 @@ from pipeline.progress import ProgressDisplay
 from pipeline.release.stage import ReleaseStage
 from pipeline.release.verify import verify_bundle
 from pipeline.runner import Build, StageContext, StageRecord
-from test_release import BUDGETS, make_export_dir, make_validate_dir, tiny_config
+from .test_release import BUDGETS, make_export_dir, make_validate_dir, tiny_config
 
 
 def _commit(cache: BuildCache, name: str, key: str, inputs: dict, metrics: dict, fill=None) -> StageRecord:
@@ -73,6 +73,7 @@ def test_the_stage_writes_a_verified_bundle_and_points_release_at_it(records):
     tarball = link / record.metrics["tarball"]
     assert tarball.name == "tiny-1.2.3.tar.gz" and tarball.is_file()
     assert verify_bundle(tarball).ok and verify_bundle(link / "bundle").ok
+    assert verify_bundle(link).files_checked == len(verify_bundle(tarball).manifest.files)  # finds bundle/
     assert record.metrics["budget_verdict"] == "pass"
 
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .manifest import MANIFEST_NAME, Manifest, parse_manifest, schema_problems
-from .verify import VerifyError, open_bundle
+from .manifest import Manifest, parse_manifest
+from .verify import VerifyError, open_bundle, read_manifest
 
 ABSENT = "<absent>"
 
@@ -38,19 +38,12 @@ class BundleDiff:
 
 
 def load_manifest(path: Path) -> Manifest:
+    """The validated manifest of a bundle; VerifyError listing the problems if it is absent or malformed."""
     with open_bundle(path) as bundle:
-        if bundle.kinds.get(MANIFEST_NAME) != "file":
-            raise VerifyError(f"{path} has no {MANIFEST_NAME}, so it is not a release bundle.",
-                              "Pass a bundle folder (…/release/bundle) or the .tar.gz next to it.")
-        try:
-            raw = json.loads(bundle.read_bytes(MANIFEST_NAME).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise VerifyError(f"{path}: {MANIFEST_NAME} is not valid JSON ({exc}).",
-                              "Rebuild the release or fetch the bundle again.") from None
-    problems = schema_problems(raw)
+        raw, problems = read_manifest(bundle)
     if problems:
-        raise VerifyError(f"{path}: {MANIFEST_NAME} does not follow the manifest schema:\n  - "
-                          + "\n  - ".join(problems), "\nRun `edgesmith verify` on it, then rebuild the release.")
+        raise VerifyError(f"{path}: cannot compare it, its manifest is unusable:\n  - " + "\n  - ".join(problems),
+                          "\nPass a release bundle (folder or .tar.gz) and run `edgesmith verify` on it.")
     return parse_manifest(raw)
 
 

@@ -127,6 +127,9 @@ class TarBundle:
             size += len(block)
         return digest.hexdigest(), size
 
+    def size(self, rel: str) -> int:
+        return self._members[rel].size
+
     def read_bytes(self, rel: str) -> bytes:
         fh = self.tar.extractfile(self._members[rel])
         assert fh is not None, "only regular members are read"

@@ -16,6 +16,9 @@ from .manifest import MANIFEST_NAME, Manifest, config_sha256, content_digest, pa
 from .tarball import TarBundle, UnreadableArchive, open_tarball, resolve_link, unsafe_name
 
 
+MAX_MANIFEST_BYTES = 64 << 20
+
+
 class VerifyError(EdgesmithError):
     """A bundle does not match its manifest, or is unsafe to unpack."""
 
@@ -42,6 +45,9 @@ class FolderBundle:
 
     def read_bytes(self, rel: str) -> bytes:
         return (self.root / rel).read_bytes()
+
+    def size(self, rel: str) -> int:
+        return (self.root / rel).lstat().st_size
 
 
 Bundle = Union[FolderBundle, TarBundle]
@@ -71,6 +77,9 @@ def open_bundle(path: Path) -> Iterator[Bundle]:
     """A folder or a tarball, inspected in place (tarballs are streamed, never extracted)."""
     path = Path(path)
     if path.is_dir():
+        # The release stage folder (or the `release` link to it) holds the bundle in bundle/.
+        if not (path / MANIFEST_NAME).exists() and (path / "bundle" / MANIFEST_NAME).is_file():
+            path = path / "bundle"
         yield _inspect_folder(path)
         return
     if not path.is_file():
@@ -101,7 +110,7 @@ def verify_bundle(path: Path) -> VerifyResult:
     """Every problem with the bundle at `path`: unsafe entries, schema errors, missing/extra/changed files."""
     with open_bundle(path) as bundle:
         problems = list(bundle.problems) + _entry_problems(bundle)
-        raw, manifest_problems = _read_manifest(bundle)
+        raw, manifest_problems = read_manifest(bundle)
         problems += manifest_problems
         if raw is None or manifest_problems:
             if raw is not None:
@@ -141,9 +150,14 @@ def _entry_problems(bundle: Bundle) -> list[str]:
     return problems
 
 
-def _read_manifest(bundle: Bundle) -> tuple[Optional[dict], list[str]]:
+def read_manifest(bundle: Bundle) -> tuple[Optional[dict], list[str]]:
+    """The parsed manifest (None if unreadable) and its problems: absent, oversized, not JSON, off-schema."""
     if bundle.kinds.get(MANIFEST_NAME) != "file":
         return None, [f"{MANIFEST_NAME} is missing: this is not a release bundle, or it was truncated"]
+    if bundle.size(MANIFEST_NAME) > MAX_MANIFEST_BYTES:
+        # Read into memory below, so a hostile archive must not be able to make it arbitrarily large.
+        return None, [f"{MANIFEST_NAME} is {bundle.size(MANIFEST_NAME)} bytes, more than the "
+                      f"{MAX_MANIFEST_BYTES} a manifest can be"]
     try:
         raw = json.loads(bundle.read_bytes(MANIFEST_NAME).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -3,6 +3,7 @@ metadata_props / the IR's rt_info and into a JSON sidecar, always with sorted ke
 
 from __future__ import annotations
 
+import hashlib
 import json
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -22,7 +23,18 @@ def package_versions(names=VERSIONED_PACKAGES) -> dict[str, str]:
     return versions
 
 
-def model_metadata(spec: dict, config_digest: str, dynamic_batch: bool) -> dict:
+# Sections read after export: they do not change the artifacts, so they do not enter their config hash
+# (otherwise a cached export would carry the hash of an older config).
+DOWNSTREAM_SECTIONS = ("validate", "release")
+
+
+def config_digest(config) -> str:
+    """sha256 of the config sections that shape the artifacts (everything up to and including export)."""
+    dump = {k: v for k, v in config.dump().items() if k not in DOWNSTREAM_SECTIONS}
+    return hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_metadata(spec: dict, config_digest: str, dynamic_batch: bool, build_key: str = "") -> dict:
     """The shared part; each artifact adds its format and precision."""
     inp = spec["input"]
     return {
@@ -33,6 +45,7 @@ def model_metadata(spec: dict, config_digest: str, dynamic_batch: bool) -> dict:
         "preprocessing": preprocessing(spec),
         "arch": spec["arch"],
         "config_sha256": config_digest,
+        "build_key": build_key,
         "versions": package_versions(),
     }
 

@@ -13,7 +13,7 @@ from pipeline.runner import Stage, StageContext, register_stage
 from .config import ExportConfig
 from .eval_set import write_npz
 from .formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
-from .metadata import model_metadata, preprocessing
+from .metadata import config_digest, model_metadata, preprocessing
 
 INT8_FORMATS = ("onnx_int8",)
 
@@ -62,7 +62,7 @@ class ExportStage(Stage):
         parity_set = data.val.images[:cfg.parity_limit]
         job = ExportJob(
             out=ctx.out, cfg=cfg, log=ctx.log,
-            meta=model_metadata(spec, ctx.config.digest(), cfg.dynamic_batch),
+            meta=model_metadata(spec, config_digest(ctx.config), cfg.dynamic_batch, build_key=ctx.key),
             example=view(torch.as_tensor(data.val.images[:1])),
             models={"fp32": student.eval(), "int8": quantized},
             parity_inputs=view(torch.as_tensor(parity_set)).numpy(),

@@ -91,8 +91,8 @@ def build_manifest(bundle: Path, info: ReleaseInfo, missing: list[str],
         build=info.build, version=info.version, seed=info.seed, source_date_epoch=info.source_date_epoch,
         files=files, content_sha256=content_digest(files), missing=sorted(missing),
         config=info.config, config_sha256=config_sha256(info.config), stages=info.stages,
-        measurement_conditions=conditions or {}, budgets=info.budgets, budget_verdict=budget_verdict(info.budgets), packages=info.packages,
-        source=info.source, host=info.host,
+        measurement_conditions=conditions or {}, budgets=info.budgets, budget_verdict=budget_verdict(info.budgets),
+        packages=info.packages, source=info.source, host=info.host,
     )
 
 

@@ -25,7 +25,7 @@ BUDGETS = [{"artifact": "model.int8.onnx", "target": "cpu", "runtime": "onnxrunt
             "measured": 0.21, "allowed": 5.0, "ok": True}]
 
 
-def tiny_config(**release) -> dict:
+def release_config(**release) -> dict:
     raw = {"build": {"name": "tiny", "seed": 7}, "subtask": {"classes": CLASSES},
            "teacher": {"source": "timm", "name": "tf_efficientnet_lite0"}, "student": {"arch": "cnn_s"},
            "export": {}, "validate": {}, "release": {"version": "1.2.3", **release}}
@@ -78,7 +78,7 @@ def make_validate_dir(root: Path) -> Path:
 
 
 def release_info(config: dict | None = None, metrics: dict | None = None) -> ReleaseInfo:
-    cfg = parse_config(config or tiny_config())
+    cfg = parse_config(config or release_config())
     from pipeline.release.manifest import StageEntry
 
     stages = {"distill": StageEntry(key="d" * 64, device="cpu", seed=7, versions={"torch": "2.14.1"},
@@ -121,7 +121,7 @@ def test_manifest_lists_every_file_with_its_real_hash(built, info):
         data = (built.bundle_dir / rel).read_bytes()
         assert entry.sha256 == hashlib.sha256(data).hexdigest() and entry.size == len(data)
     raw = json.loads((built.bundle_dir / MANIFEST_NAME).read_text())
-    assert raw["schema_version"] == 1 and raw["config_sha256"] == parse_config(tiny_config()).digest()
+    assert raw["schema_version"] == 1 and raw["config_sha256"] == parse_config(release_config()).digest()
     assert raw["budget_verdict"] == "pass" and raw["budgets"] == BUDGETS
     assert raw["stages"]["distill"]["metrics"]["student_test_acc"] == 0.9
     assert raw["measurement_conditions"] == {"results/results_cpu.json": {
@@ -211,7 +211,7 @@ def test_bundle_without_validation_records_what_is_missing(tmp_path, sources, in
 
 def test_diff_reports_config_metric_and_artifact_changes(tmp_path, sources, built):
     changed_export = make_export_dir(tmp_path / "up", seed=1)  # different model bytes
-    other_config = tiny_config(version="1.2.3")
+    other_config = release_config(version="1.2.3")
     other_config["build"]["seed"] = 8
     other = assemble_release(tmp_path / "b", ReleaseSources(changed_export, sources.validate_dir, None),
                              release_info(other_config, metrics={"student_test_acc": 0.93, "teacher_test_acc": 0.95}))

@@ -15,7 +15,7 @@ from pipeline.progress import ProgressDisplay
 from pipeline.release.stage import ReleaseStage
 from pipeline.release.verify import verify_bundle
 from pipeline.runner import Build, StageContext, StageRecord
-from .test_release import BUDGETS, make_export_dir, make_validate_dir, tiny_config
+from .test_release import BUDGETS, make_export_dir, make_validate_dir, release_config
 
 
 def _commit(cache: BuildCache, name: str, key: str, inputs: dict, metrics: dict, fill=None) -> StageRecord:
@@ -43,7 +43,7 @@ def upstream(root: Path, scratch: Path) -> dict[str, StageRecord]:
 
 
 def run_release(output: Path, scratch: Path) -> StageRecord:
-    raw = tiny_config()
+    raw = release_config()
     raw["build"]["output"] = "builds"  # relative, as shipped: an absolute path would enter the manifest
     cfg = parse_config(raw)
     cache = BuildCache(output / cfg.build.name)
@@ -96,15 +96,43 @@ def test_two_stage_runs_in_fresh_build_folders_give_the_same_bundle(records):
 
 
 def test_inputs_follow_the_enabled_sections():
-    raw = tiny_config()
+    raw = release_config()
     assert ReleaseStage().inputs(parse_config(raw)) == ("distill", "export", "validate")
     raw.pop("validate")
     assert ReleaseStage().inputs(parse_config(raw)) == ("distill", "export")
 
 
 def test_a_release_without_export_is_a_config_error():
-    raw = tiny_config()
+    raw = release_config()
     raw.pop("export")
     raw.pop("validate")
     with pytest.raises(ConfigError, match="release.*needs export"):
         Build(parse_config(raw)).plan()
+
+
+@pytest.mark.slow
+def test_a_real_tiny_build_releases_a_verified_bundle_that_rebuilds_byte_identically(write_config):
+    """The whole chain through the CLI: the bundle holds what export and validate really wrote."""
+    from .conftest import run_cli
+
+    config = write_config(**{"qat": {}, "export": {"eval_images": 80},
+                             "validate.latency": {"min_queries": 32, "min_duration_s": 0.1, "warmup": 2,
+                                                  "throughput_batch": 8},
+                             "release": {"version": "0.0.1"}})
+    first = run_cli("build", config)
+    assert first.returncode == 0, first.stdout + first.stderr
+    release = config.parent / "builds" / "tiny" / "release"
+    tarball = release / "tiny-0.0.1.tar.gz"
+    original = tarball.read_bytes()
+    manifest = json.loads((release / "bundle" / "manifest.json").read_text())
+    names = {f["path"] for f in manifest["files"]}
+    assert {"model.onnx", "model.int8.onnx", "openvino/model.xml", "openvino/model.bin", "eval.npz",
+            "artifacts.json", "report.html", "MODEL_CARD.md", "device_tests/conftest.py"} <= names
+    assert any(n.startswith("results/results-") for n in names) and manifest["measurement_conditions"]
+    assert manifest["budget_verdict"] in ("pass", "none")
+
+    again = run_cli("build", config, "--force", "release")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert tarball.read_bytes() == original
+    checked = run_cli("verify", tarball)
+    assert checked.returncode == 0 and f"{len(names)} files match" in checked.stdout, checked.stdout

@@ -1,0 +1,1 @@
+"""Release bundles: the `release` stage, manifest, model card, reproducible tarball, verify and diff."""

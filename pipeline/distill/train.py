@@ -34,15 +34,24 @@ def layer_pairs(layers, models: Models, say=lambda _msg: None) -> list[PairSpec]
 
 class TeacherOutputs:
     """Teacher subtask logits and layer targets per training image: computed once when the inputs are fixed
-    (no augmentation), else on the fly under inference mode."""
+    (no augmentation), else on the fly without autograd. `precomputed` (logits, {pair: teacher map}) for every
+    training image skips the teacher entirely: several methods or seeds can share one teacher pass."""
 
     def __init__(self, models: Models, method: DistillMethod, images: torch.Tensor, device, cached: bool,
-                 progress=None):
+                 progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None):
         self.models, self.method, self.device = models, method, device
         self.teacher_layers = [p.teacher for p in method.pairs]
         self.cached = None
-        if cached:
+        if precomputed is not None:
+            self.cached = self._targets_of(*precomputed)
+        elif cached:
             self.cached = self._compute_all(images, progress)
+
+    @torch.no_grad()
+    def _targets_of(self, logits: torch.Tensor, maps: dict[int, torch.Tensor], batch: int = 1024):
+        targets = {i: torch.cat([self.method.teacher_target(i, maps[i][j:j + batch].to(self.device)).cpu()
+                                 for j in range(0, len(logits), batch)]) for i in range(len(self.teacher_layers))}
+        return logits, targets
 
     @torch.no_grad()  # not inference_mode: cached targets enter losses that autograd records
     def compute(self, raw: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
@@ -78,13 +87,13 @@ class TeacherOutputs:
 
 
 def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
-            progress) -> dict:
+            progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None) -> dict:
     """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
     student, teacher = models.student.to(device), models.teacher.to(device)
     method.to(device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     teacher_out = TeacherOutputs(models, method, images, device, cached=cfg.cache_teacher and not augment,
-                                 progress=progress)
+                                 progress=progress, precomputed=None if augment else precomputed)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)

@@ -1,0 +1,320 @@
+"""Benchmark: every distillation method on several Fashion-MNIST subtasks, seeds and two teachers.
+
+Teachers: (1) the adapted ImageNet-pretrained EfficientNet-Lite0 of configs/fashion_tops.yaml (built with the
+pipeline up to `adapt`, so a cached adaptation is reused), and (2) a small CNN trained from scratch on the 10
+classes. For each teacher and subtask: one teacher pass over the training images (shared by every method and
+seed), the relevant subspaces (timed), then every method x seed with the same student, epochs, batch size and
+learning rate. Each layer method's lambda_layer is chosen from a grid on VALIDATION accuracy (first subtask,
+first seed) before the runs that are reported; the test split is only used for the reported accuracies.
+
+    nice -n 10 .venv/bin/python bench/distill_methods.py                 # full scale (long)
+    nice -n 10 .venv/bin/python bench/distill_methods.py --epochs 8 --train-per-class 400 --subtasks 3
+    .venv/bin/python bench/distill_methods.py --quick                    # smoke run, tiny data, ~1 min
+Prints a table (mean +- std of subtask test accuracy per method and teacher) and writes
+bench/results/distill_methods.json (runs, lambda choice, timings, throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from rich.console import Console  # noqa: E402
+
+from pipeline.config import parse_config  # noqa: E402
+from pipeline.data import View  # noqa: E402
+from pipeline.data.views import as_tensor, batches  # noqa: E402
+from pipeline.distill.config import DistillConfig  # noqa: E402
+from pipeline.distill.features import as_map, pool_to, prefix_tokens, tap_features  # noqa: E402
+from pipeline.distill.methods import METHODS  # noqa: E402
+from pipeline.distill.subspace import Subspace, accumulate, save_subspaces  # noqa: E402
+from pipeline.distill.train import Models, distill, layer_pairs  # noqa: E402
+from pipeline.models import create_model, load_teacher  # noqa: E402
+from pipeline.progress import ProgressDisplay  # noqa: E402
+from pipeline.runner import Build  # noqa: E402
+from pipeline.stages.common import accuracy, predict_logits, subtask_data  # noqa: E402
+from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
+
+DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
+RESULTS = ROOT / "bench" / "results" / "distill_methods.json"
+METHOD_ORDER = ["student_only", "kd", "subdistill", "fitnet", "attention", "vkd"]
+SUBTASKS = [
+    ["T-shirt/top", "Pullover", "Coat", "Shirt"],          # the default: the hard "tops"
+    ["Sandal", "Sneaker", "Ankle boot"],                   # footwear
+    ["T-shirt/top", "Dress", "Shirt", "Bag"],
+    ["Trouser", "Pullover", "Dress", "Coat", "Sandal"],
+    ["Pullover", "Coat", "Shirt"],
+]
+QUIET = ProgressDisplay(Console(quiet=True), enabled=False)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--teachers", nargs="+", default=["efficientnet", "cnn"], choices=["efficientnet", "cnn"])
+    p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
+    p.add_argument("--subtasks", type=int, default=3, help=f"how many of the {len(SUBTASKS)} subtasks")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--train-per-class", type=int, default=600, help="student training images per class (cap)")
+    p.add_argument("--test-per-class", type=int, default=500)
+    p.add_argument("--teacher-train-per-class", type=int, default=1500, help="CNN teacher: images per class")
+    p.add_argument("--teacher-epochs", type=int, default=3, help="CNN teacher: epochs from scratch")
+    p.add_argument("--lambda-grid", type=float, nargs="+", default=[0.1, 1.0, 10.0],
+                   help="multipliers of each method's default lambda_layer tried on validation data")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr-step-epochs", type=int, default=5)
+    p.add_argument("--stage-timing", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the real `subspaces` stage of the default config (full training split)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine 2 threads can run 10x SLOWER from contention)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, CNN teacher, 1 seed, 2 epochs")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.teachers, args.subtasks, args.seeds, args.epochs = ["cnn"], 1, 1, 2
+        args.train_per_class, args.test_per_class, args.teacher_train_per_class, args.teacher_epochs = 60, 50, 100, 1
+        args.lambda_grid, args.stage_timing = [1.0], False
+        args.out = args.out.with_name("distill_methods_quick.json")
+    return args
+
+
+# -- teachers -----------------------------------------------------------------------------------------------------
+
+def default_raw() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+def teacher_raw(kind: str, args) -> dict:
+    raw = default_raw()
+    if kind == "cnn":
+        raw["build"]["name"] = "bench_cnn_teacher"
+        raw["data"]["train_per_class"] = args.teacher_train_per_class
+        raw["teacher"] = {"source": "train", "input": {"size": 28, "channels": 1},
+                          "train": {"arch": "cnn_teacher", "epochs": args.teacher_epochs}}
+    return raw
+
+
+def adapted_teacher(kind: str, args) -> tuple[Path, dict]:
+    """The pipeline's own teacher and adapt stages (cached across runs of the benchmark and real builds)."""
+    raw = teacher_raw(kind, args)
+    start = time.perf_counter()
+    summary = Build(parse_config(raw)).run(QUIET, until="adapt")
+    log(f"teacher {kind}: {'cached' if all(s['cached'] for s in summary) else 'built'} "
+        f"in {time.perf_counter() - start:.0f} s ({summary[-1]['dir']})")
+    return Path(summary[-1]["dir"]), raw
+
+
+def subspaces_stage_seconds() -> dict:
+    """The real `subspaces` stage on the default config with method subdistill (full subtask training split)."""
+    raw = default_raw()
+    raw["distill"] = {**raw.get("distill", {}), "method": "subdistill", "layers": "auto"}
+    summary = Build(parse_config(raw)).run(QUIET, until="subspaces", force=("subspaces",))
+    metrics = summary[-1]["metrics"]
+    return {"estimation_s": metrics["estimation_s"], "stage_wall_s": summary[-1]["wall_s"],
+            "images": metrics["images"], "pairs": metrics["pairs"], "layers": metrics["layers"]}
+
+
+# -- one subtask ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Subtask:
+    name: str
+    data: object
+    models: Models
+    pairs: list
+    precomputed: tuple
+    subspaces_dir: Path
+    teacher_test_acc: float
+    subspace_s: float
+
+
+def student_view() -> View:
+    return View(28, 1, (0.5,), (0.5,))
+
+
+def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, workdir: Path) -> Subtask:
+    raw = copy.deepcopy(raw)
+    raw["subtask"] = {"classes": classes}
+    raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class})
+    data = subtask_data(parse_config(raw))
+    tview = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
+    probe = create_model("cnn_small", len(classes), 1)
+    models = Models(teacher, probe, tview, student_view(), teacher_class_ids(spec["class_names"], data))
+    pairs = layer_pairs("auto", models)
+    images = as_tensor(data.train.images)
+    precomputed = teacher_pass(models, pairs, images)
+    test_logits = predict_logits(teacher, tview, data.test.images, torch.device("cpu"), columns=models.teacher_ids)
+    start = time.perf_counter()
+    normalised = (tview(images[idx]) for idx in batches(len(images), 128))
+    moments = accumulate(teacher, normalised, pairs, models.teacher_ids, positions=20, seed=0)
+    subspaces = [Subspace.from_moments(m, p.student_channels, "subdistill", i) for i, (m, p) in enumerate(zip(moments, pairs))]
+    seconds = time.perf_counter() - start
+    folder = workdir / "_".join(c.split("/")[0] for c in classes)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_subspaces(folder, pairs, subspaces, {"basis": "subdistill"})
+    return Subtask("/".join(c.split("/")[0] for c in classes), data, models, pairs, precomputed, folder,
+                   accuracy(test_logits, data.test.labels), seconds)
+
+
+@torch.no_grad()
+def teacher_pass(models: Models, pairs, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Subtask logits and each pair's teacher map (pooled to where it is compared) for every training image."""
+    teacher, logits, maps = models.teacher.eval(), [], {i: [] for i in range(len(pairs))}
+    prefix = prefix_tokens(teacher)
+    for idx in batches(len(images), 256):
+        with tap_features(teacher, [p.teacher for p in pairs]) as feats:
+            logits.append(teacher(models.teacher_view(images[idx]))[:, models.teacher_ids].float())
+        for i, p in enumerate(pairs):
+            maps[i].append(pool_to(as_map(feats[i], prefix), p.size).float())
+    return torch.cat(logits), {i: torch.cat(m) for i, m in maps.items()}
+
+
+def run_method(task: Subtask, method: str, seed: int, lambda_layer: float | None, args) -> dict:
+    torch.manual_seed(seed)
+    student = create_model("cnn_small", task.data.num_classes, 1)
+    models = Models(task.models.teacher, student, task.models.teacher_view, task.models.student_view,
+                    task.models.teacher_ids)
+    cfg = DistillConfig(method=method, lambda_layer=lambda_layer, epochs=args.epochs, batch_size=args.batch_size,
+                        lr=args.lr, lr_step_epochs=args.lr_step_epochs, layers="auto")
+    cls = METHODS.get(method)
+    distiller = cls(cfg, pairs=task.pairs if cls.uses_layers else [], teacher=models.teacher, student=student,
+                    subspaces_dir=task.subspaces_dir)
+    result = distill(models, distiller, task.data.train, task.data.val, cfg, seed, augment=False,
+                     device=torch.device("cpu"), progress=QUIET, precomputed=task.precomputed)
+    test_acc = accuracy(predict_logits(student, models.student_view, task.data.test.images, torch.device("cpu")),
+                        task.data.test.labels)
+    last = result["history"][-1]
+    return {"subtask": task.name, "method": method, "seed": seed, "lambda_layer": distiller.lambda_layer,
+            "test_acc": test_acc, "val_acc": result["best_val_acc"], "best_epoch": result["best_epoch"],
+            "train_images_per_s": result["train_images_per_s"],
+            "final_losses": {k: v for k, v in last.items() if k not in ("epoch", "val_acc")}}
+
+
+def choose_lambdas(task: Subtask, args) -> dict:
+    """Per layer method: the lambda_layer (default x grid) with the best validation accuracy (seed 0)."""
+    chosen, trials = {}, {}
+    for method in args.methods:
+        cls = METHODS.get(method)
+        if not cls.uses_layers:
+            continue
+        grid = [cls.default_lambda * m for m in args.lambda_grid]
+        results = [run_method(task, method, 0, lam, args) for lam in grid]
+        trials[method] = [{"lambda_layer": r["lambda_layer"], "val_acc": r["val_acc"],
+                           "final_losses": r["final_losses"]} for r in results]
+        chosen[method] = max(results, key=lambda r: r["val_acc"])["lambda_layer"]
+        log(f"  lambda {method}: " + ", ".join(f"{r['lambda_layer']:g} -> val {r['val_acc']:.4f}" for r in results)
+            + f"  => {chosen[method]:g}")
+    return {"chosen": chosen, "trials": trials}
+
+
+# -- report -----------------------------------------------------------------------------------------------------
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarise(runs: list[dict], methods: list[str]) -> dict:
+    out = {}
+    for method in methods:
+        mine = [r for r in runs if r["method"] == method]
+        per_subtask = {}
+        for name in dict.fromkeys(r["subtask"] for r in mine):
+            per_subtask[name] = mean_std([r["test_acc"] for r in mine if r["subtask"] == name])
+        # Average over subtasks of the per-subtask means; spread: std over seeds averaged over subtasks.
+        out[method] = {"mean": statistics.fmean(m for m, _ in per_subtask.values()),
+                       "seed_std": statistics.fmean(s for _, s in per_subtask.values()),
+                       "per_subtask": per_subtask,
+                       "images_per_s": statistics.fmean(r["train_images_per_s"] for r in mine)}
+    return out
+
+
+def print_table(report: dict, methods: list[str]) -> None:
+    teachers = list(report["teachers"])
+    print("\nsubtask test accuracy, mean over subtasks of the mean over seeds (+- mean seed std); img/s = training")
+    print(f"{'method':<14}" + "".join(f"{t:>30}" for t in teachers))
+    for method in methods:
+        cells = []
+        for t in teachers:
+            s = report["teachers"][t]["summary"][method]
+            cells.append(f"{100 * s['mean']:6.2f} +- {100 * s['seed_std']:4.2f}  {s['images_per_s']:7.0f} img/s")
+        print(f"{method:<14}" + "".join(f"{c:>30}" for c in cells))
+    print(f"{'teacher':<14}" + "".join(f"{100 * statistics.fmean(report['teachers'][t]['teacher_test_acc'].values()):>13.2f}"
+                                      + " " * 17 for t in teachers))
+    for t in teachers:
+        entry = report["teachers"][t]
+        print(f"\n{t}: pairs {entry['pairs']}; lambda {entry['lambda']['chosen']}")
+        print("  per subtask: " + "; ".join(
+            f"{name} (teacher {100 * acc:.1f}): " + ", ".join(
+                f"{m} {100 * entry['summary'][m]['per_subtask'][name][0]:.1f}" for m in methods)
+            for name, acc in entry["teacher_test_acc"].items()))
+        print("  subspace estimation: " + ", ".join(f"{n} {s:.1f} s" for n, s in entry["subspace_s"].items()))
+    if "stage_timing" in report:
+        st = report["stage_timing"]
+        print(f"\nsubspaces stage, default config: {st['estimation_s']:.1f} s estimation "
+              f"({st['images']} images, pairs {st['pairs']}), stage wall {st['stage_wall_s']:.1f} s")
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    methods = [m for m in METHOD_ORDER if m in args.methods]
+    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "cpu": platform.processor() or platform.machine()},
+              "teachers": {}}
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        for kind in args.teachers:
+            folder, raw = adapted_teacher(kind, args)
+            teacher, spec = load_teacher(folder)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+            tasks = [prepare_subtask(teacher, spec, raw, classes, args, Path(tmp) / kind)
+                     for classes in SUBTASKS[:args.subtasks]]
+            log(f"{kind}: pairs {[(p.teacher, p.student) for p in tasks[0].pairs]}; teacher test acc "
+                + ", ".join(f"{t.name} {100 * t.teacher_test_acc:.1f}" for t in tasks))
+            lambdas = choose_lambdas(tasks[0], args)
+            runs = []
+            for task in tasks:
+                for method in methods:
+                    for seed in range(args.seeds):
+                        runs.append(run_method(task, method, seed, lambdas["chosen"].get(method), args))
+                        r = runs[-1]
+                        log(f"  {kind} {task.name} {method} seed {seed}: test {r['test_acc']:.4f} "
+                            f"val {r['val_acc']:.4f} ({r['train_images_per_s']:.0f} img/s)")
+            report["teachers"][kind] = {
+                "pairs": [(p.teacher, p.student) for p in tasks[0].pairs], "lambda": lambdas,
+                "teacher_test_acc": {t.name: t.teacher_test_acc for t in tasks},
+                "subspace_s": {t.name: t.subspace_s for t in tasks},
+                "train_images": {t.name: len(t.data.train) for t in tasks},
+                "summary": summarise(runs, methods), "runs": runs}
+    if args.stage_timing:
+        report["stage_timing"] = subspaces_stage_seconds()
+    report["wall_s"] = time.perf_counter() - started
+    print_table(report, methods)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

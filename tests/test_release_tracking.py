@@ -45,10 +45,13 @@ def test_a_release_is_logged_to_a_local_mlflow_store(tmp_path, release):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = log_release(release.bundle_dir, uri, experiment="edgesmith-test")
+    artifacts = tmp_path / "artifacts"
+    run_id = log_release(release.bundle_dir, uri, experiment="edgesmith-test", artifact_location=artifacts.as_uri())
     run = MlflowClient(uri).get_run(run_id)
     assert run.data.params["build.seed"] == "7"
     assert run.data.metrics["distill.student_test_acc"] == 0.9
     assert run.data.tags["edgesmith.content_sha256"] == release.manifest.content_sha256
     logged = {a.path for a in MlflowClient(uri).list_artifacts(run_id, "bundle")}
     assert "bundle/manifest.json" in logged and "bundle/model.onnx" in logged
+    stored = next(artifacts.rglob("manifest.json"))  # the files really are in the given location
+    assert stored.read_bytes() == (release.bundle_dir / "manifest.json").read_bytes()

@@ -37,9 +37,11 @@ def track(
     bundle: Path = typer.Argument(..., help="release bundle folder or .tar.gz"),
     mlflow_uri: str = typer.Option(..., "--mlflow", help="MLflow tracking URI, e.g. sqlite:///mlflow.db"),
     experiment: Optional[str] = typer.Option(None, "--experiment", help="experiment name (default: the build name)"),
+    artifacts: Optional[str] = typer.Option(None, "--artifacts",
+                                            help="where a new experiment stores files (default: MLflow's ./mlruns)"),
 ) -> None:
     """Verify a release bundle, then log its config, metrics and files as one MLflow run (needs edgesmith[mlflow])."""
     from .tracking import log_release
 
-    run_id = log_release(bundle, mlflow_uri, experiment)
+    run_id = log_release(bundle, mlflow_uri, experiment, artifacts)
     typer.echo(f"logged {bundle} to {mlflow_uri} as run {run_id}")

@@ -45,13 +45,21 @@ def release_tags(manifest: Manifest) -> dict[str, str]:
             "edgesmith.git_dirty": str(manifest.source.git_dirty)}
 
 
-def log_release(bundle: Path, tracking_uri: str, experiment: Optional[str] = None) -> str:
-    """Verify the bundle, then log params, metrics, tags and the bundle's files as one MLflow run; its id."""
+def log_release(bundle: Path, tracking_uri: str, experiment: Optional[str] = None,
+                artifact_location: Optional[str] = None) -> str:
+    """Verify the bundle, then log params, metrics, tags and the bundle's files as one MLflow run; its id.
+
+    `artifact_location` applies when the experiment is new; MLflow's own default for a database store is
+    ./mlruns under the current directory.
+    """
     mlflow = _import_mlflow()
     manifest = check_bundle(bundle).manifest
+    name = experiment or manifest.build
     try:
         mlflow.set_tracking_uri(tracking_uri)
-        mlflow.set_experiment(experiment or manifest.build)
+        if artifact_location is not None and mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=artifact_location)
+        mlflow.set_experiment(name)
         with mlflow.start_run(run_name=f"{manifest.build}-{manifest.version}") as run:
             mlflow.log_params(release_params(manifest))
             mlflow.log_metrics(release_metrics(manifest))

@@ -196,3 +196,21 @@ def test_export_config_defaults_and_validation():
         ExportConfig(formats=["onnx", "onnx"])
     with pytest.raises(ValidationError):
         ExportConfig(tensorrt={"precision": "int4"})
+
+
+def test_mixed_preset_gives_asymmetric_activations_that_onnxruntime_still_fuses(tmp_path):
+    from onnx import numpy_helper
+
+    from exporters.formats import fused_ops
+
+    gen = torch.Generator().manual_seed(0)
+    q = quantize_ptq(fold_batchnorm(net())[0], calibration_batches([torch.randn(32, 1, 8, 8, generator=gen)]),
+                     preset="mixed")
+    export_onnx_int8(q, tmp_path / "m.onnx", EXAMPLE, 17, True)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
+    assert any(np.any(z != 0) for z in zero_points), "mixed: some activation has a non-zero zero point"
+    assert fused_ops(tmp_path / "m.onnx").get("QLinearConv", 0) == 2
+    x = torch.randn(8, 1, 8, 8)
+    assert np.abs(onnxruntime_runner(tmp_path / "m.onnx")(x.numpy()) - q(x).detach().numpy()).max() < 0.02

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
 import tarfile
 from pathlib import Path
 
@@ -227,3 +228,24 @@ def test_diff_reports_config_metric_and_artifact_changes(tmp_path, sources, buil
 def test_diff_of_a_bundle_with_its_own_tarball_finds_nothing(built):
     d = diff_bundles(built.bundle_dir, built.tarball)
     assert d.same_content and not d.substantive and not d.environment
+
+
+def _git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                   check=True, capture_output=True)
+
+
+def test_git_state_reports_commit_and_uncommitted_code(tmp_path):
+    repo = tmp_path / "checkout"
+    (repo / "pipeline").mkdir(parents=True)
+    (repo / "pipeline" / "a.py").write_text("x = 1\n")
+    _git(repo, "init", "-q")
+    _git(repo, "add", "pipeline")
+    _git(repo, "commit", "-q", "-m", "c")
+    (repo / "notes.txt").write_text("not code\n")  # untracked, but outside the code: still clean
+    state = git_state(repo)
+    assert len(state.git_commit) == 40 and state.git_dirty is False
+    (repo / "pipeline" / "new_module.py").write_text("y = 2\n")  # untracked code changes the build
+    assert git_state(repo).git_dirty is True
+    assert git_state(repo / "pipeline").git_commit == "unknown"  # not the checkout's root
+    assert git_state(tmp_path).model_dump() == {"git_commit": "unknown", "git_dirty": "unknown"}

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..cache import PROJECT_ROOT, sha256_file
+from ..cache import CODE_PACKAGES, PROJECT_ROOT, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_ID = "edgesmith.release.manifest"
@@ -128,12 +128,20 @@ def budget_verdict(budgets: list[dict]) -> str:
     return "unknown" if None in verdicts else "pass"
 
 
+# What a build runs: a change here, committed or not, changes what the commit alone would reproduce.
+SOURCE_PATHS = (*CODE_PACKAGES, "pyproject.toml", "constraints.txt")
+
+
 def git_state(root: Path = PROJECT_ROOT) -> SourceState:
-    """The project's commit and whether the working tree had changes; 'unknown' without git or a repository."""
+    """The project's commit, and whether its code differs from it (edits or new untracked files);
+    'unknown' without git, or when the code is not a git checkout itself (e.g. installed into site-packages)."""
+    unknown = SourceState(git_commit="unknown", git_dirty="unknown")
+    top = _git(root, "rev-parse", "--show-toplevel")
     commit = _git(root, "rev-parse", "HEAD")
-    if commit is None:
-        return SourceState(git_commit="unknown", git_dirty="unknown")
-    status = _git(root, "status", "--porcelain", "--untracked-files=no")
+    # A non-editable install inside some repository would otherwise report that repository's commit.
+    if top is None or commit is None or Path(top).resolve() != root.resolve():
+        return unknown
+    status = _git(root, "status", "--porcelain", "--", *SOURCE_PATHS)
     return SourceState(git_commit=commit, git_dirty="unknown" if status is None else bool(status))
 
 

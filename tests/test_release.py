@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import parse_config
+from pipeline.errors import ConfigError
 from pipeline.release.bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from pipeline.release.diff import diff_bundles, render_diff
 from pipeline.release.manifest import MANIFEST_NAME, budget_verdict, git_state, host_info
 from pipeline.release.stage import budgets_of, device_tests_dir
-from pipeline.release.tarball import write_tarball
+from pipeline.release.tarball import source_date_epoch, write_tarball
 from pipeline.release.verify import verify_bundle
 
 CLASSES = ["T-shirt/top", "Shirt", "Pullover"]
@@ -249,3 +250,13 @@ def test_git_state_reports_commit_and_uncommitted_code(tmp_path):
     assert git_state(repo).git_dirty is True
     assert git_state(repo / "pipeline").git_commit == "unknown"  # not the checkout's root
     assert git_state(tmp_path).model_dump() == {"git_commit": "unknown", "git_dirty": "unknown"}
+
+
+def test_source_date_epoch_comes_from_config_then_environment(monkeypatch):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    assert source_date_epoch(None) == 0
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert source_date_epoch(None) == 1_700_000_000 and source_date_epoch(5) == 5
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(ConfigError, match="SOURCE_DATE_EPOCH is 'yesterday'"):
+        source_date_epoch(None)

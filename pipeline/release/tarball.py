@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..errors import ConfigError
 from .manifest import MANIFEST_NAME
 
 GZIP_LEVEL = 9
@@ -29,7 +30,13 @@ def source_date_epoch(configured: Optional[int] = None) -> int:
     if configured is not None:
         return configured
     raw = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
-    return int(raw) if raw.isdigit() else 0
+    if not raw:
+        return 0
+    if not raw.isdigit():
+        # The reproducible-builds convention: a malformed value is an error, not silently another date.
+        raise ConfigError(f"SOURCE_DATE_EPOCH is {raw!r}, not a whole number of seconds since 1970-01-01.",
+                          "Set it to an integer (e.g. `git log -1 --format=%ct`), or unset it to stamp 0.")
+    return int(raw)
 
 
 def write_tarball(folder: Path, dest: Path, root_name: str, mtime: int = 0) -> Path:

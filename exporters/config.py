@@ -6,7 +6,12 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from pipeline.registry import did_you_mean
 from pipeline.schema import Section
+
+# The names exporters.formats registers; repeated here so `edgesmith check` validates them without importing
+# torch (a test keeps the two in step).
+FORMAT_NAMES = ("onnx", "onnx_int8", "openvino", "tensorrt")
 
 
 class TensorRTConfig(Section):
@@ -36,4 +41,8 @@ class ExportConfig(Section):
             raise ValueError("export formats must be distinct")
         if not v:
             raise ValueError("list at least one export format")
+        unknown = [f"unknown export format '{name}'.{did_you_mean(name, list(FORMAT_NAMES))}"
+                   for name in v if name not in FORMAT_NAMES]
+        if unknown:
+            raise ValueError(" ".join(unknown) + f" Valid formats: {', '.join(FORMAT_NAMES)}")
         return v

@@ -196,6 +196,15 @@ def test_export_config_defaults_and_validation():
         ExportConfig(formats=["onnx", "onnx"])
     with pytest.raises(ValidationError):
         ExportConfig(tensorrt={"precision": "int4"})
+    with pytest.raises(ValidationError, match="Did you mean 'openvino'"):
+        ExportConfig(formats=["openvno"])
+
+
+def test_config_format_names_match_the_registry():
+    from exporters.config import FORMAT_NAMES
+    from exporters.formats import EXPORT_FORMATS
+
+    assert sorted(FORMAT_NAMES) == EXPORT_FORMATS.names()
 
 
 def test_mixed_preset_gives_asymmetric_activations_that_onnxruntime_still_fuses(tmp_path):

@@ -19,7 +19,7 @@ from .config import ExportConfig
 from .errors import ExportError
 from .metadata import stamp_onnx, write_sidecar
 from .onnx_export import INPUT_NAME, export_onnx, export_onnx_int8
-from .parity import onnxruntime_runner, openvino_runner, parity, run_batched
+from .parity import onnxruntime_runner, openvino_runner, parity, run_batched, tensorrt_runner
 
 ExportFn = Callable[["ExportJob"], list[dict]]
 EXPORT_FORMATS: Registry[ExportFn] = Registry("export format")
@@ -149,7 +149,8 @@ def tensorrt_engine(job: ExportJob) -> list[dict]:
         return [job.record(script, "tensorrt_build", precision, "tensorrt", None, engine="build on device",
                            reason=reason, **extra)]
     engine = build_here(folder)
-    return [job.record(engine, "tensorrt", precision, "tensorrt", None, engine="built here (this GPU only)",
+    checked = job.check(tensorrt_runner(engine, INPUT_NAME), "int8" if precision == "int8" else "fp32")
+    return [job.record(engine, "tensorrt", precision, "tensorrt", checked, engine="built here (this GPU only)",
                        build_script=script.relative_to(job.out).as_posix(), **extra)]
 
 

@@ -48,3 +48,13 @@ def openvino_runner(xml_path, precision_hint: str = "f32") -> Runner:
     compiled = ov.Core().compile_model(str(xml_path), "CPU", {"INFERENCE_PRECISION_HINT": precision_hint})
     output = compiled.output(0)
     return lambda x: compiled(np.ascontiguousarray(x, dtype=np.float32))[output]
+
+
+def tensorrt_runner(engine_path, input_name: str) -> Runner:
+    """A built engine through Polygraphy (only where TensorRT and a GPU exist; never reached on CPU machines)."""
+    from polygraphy.backend.common import BytesFromPath
+    from polygraphy.backend.trt import EngineFromBytes, TrtRunner
+
+    runner = TrtRunner(EngineFromBytes(BytesFromPath(str(engine_path))))
+    runner.activate()  # stays active for the life of the closure: the parity check is one short loop
+    return lambda x: np.array(next(iter(runner.infer({input_name: np.ascontiguousarray(x, np.float32)}).values())))

@@ -168,3 +168,22 @@ def test_qat_config_rejects_unknown_keys_and_bad_mode():
     with pytest.raises(ValidationError):
         QATConfig(calibration_sizes=10)
     assert QATConfig().fold_bn and QATConfig().ignored_scope.empty
+
+
+@pytest.mark.parametrize("fold_bn", [True, False])
+def test_quantized_student_round_trip_through_its_spec(tmp_path, fold_bn):
+    from pipeline.models import create_model
+    from quantize.model_io import float_model_factory, load_quantized_student, save_quantized_student
+
+    spec = {"arch": "cnn_tiny", "num_classes": 4, "input": {"size": 28, "channels": 1, "mean": [0.5], "std": [0.5]},
+            "fold_bn": fold_bn}
+    torch.manual_seed(0)
+    student = trained_stats(create_model("cnn_tiny", 4, 1))
+    float_model = fold_batchnorm(student)[0] if fold_bn else student
+    model = quantize_ptq(float_model, calibration_batches([torch.randn(16, 1, 28, 28)]))
+    save_quantized_student(model, tmp_path, spec)
+    restored, restored_spec = load_quantized_student(tmp_path)
+    x = torch.randn(3, 1, 28, 28)
+    assert torch.equal(restored(x), model(x)) and restored_spec == spec
+    has_bn = any(isinstance(m, nn.BatchNorm2d) for m in float_model_factory(spec)().modules())
+    assert has_bn is not fold_bn

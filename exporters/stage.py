@@ -41,16 +41,24 @@ class ExportStage(Stage):
         cfg: ExportConfig = ctx.config.section("export")
         data = subtask_data(ctx.config)
         job, spec = self.prepare(ctx, cfg, data)
-        artifacts = []
-        for name in in_order(cfg.formats):
-            artifacts += EXPORT_FORMATS.get(name)(job)
+        artifacts = [a for name in in_order(cfg.formats) for a in EXPORT_FORMATS.get(name)(job)]
         eval_info = self.write_eval_set(ctx, job, spec, data, cfg)
+        self.write_listing(ctx, artifacts, spec, eval_info, job.meta)
+        return self.measure(ctx, artifacts)
+
+    def write_listing(self, ctx: StageContext, artifacts: list[dict], spec: dict, eval_info: dict, meta: dict) -> None:
+        """artifacts.json: what the device tests and the release read (files, hashes, preprocessing, parity)."""
         listing = {"artifacts": artifacts, "preprocessing": preprocessing(spec), "class_names": spec["class_names"],
-                   "eval_set": eval_info, "metadata": job.meta}
+                   "eval_set": eval_info, "metadata": meta}
         (ctx.out / "artifacts.json").write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")
+
+    def measure(self, ctx: StageContext, artifacts: list[dict]) -> dict:
         for a in artifacts:
             ctx.log(f"export: {a['file']:<28} {a['size'] / 1024:8.1f} KiB  parity {summary(a['parity'])}")
-        return {"artifacts": {a["file"]: {"size": a["size"], "parity": a["parity"]} for a in artifacts}}
+        checked = [a for a in artifacts if a["parity"]]
+        return {"artifacts": {a["file"]: {"size": a["size"], "parity": a["parity"]} for a in artifacts},
+                "val_accuracy": {a["file"]: a["parity"]["accuracy"] for a in checked},
+                "min_top1_agreement": min((a["parity"]["top1_agreement"] for a in checked), default=None)}
 
     def prepare(self, ctx: StageContext, cfg: ExportConfig, data) -> tuple[ExportJob, dict]:
         from pipeline.models import load_student

@@ -153,6 +153,8 @@ def test_export_writes_every_artifact_with_parity(export_run):
         assert files[ir]["parity"]["top1_agreement"] >= 0.99
     assert (out / "openvino/model.bin").is_file() and (out / "openvino/model.int8.bin").is_file()
     assert set(metrics["artifacts"]) == set(files)
+    assert metrics["val_accuracy"]["model.int8.onnx"] == int8["accuracy"]
+    assert metrics["min_top1_agreement"] >= 0.99
 
 
 def test_int8_onnx_holds_qdq_pairs_and_onnxruntime_fuses_them(export_run):

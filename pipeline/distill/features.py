@@ -3,6 +3,7 @@ sizes, and pairing teacher and student layers (by name, or automatically by rela
 
 from __future__ import annotations
 
+import functools
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -51,8 +52,28 @@ def as_map(feature: torch.Tensor, num_prefix: int = 0) -> torch.Tensor:
 
 
 def pool_to(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Adaptive average pooling, skipped when the map already has that size."""
-    return x if tuple(x.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(x, size)
+    """Adaptive average pooling (same bins as F.adaptive_avg_pool2d), skipped when the map already has that size.
+    Written as two small matrix products: on CPU that is several times faster than adaptive_avg_pool2d (forward and
+    backward) when the sizes do not divide, e.g. 28 -> 16, which the auto pairing produces."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    n, c, h, w = x.shape
+    rows = _pooling_matrix(h, size[0], x.dtype, x.device)
+    cols = _pooling_matrix(w, size[1], x.dtype, x.device)
+    # Two large GEMMs (all images and channels at once) instead of a batch of small ones.
+    narrow = (x.reshape(-1, w) @ cols.T).reshape(n, c, h, size[1])
+    short = narrow.transpose(2, 3).reshape(-1, h) @ rows.T
+    return short.reshape(n, c, size[1], size[0]).transpose(2, 3).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _pooling_matrix(source: int, target: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """target x source: row i averages the bin [floor(i s / t), ceil((i + 1) s / t)) as adaptive pooling does."""
+    matrix = torch.zeros(target, source, dtype=torch.float64)
+    for i in range(target):
+        start, end = (i * source) // target, -((-(i + 1) * source) // target)
+        matrix[i, start:end] = 1.0 / (end - start)
+    return matrix.to(device=device, dtype=dtype)
 
 
 @dataclass(frozen=True)

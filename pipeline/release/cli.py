@@ -40,7 +40,7 @@ def track(
     artifacts: Optional[str] = typer.Option(None, "--artifacts",
                                             help="where a new experiment stores files (default: MLflow's ./mlruns)"),
 ) -> None:
-    """Verify a release bundle, then log its config, metrics and files as one MLflow run (needs the optional extra mlflow)."""
+    """Verify a release bundle, then log its config, metrics and files as one MLflow run (extra: mlflow)."""
     from .tracking import log_release
 
     run_id = log_release(bundle, mlflow_uri, experiment, artifacts)

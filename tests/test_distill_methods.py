@@ -9,7 +9,8 @@ import torch
 from pipeline.data import View
 from pipeline.data.base import ImageSet
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.features import PairSpec, as_map, auto_pairs, resolve_pairs, stage_names, tap_features
+from pipeline.distill.features import (PairSpec, as_map, auto_pairs, pool_to, resolve_pairs, stage_names,
+                                       tap_features)
 from pipeline.distill.methods import METHODS, MeanCentre, Outputs, SubDistill
 from pipeline.distill.subspace import Moments, Subspace, accumulate, save_subspaces
 from pipeline.distill.train import Models, TeacherOutputs, distill, layer_pairs
@@ -222,3 +223,35 @@ def test_vit_teacher_cnn_student_subdistill_trains(tmp_path):
     assert {"kd", "layer0", "layer1", "total"} <= set(first)
     assert last["layer0"] < first["layer0"] and last["layer1"] < first["layer1"]
     assert np.isfinite(last["total"])
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 28, 28), (16, 16)), ((2, 3, 14, 14), (8, 8)), ((1, 4, 7, 9), (2, 4))])
+def test_pooling_uses_the_bins_of_adaptive_average_pooling(shape, size):
+    x = torch.randn(shape, requires_grad=True)
+    torch.testing.assert_close(pool_to(x, size), torch.nn.functional.adaptive_avg_pool2d(x, size))
+    pool_to(x, size).sum().backward()       # every input contributes: the gradients sum to the output count
+    assert float(x.grad.sum()) == pytest.approx(shape[0] * shape[1] * size[0] * size[1], rel=1e-5)
+    assert pool_to(x, shape[-2:]) is x
+
+
+def test_cnn_teacher_vit_student_pairs_and_trains(tmp_path):
+    import timm
+
+    torch.manual_seed(0)
+    teacher = create_model("cnn_teacher", 10, 1).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=28, patch_size=7, depth=2,
+                                num_classes=3, embed_dim=48, num_heads=3, in_chans=1)
+    view = View(28, 1, (0.5,), (0.5,))
+    models = Models(teacher, student, view, view, [0, 2, 6])
+    pairs = layer_pairs("auto", models)
+    assert [(p.teacher, p.student, p.student_channels, p.size) for p in pairs] == [
+        ("features.2", "blocks.0", 48, (4, 4)), ("features.5", "blocks.1", 48, (4, 4))]
+    rng = np.random.default_rng(1)
+    train = ImageSet(rng.integers(0, 256, (32, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 32))
+    cfg = DistillConfig(method="fitnet", epochs=2, batch_size=16)
+    method = METHODS.get("fitnet")(cfg, pairs=pairs, teacher=teacher, student=student)
+    result = distill(models, method, train, train, cfg, seed=0, augment=False, device=torch.device("cpu"),
+                     progress=ProgressDisplay(enabled=False))
+    assert result["history"][-1]["layer1"] < result["history"][0]["layer1"]

@@ -68,7 +68,22 @@ def _weights(n_in: int, n_out: int) -> np.ndarray:
     return (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
+def _taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The non-zero entries of the interpolation matrix: indices and weights, n_out x taps."""
+    w = _weights(n_in, n_out)
+    taps = int((w > 0).sum(1).max())
+    index = np.argsort(w <= 0, axis=1, kind="stable")[:, :taps]  # non-zero columns first, in order
+    return index, np.take_along_axis(w, index, axis=1)
+
+
+def _resize_axis(x: np.ndarray, n_out: int, axis: int) -> np.ndarray:
+    # Elementwise sums over a few taps instead of a matrix product: no BLAS, whose thread pool can stall
+    # next to a runtime's own threads on a small board.
+    index, weight = _taps(x.shape[axis], n_out)
+    x = np.moveaxis(x, axis, -1)
+    out = sum(x[..., index[:, k]] * weight[:, k] for k in range(index.shape[1]))
+    return np.moveaxis(out, -1, axis)
+
+
 def resize(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    rows = _weights(x.shape[-2], height)
-    cols = _weights(x.shape[-1], width)
-    return np.einsum("hy,ncyx,wx->nchw", rows, x, cols, optimize=True).astype(np.float32)
+    return _resize_axis(_resize_axis(x, height, 2), width, 3).astype(np.float32)

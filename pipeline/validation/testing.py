@@ -170,3 +170,22 @@ class SshServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+_SHARED: dict[str, Path] = {}
+
+
+def shared_bundle() -> Path:
+    """One tiny bundle per test process (building it takes a few seconds). Treat it as read-only: copy it
+    (shutil.copytree) before altering anything."""
+    if "bundle" not in _SHARED:
+        import logging
+        import tempfile
+
+        logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization warns through the root logger
+        _SHARED["bundle"] = make_bundle(Path(tempfile.mkdtemp(prefix="edgesmith-bundle-")) / "bundle")
+    return _SHARED["bundle"]
+
+
+# Latency settings small enough for tests: the protocol is the same, only the counts are tiny.
+TINY_LATENCY = {"min_queries": 64, "min_duration_s": 0.05, "warmup": 5, "throughput_batch": 8}

@@ -1,0 +1,92 @@
+"""One artifact measured in-process: the latency protocol is honoured, statistics are consistent, accuracy
+is computed against the labels and the recorded teacher / FP32 predictions."""
+
+import numpy as np
+import pytest
+
+from device_tests.bundle import Artifact, Bundle
+from device_tests.errors import IncompatibleArtifactError
+from device_tests.latency import LatencySettings
+from device_tests.measure import main, measure
+from pipeline.validation.testing import TINY_LATENCY, shared_bundle
+
+SETTINGS = LatencySettings(**TINY_LATENCY)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    return Bundle.load(shared_bundle())
+
+
+@pytest.fixture(scope="module")
+def fp32_result(bundle):
+    art = next(a for a in bundle.artifacts if a.file == "model.onnx")
+    return measure(art, "onnxruntime", SETTINGS, 1, "f32", bundle.eval_set(), bundle.preprocess)
+
+
+def test_latency_protocol(fp32_result):
+    lat = fp32_result["latency"]
+    assert lat["queries"] >= SETTINGS.min_queries and lat["duration_s"] >= SETTINGS.min_duration_s
+    for part in ("model", "preprocess", "postprocess", "end_to_end"):
+        s = lat[part]
+        assert s["n"] == lat["queries"]
+        assert s["min_ms"] <= s["p50_ms"] <= s["p90_ms"] <= s["p99_ms"] <= s["max_ms"]
+        assert len(s["cdf_ms"]) == 101 and s["cdf_ms"] == sorted(s["cdf_ms"])
+    # end-to-end is the sum of its parts, query by query, so its mean is the sum of the means
+    assert lat["end_to_end"]["mean_ms"] == pytest.approx(
+        lat["model"]["mean_ms"] + lat["preprocess"]["mean_ms"] + lat["postprocess"]["mean_ms"], rel=1e-6)
+    tp = fp32_result["throughput"]
+    assert tp["batch"] == SETTINGS.throughput_batch and tp["images_per_s"] > 0
+    assert fp32_result["peak_rss_mb"] >= fp32_result["baseline_rss_mb"] > 0
+
+
+def test_accuracy_against_labels_teacher_and_fp32(bundle, fp32_result):
+    ev = bundle.eval_set()
+    acc = fp32_result["accuracy"]
+    # the FP32 ONNX artifact predicts what the exporting torch model predicted
+    assert acc["agreement_fp32"] == 1.0
+    assert acc["top1"] == pytest.approx(np.mean(ev.fp32_pred == ev.labels))
+    assert acc["agreement_teacher"] == pytest.approx(np.mean(ev.fp32_pred == ev.teacher_pred))
+    assert acc["teacher_top1"] == pytest.approx(np.mean(ev.teacher_pred == ev.labels))
+    cm = np.array(acc["confusion"])
+    assert cm.sum() == len(ev) and np.array_equal(cm.sum(1), np.bincount(ev.labels, minlength=len(cm)))
+    per_class = [cm[c, c] / cm[c].sum() for c in range(len(cm))]
+    assert acc["per_class"] == pytest.approx(per_class)
+
+
+def test_int8_artifact_is_measured_too(bundle):
+    art = next(a for a in bundle.artifacts if a.file == "model.int8.onnx")
+    result = measure(art, "onnxruntime", SETTINGS, 1, "f32", bundle.eval_set(), bundle.preprocess)
+    assert result["precision"] == "int8" and result["size_bytes"] < next(
+        a for a in bundle.artifacts if a.file == "model.onnx").size
+    assert 0 <= result["accuracy"]["agreement_fp32"] <= 1
+
+
+def test_bare_model_gets_synthetic_input():
+    art = Artifact.from_path(shared_bundle() / "openvino" / "model.xml")
+    result = measure(art, "openvino", SETTINGS)
+    assert result["synthetic_input"] and "accuracy" not in result
+    assert result["size_bytes"] == art.path.stat().st_size + art.path.with_suffix(".bin").stat().st_size
+
+
+def test_dynamic_image_size_needs_a_shape(tmp_path):
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    path = tmp_path / "dyn.onnx"
+    torch.onnx.export(model, torch.zeros(1, 3, 16, 16), path, input_names=["x"], dynamo=False,
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    with pytest.raises(IncompatibleArtifactError, match="--shape N,C,H,W"):
+        measure(Artifact.from_path(path), "onnxruntime", SETTINGS)
+    result = measure(Artifact.from_path(path), "onnxruntime", SETTINGS, shape=(1, 3, 24, 24))
+    assert result["latency"]["queries"] >= SETTINGS.min_queries
+
+
+def test_measure_cli_writes_an_error_result_for_a_missing_artifact(tmp_path):
+    out = tmp_path / "r.json"
+    code = main(["--bundle", str(shared_bundle()), "--artifact", "nope.onnx", "--runtime", "onnxruntime",
+                 "--out", str(out)])
+    import json
+
+    result = json.loads(out.read_text())
+    assert code == 2 and result["status"] == "error" and "no artifact 'nope.onnx'" in result["message"]

@@ -55,28 +55,80 @@ def fold_weight_quantizers(proto) -> int:
     from onnx import numpy_helper
 
     graph = proto.graph
+    _bypass_constant_identities(graph)
     inits = {t.name: t for t in graph.initializer}
-    consumers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers[name] = consumers.get(name, 0) + 1
+    consts = _constant_values(graph)
+    uses = _use_counts(graph)
     folded, keep = 0, []
     for node in graph.node:
-        if node.op_type == "QuantizeLinear" and all(name in inits for name in node.input) and \
-                consumers.get(node.input[0], 0) == 1:
-            weights = numpy_helper.to_array(inits[node.input[0]])
-            scale = numpy_helper.to_array(inits[node.input[1]])
-            zero = numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2 else np.zeros((), np.uint8)
+        weight = node.input[0] if node.input else ""
+        if node.op_type == "QuantizeLinear" and weight in inits and uses.get(weight) == 1 and \
+                all(name in consts for name in node.input[1:]):
+            scale = consts[node.input[1]]
+            zero = consts[node.input[2]] if len(node.input) > 2 else np.zeros((), np.uint8)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            quantized = _quantize(weights, scale, zero, axis)
-            graph.initializer.remove(inits[node.input[0]])
+            quantized = _quantize(numpy_helper.to_array(inits[weight]), scale, zero, axis)
+            graph.initializer.remove(inits[weight])
             graph.initializer.append(numpy_helper.from_array(quantized, node.output[0]))
             folded += 1
         else:
             keep.append(node)
     del graph.node[:]
     graph.node.extend(keep)
+    _drop_dead_constants(graph)
     return folded
+
+
+def _constant_values(graph) -> dict[str, np.ndarray]:
+    """Initializers, plus what Constant nodes and Identity-of-a-constant nodes produce (the TorchScript exporter
+    deduplicates equal zero-point tensors into one initializer and Identity nodes)."""
+    from onnx import numpy_helper
+
+    values = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            tensor = next((a.t for a in node.attribute if a.name == "value"), None)
+            if tensor is not None:
+                values[node.output[0]] = numpy_helper.to_array(tensor)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return values
+
+
+def _bypass_constant_identities(graph) -> None:
+    """Point readers of Identity(initializer) at the initializer itself (the Identity then dies)."""
+    inits = {t.name for t in graph.initializer}
+    graph_outputs = {o.name for o in graph.output}
+    alias = {n.output[0]: n.input[0] for n in graph.node
+             if n.op_type == "Identity" and n.input[0] in inits and n.output[0] not in graph_outputs}
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+
+
+def _use_counts(graph) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            counts[name] = counts.get(name, 0) + 1
+    for output in graph.output:
+        counts[output.name] = counts.get(output.name, 0) + 1
+    return counts
+
+
+def _drop_dead_constants(graph) -> None:
+    """Remove Identity/Constant nodes and initializers nothing reads any more (after folding)."""
+    while True:
+        uses = _use_counts(graph)
+        dead = [n for n in graph.node if n.op_type in ("Identity", "Constant") and not any(uses.get(o) for o in n.output)]
+        for node in dead:
+            graph.node.remove(node)
+        if not dead:
+            break
+    uses = _use_counts(graph)
+    for tensor in [t for t in graph.initializer if not uses.get(t.name)]:
+        graph.initializer.remove(tensor)
 
 
 def _quantize(weights: np.ndarray, scale: np.ndarray, zero: np.ndarray, axis: int) -> np.ndarray:

@@ -29,10 +29,12 @@ class Net(nn.Module):
         self.odd_op = odd_op
         self.conv1 = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.conv2 = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        # same shape as conv2: the exporter shares their equal zero-point tensors through Identity nodes
+        self.conv3 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
         self.head = nn.Linear(16, 3)
 
     def forward(self, x):
-        x = self.conv2(self.conv1(x))
+        x = self.conv3(self.conv2(self.conv1(x)))
         if self.odd_op:
             x = torch.cumprod(x, dim=1)  # no ONNX export rule at any opset
         return self.head(x.mean((2, 3)))
@@ -87,8 +89,14 @@ def test_int8_weights_are_folded_without_changing_the_outputs(tmp_path):
 
     q = quantized(net())
     folded_count = export_onnx_int8(q, tmp_path / "folded.onnx", EXAMPLE, 17, True)
-    assert folded_count == 3  # two convolutions and the linear layer
+    assert folded_count == 4  # three convolutions and the linear layer
     proto = onnx.load(str(tmp_path / "folded.onnx"))
+    weights = {n.input[1] for n in proto.graph.node if n.op_type in ("Conv", "Gemm")}
+    producers = {n.output[0]: n for n in proto.graph.node}
+    assert all(producers[w].op_type == "DequantizeLinear" for w in weights)
+    stored = {t.name: t.data_type for t in proto.graph.initializer}
+    assert all(stored[producers[w].input[0]] == onnx.TensorProto.INT8 for w in weights)
+    assert not any(n.op_type == "Identity" for n in proto.graph.node)
     assert fold_weight_quantizers(proto) == 0, "folding is idempotent"
     x = torch.randn(16, 1, 8, 8)
     ort_out = onnxruntime_runner(tmp_path / "folded.onnx")(x.numpy())
@@ -220,6 +228,6 @@ def test_mixed_preset_gives_asymmetric_activations_that_onnxruntime_still_fuses(
     inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
     zero_points = [inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in inits]
     assert any(np.any(z != 0) for z in zero_points), "mixed: some activation has a non-zero zero point"
-    assert fused_ops(tmp_path / "m.onnx").get("QLinearConv", 0) == 2
+    assert fused_ops(tmp_path / "m.onnx").get("QLinearConv", 0) == 3
     x = torch.randn(8, 1, 8, 8)
     assert np.abs(onnxruntime_runner(tmp_path / "m.onnx")(x.numpy()) - q(x).detach().numpy()).max() < 0.02

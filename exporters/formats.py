@@ -137,7 +137,11 @@ def tensorrt_engine(job: ExportJob) -> list[dict]:
     from .tensorrt import availability, build_here, build_options, write_build_kit
 
     precision = job.cfg.tensorrt.precision
-    onnx_path = job.onnx("int8" if precision == "int8" else "fp32", "tensorrt")
+    onnx_precision = "int8" if precision == "int8" else "fp32"  # fp16 engines are built from the FP32 ONNX
+    # The device builds from the ONNX, so it ships and is checked even when its own format was not asked for.
+    source_format = "onnx_int8" if precision == "int8" else "onnx"
+    shipped = [] if source_format in job.cfg.formats else EXPORT_FORMATS.get(source_format)(job)
+    onnx_path = job.onnx(onnx_precision, "tensorrt")
     options = build_options(job.cfg.tensorrt, onnx_path.name, INPUT_NAME, tuple(job.example.shape[1:]))
     folder = job.out / "tensorrt"
     script, *_ = write_build_kit(folder, options)
@@ -146,11 +150,11 @@ def tensorrt_engine(job: ExportJob) -> list[dict]:
     if not can_build:
         job.log(f"export: TensorRT engine to be built on the device ({reason}): tensorrt/{script.name}")
         # Not format "tensorrt": device runners would try to load the script as an engine.
-        return [job.record(script, "tensorrt_build", precision, "tensorrt", None, engine="build on device",
-                           reason=reason, **extra)]
+        return shipped + [job.record(script, "tensorrt_build", precision, "tensorrt", None,
+                                     engine="build on device", reason=reason, **extra)]
     engine = build_here(folder)
-    checked = job.check(tensorrt_runner(engine, INPUT_NAME), "int8" if precision == "int8" else "fp32")
-    return [job.record(engine, "tensorrt", precision, "tensorrt", checked, engine="built here (this GPU only)",
+    checked = job.check(tensorrt_runner(engine, INPUT_NAME), onnx_precision)
+    return shipped + [job.record(engine, "tensorrt", precision, "tensorrt", checked, engine="built here (this GPU only)",
                        build_script=script.relative_to(job.out).as_posix(), **extra)]
 
 

@@ -217,6 +217,19 @@ def test_tensorrt_records_an_on_device_build(export_run):
     assert steps["onnx"] == str((out / "model.int8.onnx").resolve()) and steps["strongly_typed"]
 
 
+def test_tensorrt_alone_still_ships_the_onnx_it_builds_from(upstream, qat_run, tmp_path):
+    from exporters.stage import ExportStage
+
+    _, inputs = upstream
+    cfg = tiny_config(export={"formats": ["tensorrt"], "parity_limit": 50, "eval_images": 20,
+                              "tensorrt": {"precision": "fp16"}})
+    ExportStage().run(context(cfg, tmp_path / "trt", {**inputs, "qat": record("qat", qat_run[0])}))
+    listing = json.loads((tmp_path / "trt/artifacts.json").read_text())
+    assert [(a["file"], a["format"]) for a in listing["artifacts"]] == [
+        ("model.onnx", "onnx"), ("tensorrt/build_engine.sh", "tensorrt_build")]
+    assert artifact(listing, "model.onnx")["parity"]["top1_agreement"] == 1.0
+
+
 def test_reexport_gives_identical_bytes(upstream, qat_run, export_run, tmp_path):
     from exporters.stage import ExportStage
 

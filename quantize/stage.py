@@ -1,4 +1,11 @@
-"""Stage `qat`: fold BatchNorm, calibrate INT8 quantizers with NNCF, fine-tune against the teacher, save."""
+"""Stage `qat`: fold BatchNorm, calibrate INT8 quantizers with NNCF, fine-tune against the teacher, save.
+
+Output: quantized.json (the student's spec + fold_bn + the qat section), quantized.nncf.json (where NNCF's
+quantizers sit: nncf.torch.get_config), quantized.pt (state_dict with weights and quantizer scales).
+Reload with quantize.model_io.load_quantized_student(dir). Metrics: fp32/ptq/int8 validation accuracy,
+fp32/int8 test accuracy, the QAT validation history (index 0 = after calibration), BN-folding check.
+QAT trains on un-augmented images so the teacher's logits are computed once.
+"""
 
 from __future__ import annotations
 

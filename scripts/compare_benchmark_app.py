@@ -34,10 +34,10 @@ def theirs(model: Path, shape: str, threads: int, duration: float) -> float:
             "-t", str(max(1, round(duration)))]  # whole seconds only
     proc = subprocess.run(args, capture_output=True, text=True, timeout=120 + 2 * duration)
     out = proc.stdout + proc.stderr  # benchmark_app logs to stderr
-    match = re.search(r"Median:\s+([\d.]+) ms", out)
+    match = re.search(r"Median:\s+([\d.]+) (ms|us)", out)  # it switches to microseconds for fast models
     if not match:
         raise SystemExit(f"benchmark_app printed no median:\n{out[-2000:]}")
-    return float(match.group(1))
+    return float(match.group(1)) / (1000 if match.group(2) == "us" else 1)
 
 
 def ours(model: Path, shape: str, threads: int, duration: float) -> float:

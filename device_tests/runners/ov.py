@@ -34,14 +34,18 @@ class OpenVinoRunner(Runner):
             config["INFERENCE_NUM_THREADS"] = str(self.threads)
         self._compiled = core.compile_model(model, self.device, config)
         self._request = self._compiled.create_infer_request()
+        self._tensor = ov.Tensor
         shape = self._compiled.input(0).get_partial_shape()
         self.input_shape = tuple(d.get_length() if d.is_static else None for d in shape)
 
     def _deactivate_impl(self) -> None:
-        del self._request, self._compiled
+        del self._request, self._compiled, self._tensor
 
     def _infer_impl(self, x: np.ndarray) -> np.ndarray:
-        self._request.infer({0: x}, share_inputs=True)
+        # A tensor sharing x's memory, then infer() without arguments: ~8 us less per call than infer({0: x}),
+        # which matters for models that run in tens of microseconds.
+        self._request.set_input_tensor(self._tensor(x, shared_memory=True))
+        self._request.infer()
         return self._request.get_output_tensor(0).data.copy()
 
     def _describe_impl(self) -> dict:

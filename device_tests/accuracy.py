@@ -21,7 +21,7 @@ def predict(infer: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch
 
 
 def scores(pred: np.ndarray, labels: np.ndarray, num_classes: int, teacher_pred: Optional[np.ndarray] = None,
-           fp32_pred: Optional[np.ndarray] = None) -> dict:
+           fp32_pred: Optional[np.ndarray] = None, int8_pred: Optional[np.ndarray] = None) -> dict:
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels, pred), 1)
     support = confusion.sum(1)
@@ -32,14 +32,19 @@ def scores(pred: np.ndarray, labels: np.ndarray, num_classes: int, teacher_pred:
         result["agreement_teacher"] = float((pred == teacher_pred).mean())
     if fp32_pred is not None:
         result["agreement_fp32"] = float((pred == fp32_pred).mean())
+    if int8_pred is not None:
+        result["agreement_int8"] = float((pred == int8_pred).mean())
     return result
 
 
-def reference(labels: np.ndarray, teacher_pred: Optional[np.ndarray], fp32_pred: Optional[np.ndarray]) -> dict:
+def reference(labels: np.ndarray, teacher_pred: Optional[np.ndarray], fp32_pred: Optional[np.ndarray],
+              int8_pred: Optional[np.ndarray] = None) -> dict:
     """Accuracies of the teacher and the FP32 student on the same set, as recorded at export time."""
     ref = {}
     if teacher_pred is not None:
         ref["teacher_top1"] = float((teacher_pred == labels).mean())
     if fp32_pred is not None:
         ref["fp32_top1"] = float((fp32_pred == labels).mean())
+    if int8_pred is not None:
+        ref["int8_top1"] = float((int8_pred == labels).mean())
     return ref

@@ -64,6 +64,7 @@ class EvalSet:
     labels: np.ndarray
     teacher_pred: Optional[np.ndarray] = None
     fp32_pred: Optional[np.ndarray] = None
+    int8_pred: Optional[np.ndarray] = None   # the quantized torch model's predictions, when there is one
 
     @classmethod
     def load(cls, path: Path) -> "EvalSet":
@@ -83,12 +84,13 @@ class EvalSet:
         problems = []
         if images.dtype != np.uint8 or images.ndim != 4:
             problems.append(f"images_u8 is {images.dtype} with shape {images.shape}, not uint8 N x C x H x W")
-        for key in ("labels", "teacher_pred", "fp32_pred"):
+        for key in ("labels", "teacher_pred", "fp32_pred", "int8_pred"):
             if key in arrays and arrays[key].shape != (len(images),):
                 problems.append(f"{key} has shape {arrays[key].shape}, expected ({len(images)},)")
         if problems:
             raise EvalSetError(f"{path}: " + "; ".join(problems) + ".", "Re-run the export stage to rewrite eval.npz.")
-        return cls(images, labels.astype(np.int64), _ints(arrays.get("teacher_pred")), _ints(arrays.get("fp32_pred")))
+        return cls(images, labels.astype(np.int64), _ints(arrays.get("teacher_pred")), _ints(arrays.get("fp32_pred")),
+                   _ints(arrays.get("int8_pred")))
 
     def __len__(self) -> int:
         return len(self.labels)

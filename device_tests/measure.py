@@ -66,8 +66,9 @@ def _accuracy(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettin
             f"{runner.path.name} returned {'non-finite values' if logits.ndim == 2 else f'shape {logits.shape}'} "
             "on the evaluation set.", "The model must output finite logits N x classes; check the export.")
     num_classes = max(logits.shape[1], int(eval_set.labels.max()) + 1)
-    scores = accuracy.scores(logits.argmax(1), eval_set.labels, num_classes, eval_set.teacher_pred, eval_set.fp32_pred)
-    return {**scores, **accuracy.reference(eval_set.labels, eval_set.teacher_pred, eval_set.fp32_pred),
+    scores = accuracy.scores(logits.argmax(1), eval_set.labels, num_classes, eval_set.teacher_pred, eval_set.fp32_pred,
+                             eval_set.int8_pred)
+    return {**scores, **accuracy.reference(eval_set.labels, eval_set.teacher_pred, eval_set.fp32_pred, eval_set.int8_pred),
             "num_outputs": int(logits.shape[1])}
 
 

@@ -90,3 +90,19 @@ def test_measure_cli_writes_an_error_result_for_a_missing_artifact(tmp_path):
 
     result = json.loads(out.read_text())
     assert code == 2 and result["status"] == "error" and "no artifact 'nope.onnx'" in result["message"]
+
+
+def test_agreement_with_the_quantized_torch_model_when_recorded(tmp_path):
+    import shutil
+
+    bundle_dir = tmp_path / "b"
+    shutil.copytree(shared_bundle(), bundle_dir)
+    with np.load(bundle_dir / "eval.npz") as data:
+        arrays = dict(data)
+    int8_pred = (arrays["fp32_pred"] + (np.arange(len(arrays["labels"])) % 5 == 0)) % 4  # differs on every 5th image
+    np.savez(bundle_dir / "eval.npz", **arrays, int8_pred=int8_pred)
+    bundle = Bundle.load(bundle_dir)
+    art = next(a for a in bundle.artifacts if a.file == "model.onnx")
+    acc = measure(art, "onnxruntime", SETTINGS, eval_set=bundle.eval_set(), preprocess=bundle.preprocess)["accuracy"]
+    assert acc["agreement_int8"] == pytest.approx(np.mean(arrays["fp32_pred"] == int8_pred))
+    assert acc["int8_top1"] == pytest.approx(np.mean(int8_pred == arrays["labels"]))

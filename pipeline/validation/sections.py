@@ -42,8 +42,8 @@ def verdict_section(verdicts: list[Verdict]) -> Section:
 
 
 def results_section(runs: list[TargetRun]) -> Section:
-    acc_headers = ["target", "artifact", "runtime", "precision", "size MiB", "top-1", "agree FP32", "agree teacher",
-                   "FP32 top-1", "teacher top-1"]
+    acc_headers = ["target", "artifact", "runtime", "precision", "size MiB", "top-1", "agree FP32", "agree INT8",
+                   "agree teacher", "FP32 top-1", "teacher top-1"]
     lat_headers = ["target", "artifact", "runtime", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "queries",
                    "pre p50 ms", "post p50 ms", "img/s", "batch", "peak RSS MiB"]
     acc_rows, lat_rows = [], []
@@ -51,7 +51,7 @@ def results_section(runs: list[TargetRun]) -> Section:
         acc, lat, tp = run.get("accuracy", {}), run["latency"], run["throughput"]
         m = lat["model"]
         acc_rows.append([target, run["artifact"], run["runtime"], run["precision"], run["size_bytes"] / MIB,
-                         acc.get("top1"), acc.get("agreement_fp32"), acc.get("agreement_teacher"),
+                         acc.get("top1"), acc.get("agreement_fp32"), acc.get("agreement_int8"), acc.get("agreement_teacher"),
                          acc.get("fp32_top1"), acc.get("teacher_top1")])
         lat_rows.append([target, run["artifact"], run["runtime"], m["p50_ms"], m["p90_ms"], m["p99_ms"], m["mean_ms"],
                          m["std_ms"], lat["queries"], lat["preprocess"]["p50_ms"], lat["postprocess"]["p50_ms"],

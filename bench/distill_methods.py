@@ -45,8 +45,9 @@ from pipeline.distill.subspace import Subspace, accumulate, save_subspaces  # no
 from pipeline.distill.train import Models, distill, layer_pairs  # noqa: E402
 from pipeline.models import create_model, load_teacher  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
-from pipeline.runner import Build  # noqa: E402
+from pipeline.runner import Build, StageContext, StageRecord  # noqa: E402
 from pipeline.stages.common import accuracy, predict_logits, subtask_data  # noqa: E402
+from pipeline.stages.subspaces import SubspacesStage  # noqa: E402
 from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
@@ -71,10 +72,14 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--train-per-class", type=int, default=600, help="student training images per class (cap)")
     p.add_argument("--test-per-class", type=int, default=500)
+    p.add_argument("--efficientnet-adapt", type=Path, default=None,
+                   help="use this committed adapt/ folder of the default config instead of building it")
     p.add_argument("--teacher-train-per-class", type=int, default=1500, help="CNN teacher: images per class")
     p.add_argument("--teacher-epochs", type=int, default=3, help="CNN teacher: epochs from scratch")
     p.add_argument("--lambda-grid", type=float, nargs="+", default=[0.1, 1.0, 10.0],
                    help="multipliers of each method's default lambda_layer tried on validation data")
+    p.add_argument("--layers", default="auto",
+                   help="layer pairs for every teacher given: auto, or teacher:student,teacher:student,...")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--lr-step-epochs", type=int, default=5)
@@ -82,6 +87,9 @@ def parse_args(argv=None):
                    help="also time the real `subspaces` stage of the default config (full training split)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine 2 threads can run 10x SLOWER from contention)")
+    p.add_argument("--stage-threads", type=int, default=2, help="torch threads for the subspaces stage timing")
+    p.add_argument("--merge", type=Path, nargs="+", default=None,
+                   help="only merge these JSON reports (e.g. one per teacher, run in parallel) into --out")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, CNN teacher, 1 seed, 2 epochs")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -112,6 +120,9 @@ def teacher_raw(kind: str, args) -> dict:
 def adapted_teacher(kind: str, args) -> tuple[Path, dict]:
     """The pipeline's own teacher and adapt stages (cached across runs of the benchmark and real builds)."""
     raw = teacher_raw(kind, args)
+    if kind == "efficientnet" and args.efficientnet_adapt:
+        log(f"teacher {kind}: given {args.efficientnet_adapt}")
+        return args.efficientnet_adapt, raw
     start = time.perf_counter()
     summary = Build(parse_config(raw)).run(QUIET, until="adapt")
     log(f"teacher {kind}: {'cached' if all(s['cached'] for s in summary) else 'built'} "
@@ -119,13 +130,25 @@ def adapted_teacher(kind: str, args) -> tuple[Path, dict]:
     return Path(summary[-1]["dir"]), raw
 
 
-def subspaces_stage_seconds() -> dict:
-    """The real `subspaces` stage on the default config with method subdistill (full subtask training split)."""
+def subspaces_stage_seconds(adapt_dir: Path | None, threads: int) -> dict:
+    """The real `subspaces` stage's run() on the default config with method subdistill (its full subtask training
+    split, the default image cap), on the default config's adapted teacher, with `threads` torch threads."""
     raw = default_raw()
     raw["distill"] = {**raw.get("distill", {}), "method": "subdistill", "layers": "auto"}
-    summary = Build(parse_config(raw)).run(QUIET, until="subspaces", force=("subspaces",))
-    metrics = summary[-1]["metrics"]
-    return {"estimation_s": metrics["estimation_s"], "stage_wall_s": summary[-1]["wall_s"],
+    cfg = parse_config(raw)
+    if adapt_dir is None:
+        adapt_dir = Path(Build(cfg).run(QUIET, until="adapt")[-1]["dir"])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            ctx = StageContext(cfg, Path(out), {"adapt": StageRecord("adapt", "", adapt_dir, {})}, QUIET, "")
+            start = time.perf_counter()
+            metrics = SubspacesStage().run(ctx)
+            wall = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(previous)
+    return {"estimation_s": metrics["estimation_s"], "stage_wall_s": wall, "threads": threads,
             "images": metrics["images"], "pairs": metrics["pairs"], "layers": metrics["layers"]}
 
 
@@ -155,7 +178,7 @@ def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, wo
     tview = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
     probe = create_model("cnn_small", len(classes), 1)
     models = Models(teacher, probe, tview, student_view(), teacher_class_ids(spec["class_names"], data))
-    pairs = layer_pairs("auto", models)
+    pairs = layer_pairs(parse_layers(args.layers), models)
     images = as_tensor(data.train.images)
     precomputed = teacher_pass(models, pairs, images)
     test_logits = predict_logits(teacher, tview, data.test.images, torch.device("cpu"), columns=models.teacher_ids)
@@ -169,6 +192,12 @@ def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, wo
     save_subspaces(folder, pairs, subspaces, {"basis": "subdistill"})
     return Subtask("/".join(c.split("/")[0] for c in classes), data, models, pairs, precomputed, folder,
                    accuracy(test_logits, data.test.labels), seconds)
+
+
+def parse_layers(text: str):
+    if text == "auto":
+        return "auto"
+    return DistillConfig(layers=[dict(zip(("teacher", "student"), pair.split(":"))) for pair in text.split(",")]).layers
 
 
 @torch.no_grad()
@@ -273,8 +302,23 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def merge(paths: list[Path], out: Path) -> None:
+    reports = [json.loads(p.read_text()) for p in paths]
+    merged = {**reports[0], "teachers": {}, "merged_from": [str(p) for p in paths]}
+    for report in reports:
+        merged["teachers"].update(report["teachers"])
+        merged.update({k: report[k] for k in ("stage_timing",) if k in report})
+    merged["wall_s"] = max(r["wall_s"] for r in reports)
+    methods = [m for m in METHOD_ORDER if all(m in t["summary"] for t in merged["teachers"].values())]
+    print_table(merged, methods)
+    out.write_text(json.dumps(merged, indent=1) + "\n")
+    print(f"\nwrote {out}")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     torch.set_num_threads(args.threads)
     methods = [m for m in METHOD_ORDER if m in args.methods]
     report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
@@ -308,7 +352,7 @@ def main(argv=None) -> None:
                 "train_images": {t.name: len(t.data.train) for t in tasks},
                 "summary": summarise(runs, methods), "runs": runs}
     if args.stage_timing:
-        report["stage_timing"] = subspaces_stage_seconds()
+        report["stage_timing"] = subspaces_stage_seconds(args.efficientnet_adapt, args.stage_threads)
     report["wall_s"] = time.perf_counter() - started
     print_table(report, methods)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -199,7 +199,7 @@ class FitNet(LayerMethod):
     """Romero et al.: regress the teacher map from the student's through a 1x1 convolution k -> d; squared
     error summed over channels, averaged over positions and images."""
 
-    default_lambda = 0.01
+    default_lambda = 1e-4
 
     def __init__(self, cfg, pairs: Sequence[PairSpec] = (), **context):
         super().__init__(cfg, pairs, **context)
@@ -218,7 +218,7 @@ def attention_map(feature_map: torch.Tensor) -> torch.Tensor:
 class AttentionTransfer(LayerMethod):
     """Match where each network's activation energy sits (channel counts need not agree)."""
 
-    default_lambda = 100.0
+    default_lambda = 10.0
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         return attention_map(teacher_map)

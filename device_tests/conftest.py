@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,24 +78,26 @@ class Session:
         return self.measurements[(artifact, runtime)]
 
     def _run_child(self, artifact: str, runtime: str) -> dict:
-        out = Path(self.results_path or self.bundle_path).parent / f".measure-{abs(hash((artifact, runtime)))}.json"
         s = self.settings
-        args = [sys.executable, "-m", "device_tests.measure", "--bundle", str(Path(self.bundle_path).resolve()),
-                "--artifact", artifact, "--runtime", runtime, "--threads", str(self.threads),
-                "--precision-hint", self.precision_hint, "--min-queries", str(s.min_queries),
-                "--min-duration", str(s.min_duration_s), "--warmup", str(s.warmup),
-                "--throughput-batch", str(s.throughput_batch), "--out", str(out.resolve())]
-        try:
-            proc = subprocess.run(args, cwd=PACKAGE_PARENT, capture_output=True, text=True,
-                                  timeout=600 + 20 * s.min_duration_s)
-        except subprocess.TimeoutExpired:
-            return {"artifact": artifact, "runtime": runtime, "status": "error", "message": "measurement timed out"}
-        if out.is_file():
-            result = json.loads(out.read_text())
-            out.unlink()
-        else:  # the runtime crashed the process before it could write anything
-            result = {"artifact": artifact, "runtime": runtime, "status": "error",
-                      "message": f"measurement process exited with code {proc.returncode}: {proc.stderr.strip()[-2000:]}"}
+        with tempfile.TemporaryDirectory(prefix="edgesmith-measure-") as tmp:
+            out = Path(tmp) / "result.json"
+            args = [sys.executable, "-m", "device_tests.measure", "--bundle", str(Path(self.bundle_path).resolve()),
+                    "--artifact", artifact, "--runtime", runtime, "--threads", str(self.threads),
+                    "--precision-hint", self.precision_hint, "--min-queries", str(s.min_queries),
+                    "--min-duration", str(s.min_duration_s), "--warmup", str(s.warmup),
+                    "--throughput-batch", str(s.throughput_batch), "--out", str(out)]
+            try:
+                proc = subprocess.run(args, cwd=PACKAGE_PARENT, capture_output=True, text=True,
+                                      timeout=600 + 20 * s.min_duration_s)
+            except subprocess.TimeoutExpired:
+                return {"artifact": artifact, "runtime": runtime, "status": "error", "skipped": False,
+                        "message": "the measurement process did not finish in time"}
+            if out.is_file():
+                result = json.loads(out.read_text())
+            else:  # the runtime crashed the process before it could write anything
+                result = {"artifact": artifact, "runtime": runtime, "status": "error",
+                          "message": f"measurement process exited with code {proc.returncode}: "
+                                     f"{proc.stderr.strip()[-2000:]}"}
         result["exit_code"] = proc.returncode
         result["skipped"] = proc.returncode == EXIT_SKIPPED
         return result

@@ -76,7 +76,8 @@ class EvalSet:
             with np.load(path, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except (OSError, ValueError) as exc:
-            raise EvalSetError(f"{path} is not a readable .npz file ({exc}).", "Re-run the export stage to rewrite it.") from None
+            raise EvalSetError(f"{path} is not a readable .npz file ({exc}).",
+                               "Re-run the export stage to rewrite it.") from None
         if "images_u8" not in arrays or "labels" not in arrays:
             raise EvalSetError(f"{path} holds {sorted(arrays)} but needs at least images_u8 and labels.",
                                "Write images_u8 (uint8 N x C x H x W) and labels (N integers) into it.")
@@ -156,7 +157,8 @@ def _spec(meta: dict, meta_file: Path) -> dict:
 def _artifacts(root: Path, meta: dict) -> list[Artifact]:
     entries = meta.get("artifacts")
     if not isinstance(entries, list) or not entries:
-        raise BundleError(f"{root / METADATA} lists no artifacts.", "Re-run the export stage; it records every file it writes.")
+        raise BundleError(f"{root / METADATA} lists no artifacts.",
+                          "Re-run the export stage; it records every file it writes.")
     known = ("file", "format", "precision", "sha256", "size")
     artifacts = []
     for entry in entries:
@@ -165,7 +167,8 @@ def _artifacts(root: Path, meta: dict) -> list[Artifact]:
                               "Each entry needs at least file and format (and sha256, size, precision).")
         rel = Path(entry["file"])
         if rel.is_absolute() or ".." in rel.parts:
-            raise BundleError(f"Artifact path {rel} leaves the bundle folder.", "Artifact paths must be relative, without '..'.")
+            raise BundleError(f"Artifact path {rel} leaves the bundle folder.",
+                              "Artifact paths must be relative, without '..'.")
         artifacts.append(Artifact(str(entry["file"]), str(entry["format"]), str(entry.get("precision", "unknown")),
                                   root / rel, entry.get("sha256"), entry.get("size"),
                                   {k: v for k, v in entry.items() if k not in known}))

@@ -116,7 +116,8 @@ class Session:
         if self.results_path is None:
             return
         counts = {k: sum(o["outcome"] == k for o in self.outcomes) for k in ("passed", "failed", "skipped")}
-        data = {"schema": SCHEMA, "bundle": str(self.bundle_path), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        data = {"schema": SCHEMA, "bundle": str(self.bundle_path), "created": created,
                 "environment": environment(), "error": self.error,
                 "settings": {"runtimes": self.runtimes, "threads": self.threads, "precision_hint": self.precision_hint,
                              **self.settings.to_dict()},

@@ -24,7 +24,8 @@ def demo_sections() -> list[Section]:
     fig, ax = plt.subplots(figsize=(4, 3))
     ax.plot([0, 1, 2], [0.9, 0.8, 0.85], "o-", color="tab:red")
     rows = [["model.onnx", 0.91, 0.0213], ["<script>alert(1)</script>", 0.5, 1234.5]]
-    return [Section("Accuracy", html_table(["artifact", "top-1", "p50 ms"], rows), md_table(["artifact", "top-1", "p50 ms"], rows)),
+    headers = ["artifact", "top-1", "p50 ms"]
+    return [Section("Accuracy", html_table(headers, rows), md_table(headers, rows)),
             Section("Distillation (added by another stage)", figure_html(fig, "loss curve"), "see the HTML")]
 
 

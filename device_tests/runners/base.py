@@ -55,8 +55,9 @@ class Runner:
         except DeviceTestError:
             raise
         except Exception as exc:  # the runtimes raise their own types; the user needs the message, not the class
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise IncompatibleArtifactError(
-                f"{self.name} could not load {self.path.name}: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}",
+                f"{self.name} could not load {self.path.name}: {first_line}",
                 "Check that the file is a complete, valid model (re-export it) and that this runtime supports its operators.",
             ) from None
         self.is_active = True
@@ -133,7 +134,8 @@ def default_runtime(fmt: str) -> str:
     for name in ("onnxruntime", "openvino", "tensorrt"):
         if name in RUNNERS and fmt in RUNNERS[name].bundle_formats:
             return name
-    raise IncompatibleArtifactError(f"No runner handles format '{fmt}'.", "Pass an ONNX, OpenVINO IR or TensorRT engine file.")
+    raise IncompatibleArtifactError(f"No runner handles format '{fmt}'.",
+                                    "Pass an ONNX, OpenVINO IR or TensorRT engine file.")
 
 
 def _lazy(module: str, runtime: str, install: str) -> Callable:

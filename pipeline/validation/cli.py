@@ -23,7 +23,8 @@ def profile(
     model: Path = typer.Argument(..., help="model file: .onnx, OpenVINO .xml (with its .bin), TensorRT .engine/.plan"),
     runtime: Optional[str] = typer.Option(None, help="onnxruntime | openvino | tensorrt (default: by file type)"),
     target: str = typer.Option("local", help="'local' or ssh://user@host[:port][?python=/path/to/python]"),
-    eval_set: Optional[Path] = typer.Option(None, "--eval", help="eval.npz (images_u8 + labels [+ teacher_pred, fp32_pred]) for accuracy"),
+    eval_set: Optional[Path] = typer.Option(None, "--eval",
+                                            help="eval.npz (images_u8, labels; teacher_pred, fp32_pred) for accuracy"),
     threads: int = typer.Option(1, help="runtime threads (0: the runtime's default)"),
     queries: int = typer.Option(1024, help="minimum timed queries at batch 1"),
     duration: float = typer.Option(2.0, help="minimum timed seconds at batch 1 (and for throughput)"),
@@ -152,7 +153,8 @@ def print_result(r: dict) -> None:
                   f"· load {r['load_s']:.2f} s · {env['cpu_model']} ({env['usable_cores']} usable cores)")
     if "accuracy" in r:
         a = r["accuracy"]
-        extra = "".join(f" · agreement with {k.split('_')[1]} {a[k]:.4f}" for k in ("agreement_teacher", "agreement_fp32") if k in a)
+        keys = ("agreement_teacher", "agreement_fp32", "agreement_int8")
+        extra = "".join(f" · agreement with {k.split('_')[1]} {a[k]:.4f}" for k in keys if k in a)
         console.print(f"accuracy: top-1 {a['top1']:.4f} on {a['n']} images{extra}")
     if r.get("synthetic_input"):
         console.print("(random input of the model's shape; pass --eval for accuracy and real images)")

@@ -48,7 +48,7 @@ class SshConfig(Section):
     python: str = Field("python3", description="Python on the target; a venv with its packages is made from it")
     connect_timeout_s: float = Field(10.0, gt=0)
     command_timeout_s: float = Field(1800.0, gt=0, description="limit for one remote command (the suite run)")
-    known_hosts: Optional[str] = Field(None, description="known_hosts file (default ~/.ssh/known_hosts); unknown hosts are refused")
+    known_hosts: Optional[str] = Field(None, description="default ~/.ssh/known_hosts; unknown hosts are refused")
     key_file: Optional[str] = Field(None, description="private key (default: ssh agent and ~/.ssh/id_*)")
     workdir: str = Field(".cache/edgesmith", description="folder on the target (relative to the login's home)")
 

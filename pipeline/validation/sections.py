@@ -37,8 +37,8 @@ def verdict_section(verdicts: list[Verdict]) -> Section:
     note = ('<p class="note">Accuracies are fractions of the evaluation set; drops are in the same unit. '
             "Latency budgets apply to the model call at batch 1; memory is the peak RSS of the measuring process.</p>")
     md = ("**FAILED**" if missed else "**PASSED**") + f": {len(verdicts) - len(missed)}/{len(verdicts)} checks met.\n\n"
-    return Section("Verdict and budgets", headline + html_table(headers, rows, ["ok" if v.ok else "fail" for v in verdicts], left=4)
-                   + note, md + md_table(headers, rows))
+    table = html_table(headers, rows, ["ok" if v.ok else "fail" for v in verdicts], left=4)
+    return Section("Verdict and budgets", headline + table + note, md + md_table(headers, rows))
 
 
 def results_section(runs: list[TargetRun]) -> Section:

@@ -62,7 +62,8 @@ class SshSession:
                               f"(ssh-keygen -R '[{t.host}]:{t.port}' -f {known_hosts}).") from None
         except paramiko.AuthenticationException as exc:
             raise DeviceError(f"{t.user}@{t.host}:{t.port} refused the key ({exc}).",
-                              "Add your public key to the target's ~/.ssh/authorized_keys, or set validate.ssh.key_file.") from None
+                              "Add your public key to the target's ~/.ssh/authorized_keys, or set "
+                              "validate.ssh.key_file.") from None
         except paramiko.SSHException as exc:
             if "not found in known_hosts" in str(exc):
                 raise DeviceError(f"{t.host}:{t.port} is not in {known_hosts}; edgesmith does not trust unknown hosts.",
@@ -172,13 +173,15 @@ def prepare(session: SshSession, python: str, runtimes: list[str], workdir: Pure
         info = json.loads(out.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
         raise DeviceError(f"Preparing the environment on {session.target.spec} failed: {out.strip()[-500:]}",
-                          "Check that the target's Python is 3.9 or newer and has the venv module (Debian: python3-venv).") from None
+                          "Check that the target's Python is 3.9 or newer and has the venv module "
+                          "(Debian: python3-venv).") from None
     if info.get("error"):
         raise DeviceError(f"The virtual environment on {session.target.spec} does not start: {info['error']}",
                           "Remove it on the target and retry, or set validate.ssh.python to another interpreter.")
     if info["missing"]:
         names = ", ".join(info["missing"])
-        raise DeviceError(f"The target {session.target.spec} lacks {names} for {python} ({'; '.join(info['missing'].values())}).",
+        why = "; ".join(info["missing"].values())
+        raise DeviceError(f"The target {session.target.spec} lacks {names} for {python} ({why}).",
                           f"Install them on the target (e.g. {python} -m pip install {' '.join(info['missing'])}), or set "
                           "validate.ssh.python to a Python that has them, or remove the runtime from validate.runtimes.")
     return info

@@ -133,7 +133,9 @@ def pytest_configure(config):
     session = Session(config)
     config.stash[SESSION] = session
     config.pluginmanager.register(session, "edgesmith-device-session")
-    if config.option.bundle is None and not config.option.help:
+    if config.option.help:
+        return
+    if config.option.bundle is None:
         raise pytest.UsageError("device_tests needs --bundle PATH (the folder with artifacts.json, the models, eval.npz).")
     try:
         session.load()

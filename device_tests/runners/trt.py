@@ -37,11 +37,13 @@ class TensorRtRunner(Runner):
         else:
             import onnx  # only to read the input name and shape for the optimisation profile
 
-            graph_input = onnx.load(str(self.path), load_external_data=False).graph.input[0]
-            dims = [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
+            graph = onnx.load(str(self.path), load_external_data=False).graph
+            dims = [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim]
             fixed = [d or 1 for d in dims[1:]]
-            profile = Profile().add(graph_input.name, min=[1, *fixed], opt=[1, *fixed], max=[self.max_batch, *fixed])
-            config = CreateConfig(fp16=self.precision_hint == "f16", profiles=[profile])
+            profile = Profile().add(graph.input[0].name, min=[1, *fixed], opt=[1, *fixed], max=[self.max_batch, *fixed])
+            # Explicit quantization: Q/DQ nodes carry the scales, the INT8 flag lets TensorRT use them (no calibration).
+            qdq = any(node.op_type == "QuantizeLinear" for node in graph.node)
+            config = CreateConfig(fp16=self.precision_hint == "f16", int8=qdq, profiles=[profile])
             loader = EngineFromNetwork(NetworkFromOnnxPath(str(self.path)), config=config)
         self._runner = TrtRunner(loader)
         self._runner.activate()

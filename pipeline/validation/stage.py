@@ -28,11 +28,13 @@ class ValidateStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.config.section("validate")
         bundle = ctx.inputs["export"].dir
-        runs = [self._run_target(ctx, spec, bundle, cfg) for spec in cfg.targets]
+        runs = []
+        with ctx.progress.task("validate: targets", total=len(cfg.targets)) as task:
+            for spec in cfg.targets:
+                runs.append(self._run_target(ctx, spec, bundle, cfg))
+                task.advance(1, target=spec)
         verdicts = check(runs, cfg.budgets)
-        class_names = _class_names(bundle)
-        write_report(ctx.out, f"Validation of {ctx.config.build.name}", validation_sections(runs, verdicts, class_names),
-                     subtitle=f"bundle {bundle.name}, {len(cfg.targets)} target(s), runtimes {', '.join(cfg.runtimes)}")
+        report_error = self._report(ctx, bundle, cfg, runs, verdicts)
         missed = [v for v in verdicts if not v.ok]
         ctx.log(f"validate: {len(verdicts) - len(missed)}/{len(verdicts)} checks met (report.html in the validate folder)")
         # complete=False: some target could not run the suite (unreachable, runtime missing); the runner may
@@ -40,7 +42,19 @@ class ValidateStage(Stage):
         return {"passed": not missed, "complete": all(r.error is None for r in runs), "checks": len(verdicts),
                 "missed": len(missed),
                 "budgets": [v.to_dict() for v in verdicts], "targets": [r.summary() for r in runs],
-                "artifacts": _summary(runs)}
+                "artifacts": _summary(runs), "report_error": report_error}
+
+    def _report(self, ctx: StageContext, bundle: Path, cfg, runs, verdicts) -> str | None:
+        """Write report.html / report.md. A plotting failure must not throw away the measurements: it is
+        logged and recorded, and the results are committed all the same."""
+        try:
+            write_report(ctx.out, f"Validation of {ctx.config.build.name}",
+                         validation_sections(runs, verdicts, _class_names(bundle)),
+                         subtitle=f"bundle {bundle.name}, {len(cfg.targets)} target(s), runtimes {', '.join(cfg.runtimes)}")
+        except Exception as exc:  # noqa: BLE001 (any plotting error; the results matter more)
+            ctx.log(f"[red]validate: the report could not be written: {exc!r}[/]")
+            return repr(exc)
+        return None
 
     def _run_target(self, ctx: StageContext, spec: str, bundle: Path, cfg) -> TargetRun:
         target = parse_target(spec)

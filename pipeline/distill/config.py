@@ -19,7 +19,8 @@ class SubspacesConfig(Section):
         "subdistill", description="subdistill (relevance of activations x margin gradients); ablations: pca "
         "(activations only), prca (cross term only), random (a random orthonormal basis)")
     positions_per_image: int = Field(20, ge=1, description="random spatial positions kept per image and layer")
-    max_images: Optional[int] = Field(4096, ge=1, description="cap on training images used (None: all)")
+    max_images: Optional[int] = Field(
+        2048, ge=1, description="cap on training images (None: all); the teacher backward pass dominates the cost")
     batch_size: int = Field(128, ge=1)
 
 

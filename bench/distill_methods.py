@@ -47,6 +47,7 @@ from pipeline.models import create_model, load_teacher  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import Build, StageContext, StageRecord  # noqa: E402
 from pipeline.stages.common import accuracy, predict_logits, subtask_data  # noqa: E402
+from pipeline.stages.distill import DistillStage  # noqa: E402
 from pipeline.stages.subspaces import SubspacesStage  # noqa: E402
 from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
 
@@ -65,7 +66,8 @@ QUIET = ProgressDisplay(Console(quiet=True), enabled=False)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--teachers", nargs="+", default=["efficientnet", "cnn"], choices=["efficientnet", "cnn"])
+    p.add_argument("--teachers", nargs="*", default=["efficientnet", "cnn"], choices=["efficientnet", "cnn"],
+                   help="none given: only the stage timing")
     p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
     p.add_argument("--subtasks", type=int, default=3, help=f"how many of the {len(SUBTASKS)} subtasks")
     p.add_argument("--seeds", type=int, default=3)
@@ -88,6 +90,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine 2 threads can run 10x SLOWER from contention)")
     p.add_argument("--stage-threads", type=int, default=2, help="torch threads for the subspaces stage timing")
+    p.add_argument("--stability-images", type=int, default=1024,
+                   help="subspace stability: two disjoint sets of this many images (0: skip)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="only merge these JSON reports (e.g. one per teacher, run in parallel) into --out")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, CNN teacher, 1 seed, 2 epochs")
@@ -130,7 +134,28 @@ def adapted_teacher(kind: str, args) -> tuple[Path, dict]:
     return Path(summary[-1]["dir"]), raw
 
 
-def subspaces_stage_seconds(adapt_dir: Path | None, threads: int) -> dict:
+def subspace_stability(ctx: StageContext, images: int) -> list[dict]:
+    """Estimate each layer's subspace on two DISJOINT sets of `images` training images of the default subtask;
+    overlap = ||U1^T U2||_F^2 / k (1: the same subspace; a random pair of k-subspaces of R^d gives about k/d)."""
+    cfg = ctx.config
+    data = subtask_data(cfg)
+    models = DistillStage().prepare_models(ctx, data)
+    pairs = layer_pairs(cfg.distill.layers, models)
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1))
+    source = as_tensor(data.train.images)
+    halves = [source[order[i * images:(i + 1) * images].sort().values] for i in range(2)]
+    estimates = []
+    for half in halves:
+        normalised = (models.teacher_view(half[idx]) for idx in batches(len(half), 128))
+        moments = accumulate(models.teacher, normalised, pairs, models.teacher_ids, 20, cfg.build.seed)
+        estimates.append([Subspace.from_moments(m, p.student_channels, "subdistill", 0) for m, p in zip(moments, pairs)])
+    return [{"pair": f"{p.teacher}<-{p.student}", "k": p.student_channels, "d": p.teacher_channels,
+             "overlap": float((a.basis.T @ b.basis).pow(2).sum() / p.student_channels),
+             "random_overlap": p.student_channels / p.teacher_channels}
+            for p, a, b in zip(pairs, *estimates)]
+
+
+def subspaces_stage_seconds(adapt_dir: Path | None, threads: int, stability_images: int) -> dict:
     """The real `subspaces` stage's run() on the default config with method subdistill (its full subtask training
     split, the default image cap), on the default config's adapted teacher, with `threads` torch threads."""
     raw = default_raw()
@@ -146,10 +171,12 @@ def subspaces_stage_seconds(adapt_dir: Path | None, threads: int) -> dict:
             start = time.perf_counter()
             metrics = SubspacesStage().run(ctx)
             wall = time.perf_counter() - start
+            stability = subspace_stability(ctx, stability_images) if stability_images else None
     finally:
         torch.set_num_threads(previous)
     return {"estimation_s": metrics["estimation_s"], "stage_wall_s": wall, "threads": threads,
-            "images": metrics["images"], "pairs": metrics["pairs"], "layers": metrics["layers"]}
+            "images": metrics["images"], "pairs": metrics["pairs"], "layers": metrics["layers"],
+            "stability": stability}
 
 
 # -- one subtask ----------------------------------------------------------------------------------------------------
@@ -274,6 +301,8 @@ def summarise(runs: list[dict], methods: list[str]) -> dict:
 
 def print_table(report: dict, methods: list[str]) -> None:
     teachers = list(report["teachers"])
+    if not teachers:
+        return print_stage_timing(report)
     print("\nsubtask test accuracy, mean over subtasks of the mean over seeds (+- mean seed std); img/s = training")
     print(f"{'method':<14}" + "".join(f"{t:>30}" for t in teachers))
     for method in methods:
@@ -292,10 +321,21 @@ def print_table(report: dict, methods: list[str]) -> None:
                 f"{m} {100 * entry['summary'][m]['per_subtask'][name][0]:.1f}" for m in methods)
             for name, acc in entry["teacher_test_acc"].items()))
         print("  subspace estimation: " + ", ".join(f"{n} {s:.1f} s" for n, s in entry["subspace_s"].items()))
+        summary = entry["summary"]
+        if "kd" in summary:
+            print("  training throughput relative to kd: " + ", ".join(
+                f"{m} {summary[m]['images_per_s'] / summary['kd']['images_per_s']:.2f}" for m in methods))
+    print_stage_timing(report)
+
+
+def print_stage_timing(report: dict) -> None:
     if "stage_timing" in report:
         st = report["stage_timing"]
         print(f"\nsubspaces stage, default config: {st['estimation_s']:.1f} s estimation "
-              f"({st['images']} images, pairs {st['pairs']}), stage wall {st['stage_wall_s']:.1f} s")
+              f"({st['images']} images, {st['threads']} threads, pairs {st['pairs']}), stage wall {st['stage_wall_s']:.1f} s")
+        for row in st.get("stability") or []:
+            print(f"  stability {row['pair']}: overlap of two disjoint-image estimates {row['overlap']:.3f} "
+                  f"(random subspaces: {row['random_overlap']:.3f})")
 
 
 def log(message: str) -> None:
@@ -352,7 +392,8 @@ def main(argv=None) -> None:
                 "train_images": {t.name: len(t.data.train) for t in tasks},
                 "summary": summarise(runs, methods), "runs": runs}
     if args.stage_timing:
-        report["stage_timing"] = subspaces_stage_seconds(args.efficientnet_adapt, args.stage_threads)
+        report["stage_timing"] = subspaces_stage_seconds(args.efficientnet_adapt, args.stage_threads,
+                                                         args.stability_images)
     report["wall_s"] = time.perf_counter() - started
     print_table(report, methods)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -76,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--test-per-class", type=int, default=500)
     p.add_argument("--efficientnet-adapt", type=Path, default=None,
                    help="use this committed adapt/ folder of the default config instead of building it")
+    p.add_argument("--subspace-images", type=int, default=1024, help="cap on images per subtask's subspace estimate")
     p.add_argument("--teacher-train-per-class", type=int, default=1500, help="CNN teacher: images per class")
     p.add_argument("--teacher-epochs", type=int, default=3, help="CNN teacher: epochs from scratch")
     p.add_argument("--lambda-grid", type=float, nargs="+", default=[0.1, 1.0, 10.0],
@@ -210,7 +211,8 @@ def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, wo
     precomputed = teacher_pass(models, pairs, images)
     test_logits = predict_logits(teacher, tview, data.test.images, torch.device("cpu"), columns=models.teacher_ids)
     start = time.perf_counter()
-    normalised = (tview(images[idx]) for idx in batches(len(images), 128))
+    chosen = images[:args.subspace_images]     # the subtask's training images are in dataset order, classes mixed
+    normalised = (tview(chosen[idx]) for idx in batches(len(chosen), 128))
     moments = accumulate(teacher, normalised, pairs, models.teacher_ids, positions=20, seed=0)
     subspaces = [Subspace.from_moments(m, p.student_channels, "subdistill", i) for i, (m, p) in enumerate(zip(moments, pairs))]
     seconds = time.perf_counter() - start

@@ -195,7 +195,8 @@ def test_vit_tokens_become_a_grid_without_the_class_token():
     torch.testing.assert_close(grid[1, :, 0, 1], tokens[1, 2])      # token 2 = patch (0, 1), after the class token
 
 
-def test_vit_teacher_cnn_student_subdistill_trains(tmp_path):
+@pytest.mark.parametrize("augment", [False, True])
+def test_vit_teacher_cnn_student_subdistill_trains(tmp_path, augment):
     torch.manual_seed(0)
     teacher = tiny_vit().eval()
     for p in teacher.parameters():
@@ -217,8 +218,8 @@ def test_vit_teacher_cnn_student_subdistill_trains(tmp_path):
     method = SubDistill(cfg, pairs=pairs, teacher=teacher, student=student, subspaces_dir=tmp_path)
     cached = TeacherOutputs(models, method, images, torch.device("cpu"), cached=True)
     assert cached.cached[1][0].shape == (48, 8, 4, 4)                  # k x h x w per image, not d x h x w
-    result = distill(models, method, train, val, cfg, seed=0, augment=False, device=torch.device("cpu"),
-                     progress=ProgressDisplay(enabled=False))
+    result = distill(models, method, train, val, cfg, seed=0, augment=augment, device=torch.device("cpu"),
+                     progress=ProgressDisplay(enabled=False))      # augment: teacher targets on the fly
     first, last = result["history"][0], result["history"][-1]
     assert {"kd", "layer0", "layer1", "total"} <= set(first)
     assert last["layer0"] < first["layer0"] and last["layer1"] < first["layer1"]

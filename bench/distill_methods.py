@@ -53,7 +53,7 @@ from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "distill_methods.json"
-METHOD_ORDER = ["student_only", "kd", "subdistill", "fitnet", "attention", "vkd"]
+METHOD_ORDER = ["student_only", "kd", "subdistill", "subdistill_unit", "fitnet", "attention", "vkd"]
 SUBTASKS = [
     ["T-shirt/top", "Pullover", "Coat", "Shirt"],          # the default: the hard "tops"
     ["Sandal", "Sneaker", "Ankle boot"],                   # footwear

@@ -18,7 +18,7 @@ from pipeline.errors import ConfigError, ModelError
 from pipeline.models import create_model
 from pipeline.progress import ProgressDisplay
 
-LAYER_METHODS = ("subdistill", "fitnet", "attention", "vkd")
+LAYER_METHODS = ("subdistill", "subdistill_unit", "fitnet", "attention", "vkd")
 
 
 def subspace_from_maps(teacher_maps: torch.Tensor, k: int, seed: int = 0) -> Subspace:
@@ -109,7 +109,7 @@ def cnn_pair() -> tuple[torch.nn.Module, torch.nn.Module, list[PairSpec]]:
 def test_every_method_returns_named_losses_and_trains_its_parts(name, tmp_path):
     teacher, student, pairs = cnn_pair()
     x = torch.randn(6, 1, 28, 28)
-    if name == "subdistill":
+    if name.startswith("subdistill"):
         moments = accumulate(teacher, [x], pairs, [0, 1, 2], positions=20, seed=0)
         save_subspaces(tmp_path, pairs, [Subspace.from_moments(m, p.student_channels, "subdistill", 0)
                                          for m, p in zip(moments, pairs)], {})
@@ -256,3 +256,15 @@ def test_cnn_teacher_vit_student_pairs_and_trains(tmp_path):
     result = distill(models, method, train, train, cfg, seed=0, augment=False, device=torch.device("cpu"),
                      progress=ProgressDisplay(enabled=False))
     assert result["history"][-1]["layer1"] < result["history"][0]["layer1"]
+
+
+def test_unit_targets_rescale_the_target_and_keep_zero_prediction_at_one(tmp_path):
+    maps = 7.0 * teacher_maps()                               # a teacher with large activations
+    reference = make_subdistill(tmp_path, maps, k=3)
+    unit = METHODS.get("subdistill_unit")(DistillConfig(method="subdistill_unit"), pairs=reference.pairs,
+                                          subspaces_dir=tmp_path)
+    raw, scaled = reference.teacher_target(0, maps), unit.teacher_target(0, maps)
+    torch.testing.assert_close(scaled, raw / torch.sqrt(reference.alpha0 / 3))
+    assert float(scaled.pow(2).sum(1).mean()) == pytest.approx(3.0, rel=0.05)     # unit energy per direction
+    zeros = torch.zeros(16, 3, 4, 4)
+    assert float(unit.train().pair_loss(0, zeros, scaled).detach()) == pytest.approx(1.0, abs=0.05)

@@ -155,6 +155,7 @@ class SubDistill(LayerMethod):
 
     needs_subspaces = True
     default_lambda = 1.0
+    unit_targets = False     # the reference keeps the teacher's own scale
 
     def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, **context):
         super().__init__(cfg, pairs, **context)
@@ -169,13 +170,18 @@ class SubDistill(LayerMethod):
             self.register_buffer(f"basis{i}", layer["basis"])
             self.register_buffer(f"mean{i}", layer["mean"])
             self.register_buffer(f"alpha{i}", layer["alpha"])
+            # unit_targets: divide t~ by sqrt(alpha / k) so each subspace direction carries unit energy on average
+            # (the loss normaliser alpha becomes k; predicting zero still costs about 1).
+            scale = torch.sqrt(layer["alpha"] / self.pairs[i].student_channels) if self.unit_targets else torch.tensor(1.0)
+            self.register_buffer(f"scale{i}", scale)
         self.centre = nn.ModuleList(MeanCentre(p.student_channels) for p in self.pairs)
         self.rotate = nn.ModuleList(orthogonal_linear(p.student_channels, p.student_channels) for p in self.pairs)
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         # Pooling commutes with the affine projection, so pool first: fewer positions to project.
         centred = teacher_map - getattr(self, f"mean{index}").view(1, -1, 1, 1)
-        return F.conv2d(centred, getattr(self, f"basis{index}").T[:, :, None, None])   # U_k^T per position
+        projected = F.conv2d(centred, getattr(self, f"basis{index}").T[:, :, None, None])   # U_k^T per position
+        return projected / getattr(self, f"scale{index}")
 
     def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # ||V (s - m) - t~||^2 = ||(s - m) - V^T t~||^2 as V is orthogonal: rotating the gradient-free target
@@ -183,7 +189,17 @@ class SubDistill(LayerMethod):
         rotated_target = F.conv2d(target, self.rotate[index].weight.T[:, :, None, None])
         squared = F.mse_loss(self.centre[index](student_map), rotated_target, reduction="sum")
         n, _, h, w = target.shape
-        return squared / (n * h * w) / getattr(self, f"alpha{index}")   # per position, mean over images
+        normaliser = getattr(self, f"alpha{index}") / getattr(self, f"scale{index}") ** 2
+        return squared / (n * h * w) / normaliser   # per position, mean over images
+
+
+@METHODS.register("subdistill_unit")
+class SubDistillUnitTargets(SubDistill):
+    """SubDistill with the teacher targets rescaled to unit energy per subspace direction. Not in the reference:
+    a teacher whose activations are much larger than a BatchNorm'd student's (EfficientNet-Lite blocks: std ~10)
+    makes the student grow its BatchNorm scales by an order of magnitude before the layer loss can drop below 1."""
+
+    unit_targets = True
 
 
 def _check_same_pairs(pairs: Sequence[PairSpec], estimated: Sequence[PairSpec]) -> None:

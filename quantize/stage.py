@@ -39,6 +39,10 @@ class QATStage(Stage):
         data = subtask_data(ctx.config)
         view = view_of(spec)
         float_model, metrics = self.prepare(student, cfg, view, data)
+        if metrics.get("batchnorm_not_folded"):
+            ctx.log(f"qat: warning: {len(metrics['batchnorm_not_folded'])} BatchNorm layers are not right after a "
+                    f"convolution and stay unfolded ({', '.join(metrics['batchnorm_not_folded'][:5])}): ONNX Runtime "
+                    "cannot fuse those INT8 blocks, so check the INT8 latency in bench/ or validate.")
         model = quantize_ptq(float_model, self.calibration(data, view, cfg, ctx.config.build.seed),
                              cfg.preset, cfg.ignored_scope)
         metrics["ptq_val_acc"] = accuracy(model, view, data.val.images, data.val.labels)

@@ -21,12 +21,26 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         return _pairs_from_sequentials(model)
 
 
+class _BatchNormLeafTracer(torch.fx.Tracer):
+    """Keeps BatchNorm subclasses (timm's BatchNormAct2d) as single nodes instead of tracing into them."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return foldable_batchnorm(module) or super().is_leaf_module(module, qualified_name)
+
+
+def foldable_batchnorm(module: nn.Module) -> bool:
+    """A plain BatchNorm2d, or timm's BatchNormAct2d (BatchNorm, then its `drop` and `act` modules)."""
+    return type(module) is nn.BatchNorm2d or (
+        isinstance(module, nn.BatchNorm2d) and isinstance(getattr(module, "act", None), nn.Module)
+        and isinstance(getattr(module, "drop", None), nn.Module))
+
+
 def _pairs_from_trace(model: nn.Module) -> list[tuple[str, str]]:
-    graph = torch.fx.symbolic_trace(model).graph
+    graph = _BatchNormLeafTracer().trace(model)
     modules = dict(model.named_modules())
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or type(modules.get(node.target)) is not nn.BatchNorm2d:
+        if node.op != "call_module" or not foldable_batchnorm(modules.get(node.target)):
             continue
         source = node.args[0]
         if (isinstance(source, torch.fx.Node) and source.op == "call_module"
@@ -42,8 +56,7 @@ def _pairs_from_sequentials(model: nn.Module) -> list[tuple[str, str]]:
             continue
         children = list(parent.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-            # Exact type: subclasses such as timm's BatchNormAct2d also apply an activation.
-            if isinstance(conv, nn.Conv2d) and type(bn) is nn.BatchNorm2d:
+            if isinstance(conv, nn.Conv2d) and foldable_batchnorm(bn):
                 prefix = f"{parent_name}." if parent_name else ""
                 pairs.append((prefix + conv_name, prefix + bn_name))
     return pairs
@@ -67,8 +80,10 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, list[str]]:
     pairs = find_conv_bn_pairs(folded)
     modules = dict(folded.named_modules())
     for conv_name, bn_name in pairs:
-        fold_into_conv(modules[conv_name], modules[bn_name])
-        _replace(folded, bn_name, nn.Identity())
+        bn = modules[bn_name]
+        fold_into_conv(modules[conv_name], bn)
+        # What a BatchNormAct2d does after normalising stays: its dropout and activation.
+        _replace(folded, bn_name, nn.Sequential(bn.drop, bn.act) if type(bn) is not nn.BatchNorm2d else nn.Identity())
     left = [n for n, m in folded.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     return folded, left
 

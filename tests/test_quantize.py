@@ -187,3 +187,23 @@ def test_quantized_student_round_trip_through_its_spec(tmp_path, fold_bn):
     assert torch.equal(restored(x), model(x)) and restored_spec == spec
     has_bn = any(isinstance(m, nn.BatchNorm2d) for m in float_model_factory(spec)().modules())
     assert has_bn is not fold_bn
+
+
+def test_timm_batchnorm_with_activation_is_folded_and_keeps_its_activation():
+    from timm.layers import BatchNormAct2d
+
+    class ConvBnAct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, bias=False)
+            self.bn = BatchNormAct2d(8, act_layer=nn.ReLU)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    model = trained_stats(ConvBnAct())
+    folded, left = fold_batchnorm(model)
+    x = torch.randn(2, 1, 8, 8)
+    assert left == [] and isinstance(folded.bn, nn.Sequential)
+    assert torch.allclose(model(x), folded(x), atol=1e-5)
+    assert (folded(x) >= 0).all(), "the ReLU inside BatchNormAct2d survived the folding"

@@ -231,3 +231,30 @@ def test_mixed_preset_gives_asymmetric_activations_that_onnxruntime_still_fuses(
     assert fused_ops(tmp_path / "m.onnx").get("QLinearConv", 0) == 3
     x = torch.randn(8, 1, 8, 8)
     assert np.abs(onnxruntime_runner(tmp_path / "m.onnx")(x.numpy()) - q(x).detach().numpy()).max() < 0.02
+
+
+def test_int8_convolutions_onnxruntime_cannot_fuse_are_reported(tmp_path):
+    from exporters.formats import ExportJob, onnx_int8
+
+    class HardSwishNet(nn.Module):  # MobileNetV3-style activation: ONNX Runtime keeps DQ -> Conv in float
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 8, 3, padding=1)
+            self.act = nn.Hardswish()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.head(self.act(self.conv(x)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = HardSwishNet().eval()
+    q = quantize_ptq(model, calibration_batches([torch.randn(16, 1, 8, 8)]))
+    logs: list[str] = []
+    inputs = torch.randn(20, 1, 8, 8).numpy()
+    job = ExportJob(out=tmp_path, cfg=ExportConfig(), meta={"class_names": ["a", "b", "c"]}, example=EXAMPLE,
+                    models={"fp32": model, "int8": q}, parity_inputs=inputs, parity_labels=np.zeros(20, np.int64),
+                    log=logs.append)
+    [record] = onnx_int8(job)
+    assert record["onnxruntime_int8_conv_fraction"] < 1
+    assert any("warning" in line and "model.int8.onnx" in line for line in logs)
+    assert record["parity"]["top1_agreement"] >= 0.95

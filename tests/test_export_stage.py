@@ -163,6 +163,7 @@ def test_int8_onnx_holds_qdq_pairs_and_onnxruntime_fuses_them(export_run):
     assert ops.count("QuantizeLinear") >= 3 and ops.count("DequantizeLinear") >= ops.count("QuantizeLinear")
     fused = artifact(listing, "model.int8.onnx")["onnxruntime_ops"]
     assert fused.get("QLinearConv", 0) >= 2 and "Conv" not in fused
+    assert artifact(listing, "model.int8.onnx")["onnxruntime_int8_conv_fraction"] == 1.0
 
 
 def test_int8_onnx_stores_int8_weights_and_is_smaller(export_run):

@@ -43,7 +43,7 @@ from pipeline.models import count_params, create_model  # noqa: E402
 from pipeline.stages.common import subtask_data  # noqa: E402
 from quantize.fold import fold_batchnorm  # noqa: E402
 from quantize.nncf_ops import calibration_batches, quantize_ptq  # noqa: E402
-from quantize.qat import TrainSet, accuracy, distillation_loss, finetune  # noqa: E402
+from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune  # noqa: E402
 
 CLASSES = ["T-shirt/top", "Pullover", "Shirt", "Coat"]
 VIEW = View(28, 1, (0.5,), (0.5,))
@@ -62,6 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--min-queries", type=int, default=1024, help="timed batch-1 queries per model (at least)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed duration per model and batch")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (reruns update their archs)")
     return p.parse_args(argv)
 
 
@@ -140,7 +141,7 @@ def bench_arch(arch: str, data, args, work: Path) -> dict:
                             for i in batches(len(data.train), 512)])
     start = time.perf_counter()
     history = finetune(qat, VIEW, TrainSet(data.train.images, data.train.labels, target),
-                       lambda m: accuracy(m, VIEW, data.val.images, data.val.labels),
+                       lambda m: model_accuracy(m, VIEW, data.val.images, data.val.labels),
                        distillation_loss(DistillConfig(temperature=4.0, label_weight=0.5)),
                        args.qat_epochs, args.qat_lr, 64, seed=args.seed)
     result["qat_s"] = round(time.perf_counter() - start, 1)
@@ -148,9 +149,9 @@ def bench_arch(arch: str, data, args, work: Path) -> dict:
     export_onnx_int8(qat, paths["qat"], example, 17, True)
 
     result["test_acc_onnxruntime"] = {k: ort_accuracy(p, test_x, data.test.labels) for k, p in paths.items()}
-    result["test_acc_torch"] = {"fp32": accuracy(fp32, VIEW, data.test.images, data.test.labels),
-                                "ptq": accuracy(ptq, VIEW, data.test.images, data.test.labels),
-                                "qat": accuracy(qat, VIEW, data.test.images, data.test.labels)}
+    result["test_acc_torch"] = {"fp32": model_accuracy(fp32, VIEW, data.test.images, data.test.labels),
+                                "ptq": model_accuracy(ptq, VIEW, data.test.images, data.test.labels),
+                                "qat": model_accuracy(qat, VIEW, data.test.images, data.test.labels)}
     result["file_kib"] = {k: round(p.stat().st_size / 1024, 1) for k, p in paths.items()}
     result["latency"] = {}
     for batch in (1, 64):
@@ -169,7 +170,7 @@ def environment(args) -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "ort_threads": args.threads, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "nncf": nncf.__version__, "python": platform.python_version(),
-            "settings": {k: v for k, v in vars(args).items() if k != "archs"}}
+            "settings": {k: v for k, v in vars(args).items() if k not in ("archs", "results")}}
 
 
 def print_table(results: dict) -> None:
@@ -190,17 +191,17 @@ def main(argv=None) -> int:
                         "data": {"train_per_class": args.train_per_class}, "subtask": {"classes": CLASSES},
                         "teacher": {"source": "train"}, "student": {"arch": "cnn_small"}})
     data = subtask_data(cfg)
-    stored = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
     archs = stored.get("archs", {})
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             print(f"{arch}: training, quantizing, measuring ...", flush=True)
             archs[arch] = bench_arch(arch, data, args, Path(tmp))
             archs[arch]["environment"] = environment(args)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"archs": archs}, indent=2, sort_keys=True) + "\n")
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"archs": archs}, indent=2, sort_keys=True) + "\n")
     print_table(archs)
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    print(f"wrote {args.results}")
     return 0
 
 

@@ -39,7 +39,7 @@ class TrainSet:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, view: View, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+def model_accuracy(model: nn.Module, view: View, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
     model.eval()
     source, correct = as_tensor(images), 0
     for idx in batches(len(source), batch_size):

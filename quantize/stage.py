@@ -18,7 +18,7 @@ from .config import QATConfig
 from .fold import fold_batchnorm, max_output_difference
 from .model_io import save_quantized_student, teacher_columns, view_of
 from .nncf_ops import calibration_batches, quantize_ptq
-from .qat import TrainSet, accuracy, distillation_loss, finetune
+from .qat import TrainSet, model_accuracy, distillation_loss, finetune
 
 
 @register_stage
@@ -45,19 +45,19 @@ class QATStage(Stage):
                     "cannot fuse those INT8 blocks, so check the INT8 latency in bench/ or validate.")
         model = quantize_ptq(float_model, self.calibration(data, view, cfg, ctx.config.build.seed),
                              cfg.preset, cfg.ignored_scope)
-        metrics["ptq_val_acc"] = accuracy(model, view, data.val.images, data.val.labels)
+        metrics["ptq_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
         if cfg.mode == "qat":
             metrics["qat_val_history"] = self.finetune(ctx, model, spec, view, data, cfg)
-        metrics["int8_val_acc"] = accuracy(model, view, data.val.images, data.val.labels)
-        metrics["int8_test_acc"] = accuracy(model, view, data.test.images, data.test.labels)
+        metrics["int8_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
+        metrics["int8_test_acc"] = model_accuracy(model, view, data.test.images, data.test.labels)
         save_quantized_student(model, ctx.out, {**spec, "fold_bn": cfg.fold_bn, "qat": cfg.model_dump(mode="json")})
         ctx.log(f"qat: fp32 val {metrics['fp32_val_acc']:.4f}  ptq {metrics['ptq_val_acc']:.4f}  "
                 f"int8 val {metrics['int8_val_acc']:.4f}  test {metrics['int8_test_acc']:.4f}")
         return metrics
 
     def prepare(self, student, cfg: QATConfig, view, data) -> tuple[torch.nn.Module, dict]:
-        metrics = {"fp32_val_acc": accuracy(student, view, data.val.images, data.val.labels),
-                   "fp32_test_acc": accuracy(student, view, data.test.images, data.test.labels)}
+        metrics = {"fp32_val_acc": model_accuracy(student, view, data.val.images, data.val.labels),
+                   "fp32_test_acc": model_accuracy(student, view, data.test.images, data.test.labels)}
         if not cfg.fold_bn:
             return student.eval(), metrics
         folded, left = fold_batchnorm(student)
@@ -83,7 +83,7 @@ class QATStage(Stage):
         train = TrainSet(data.train.images, data.train.labels, teacher_logits)
         per_epoch = min(len(train.images), cfg.max_images or len(train.images))
         with ctx.progress.task("QAT fine-tuning", total=cfg.epochs * per_epoch) as task:
-            return finetune(model, view, train, lambda m: accuracy(m, view, data.val.images, data.val.labels),
+            return finetune(model, view, train, lambda m: model_accuracy(m, view, data.val.images, data.val.labels),
                             distillation_loss(ctx.config.distill), cfg.epochs, cfg.lr, cfg.batch_size,
                             seed=ctx.config.build.seed, max_images=cfg.max_images,
                             on_step=lambda n, loss: task.advance(n, loss=loss))

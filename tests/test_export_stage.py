@@ -111,7 +111,7 @@ def artifact(listing, file):
 
 def test_qat_stage_writes_a_reloadable_quantized_model(qat_run, upstream):
     from quantize.model_io import load_quantized_student
-    from quantize.qat import accuracy
+    from quantize.qat import model_accuracy
 
     out, metrics = qat_run
     assert {p.name for p in out.iterdir()} >= {"quantized.pt", "quantized.nncf.json", "quantized.json"}
@@ -121,7 +121,7 @@ def test_qat_stage_writes_a_reloadable_quantized_model(qat_run, upstream):
     assert metrics["int8_val_acc"] == max(metrics["qat_val_history"])
     model, spec = load_quantized_student(out)
     data = subtask_data(tiny_config())
-    assert accuracy(model, VIEW, data.test.images, data.test.labels) == pytest.approx(metrics["int8_test_acc"])
+    assert model_accuracy(model, VIEW, data.test.images, data.test.labels) == pytest.approx(metrics["int8_test_acc"])
     assert metrics["fp32_test_acc"] > 0.5  # the tiny student learned something (chance: 0.25)
 
 

@@ -12,7 +12,7 @@ from pipeline.errors import ConfigError
 from quantize.config import IgnoredScopeConfig, QATConfig
 from quantize.fold import _pairs_from_sequentials, find_conv_bn_pairs, fold_batchnorm
 from quantize.nncf_ops import calibration_batches, graph_nodes, load_quantized, quantize_ptq, save_quantized
-from quantize.qat import TrainSet, accuracy, finetune
+from quantize.qat import TrainSet, model_accuracy, finetune
 
 
 class Tiny(nn.Module):
@@ -147,7 +147,7 @@ def test_finetune_keeps_the_best_epoch_and_learns(calibration):
                          calibration_batches([view(torch.as_tensor(images[:32]))]))
 
     def evaluate(m):
-        return accuracy(m, view, images[:64], labels[:64])
+        return model_accuracy(m, view, images[:64], labels[:64])
 
     def loss_fn(student, teacher, y):
         return nn.functional.kl_div(student.log_softmax(1), teacher.log_softmax(1), log_target=True,

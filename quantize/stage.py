@@ -38,24 +38,17 @@ class QATStage(Stage):
         student, spec = load_student(ctx.inputs["distill"].dir)
         data = subtask_data(ctx.config)
         view = view_of(spec)
-        float_model, metrics = self.prepare(student, cfg, view, data)
-        if metrics.get("batchnorm_not_folded"):
-            ctx.log(f"qat: warning: {len(metrics['batchnorm_not_folded'])} BatchNorm layers are not right after a "
-                    f"convolution and stay unfolded ({', '.join(metrics['batchnorm_not_folded'][:5])}): ONNX Runtime "
-                    "cannot fuse those INT8 blocks, so check the INT8 latency in bench/ or validate.")
+        float_model, metrics = self.prepare(ctx, student, cfg, view, data)
         model = quantize_ptq(float_model, self.calibration(data, view, cfg, ctx.config.build.seed),
                              cfg.preset, cfg.ignored_scope)
         metrics["ptq_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
         if cfg.mode == "qat":
             metrics["qat_val_history"] = self.finetune(ctx, model, spec, view, data, cfg)
-        metrics["int8_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
-        metrics["int8_test_acc"] = model_accuracy(model, view, data.test.images, data.test.labels)
         save_quantized_student(model, ctx.out, {**spec, "fold_bn": cfg.fold_bn, "qat": cfg.model_dump(mode="json")})
-        ctx.log(f"qat: fp32 val {metrics['fp32_val_acc']:.4f}  ptq {metrics['ptq_val_acc']:.4f}  "
-                f"int8 val {metrics['int8_val_acc']:.4f}  test {metrics['int8_test_acc']:.4f}")
-        return metrics
+        return self.measure(ctx, model, view, data, metrics)
 
-    def prepare(self, student, cfg: QATConfig, view, data) -> tuple[torch.nn.Module, dict]:
+    def prepare(self, ctx: StageContext, student, cfg: QATConfig, view, data) -> tuple[torch.nn.Module, dict]:
+        """The float model NNCF sees (BatchNorm folded) and the FP32 reference accuracies."""
         metrics = {"fp32_val_acc": model_accuracy(student, view, data.val.images, data.val.labels),
                    "fp32_test_acc": model_accuracy(student, view, data.test.images, data.test.labels)}
         if not cfg.fold_bn:
@@ -64,7 +57,18 @@ class QATStage(Stage):
         example = view(torch.as_tensor(data.val.images[:16]))
         metrics["fold_max_abs_diff"] = max_output_difference(student, folded, example)
         metrics["batchnorm_not_folded"] = left
+        if left:
+            ctx.log(f"qat: warning: {len(left)} BatchNorm layers are not right after a convolution and stay "
+                    f"unfolded ({', '.join(left[:5])}): ONNX Runtime cannot fuse those INT8 blocks, so check the "
+                    "INT8 latency (bench/quantize.py, the validate stage).")
         return folded, metrics
+
+    def measure(self, ctx: StageContext, model, view, data, metrics: dict) -> dict:
+        metrics["int8_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
+        metrics["int8_test_acc"] = model_accuracy(model, view, data.test.images, data.test.labels)
+        ctx.log(f"qat: fp32 val {metrics['fp32_val_acc']:.4f}  ptq {metrics['ptq_val_acc']:.4f}  "
+                f"int8 val {metrics['int8_val_acc']:.4f}  test {metrics['int8_test_acc']:.4f}")
+        return metrics
 
     def calibration(self, data, view, cfg: QATConfig, seed: int) -> list[torch.Tensor]:
         rng = np.random.default_rng(seed)

@@ -10,9 +10,9 @@ and INT8 measured in alternating rounds so load from other processes hits both a
 
     .venv/bin/python bench/quantize.py --archs cnn_small cnn_medium
 Prints a table and writes bench/results/quantize.json (one key per architecture; reruns update their keys).
-The committed results came from (2 shared cores, nice 10; ~6 and ~7 minutes):
+The committed results came from (2 cores, quiet machine, nice 10; ~1 and ~5 minutes):
     bench/quantize.py --archs cnn_small --train-per-class 4800 --epochs 5
-    bench/quantize.py --archs cnn_medium --train-per-class 1000 --epochs 4
+    bench/quantize.py --archs cnn_medium --train-per-class 4800 --epochs 4
 """
 
 from __future__ import annotations

@@ -12,6 +12,16 @@ first seed) before the runs that are reported; the test split is only used for t
     .venv/bin/python bench/distill_methods.py --quick                    # smoke run, tiny data, ~1 min
 Prints a table (mean +- std of subtask test accuracy per method and teacher) and writes
 bench/results/distill_methods.json (runs, lambda choice, timings, throughput).
+
+The committed results (12 min on 2 idle cores) came from: the stage timing alone, then one process per teacher
+(1 thread each), then a merge:
+    A=builds/fashion_tops/adapt-<key>; C="--subtasks 3 --seeds 3 --epochs 6 --train-per-class 600 --test-per-class 500 --threads 1"
+    nice -n 10 .venv/bin/python bench/distill_methods.py --teachers --efficientnet-adapt $A --out bench/results/distill_stage_timing.json
+    nice -n 10 .venv/bin/python bench/distill_methods.py --teachers efficientnet --efficientnet-adapt $A $C --no-stage-timing \
+        --out bench/results/distill_methods_efficientnet.json &
+    nice -n 10 .venv/bin/python bench/distill_methods.py --teachers cnn $C --no-stage-timing --out bench/results/distill_methods_cnn.json
+    .venv/bin/python bench/distill_methods.py --merge bench/results/distill_stage_timing.json \
+        bench/results/distill_methods_efficientnet.json bench/results/distill_methods_cnn.json --out bench/results/distill_methods.json
 """
 
 from __future__ import annotations

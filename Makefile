@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/fashion_tops.yaml
 PYTEST_ARGS ?=
 
-.PHONY: demo test venv data bench clean-cache
+.PHONY: demo test venv data testdeps clean-cache
 
 venv: $(STAMP)
 
@@ -19,10 +19,14 @@ $(STAMP): pyproject.toml constraints.txt
 data:
 	@bash scripts/ensure_fashion_mnist.sh
 
+# sshd (the SSH-target tests) and chromium (the report rendering test), from Debian when missing.
+testdeps:
+	@bash scripts/ensure_test_deps.sh
+
 demo: venv data
 	$(VENV)/bin/edgesmith build $(CONFIG)
 
-test: venv data
+test: venv data testdeps
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean-cache:

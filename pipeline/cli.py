@@ -22,10 +22,15 @@ console = Console()
 def check(config: Path = typer.Argument(..., help="YAML build config")) -> None:
     """Validate a config and resolve its subtask classes against the dataset."""
     from .config import load_config
-    from .stages.common import subtask_data
+    from .preflight import check_data, check_names
 
     cfg = load_config(config)
-    data = subtask_data(cfg)
+    check_names(cfg)
+    data, note = check_data(cfg)
+    if data is None:
+        console.print(f"[green]OK[/] {config}: build '{cfg.build.name}', subtask {list(cfg.subtask.classes)}; "
+                      f"[yellow]note[/]: {note}")
+        return
     console.print(f"[green]OK[/] {config}: build '{cfg.build.name}', dataset {cfg.data.dataset} "
                   f"({len(data.dataset.class_names)} classes), subtask {data.class_names} "
                   f"-> ids {list(data.class_ids)}; train/val/test {len(data.train)}/{len(data.val)}/{len(data.test)}")
@@ -43,7 +48,12 @@ def build(
     from .progress import ProgressDisplay
     from .runner import Build
 
+    from .preflight import check_names
+    from .stages.common import subtask_data
+
     cfg = load_config(config)
+    check_names(cfg)
+    subtask_data(cfg)  # missing data or unknown classes fail here, before the cache is touched
     progress = ProgressDisplay(console)
     summary = Build(cfg).run(progress, force=tuple(force), until=until, wait=not no_wait)
     print_summary(summary)

@@ -23,26 +23,26 @@ from .validation.config import ValidateConfig
 
 
 class BuildConfig(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    seed: int = 0
-    output: str = "builds"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="build name: the folder under output")
+    seed: int = Field(0, description="seeds data splits, initialisation, sampling and shuffling")
+    output: str = Field("builds", description="cache root; stage outputs go to <output>/<name>/<stage>-<key>/")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     threads: int = Field(0, ge=0, description="torch CPU threads for training (0: all cores)")
 
 
 class DataConfig(Section):
-    dataset: str = "fashion_mnist"
-    root: Optional[str] = None
-    val_fraction: float = Field(0.2, gt=0, lt=1)
+    dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar100 or image_folder (the dataset registry)")
+    root: Optional[str] = Field(None, description="image_folder: folder with train/<class>/ and test/<class>/")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="seeded split of the training images used for model selection")
     train_per_class: Optional[int] = Field(None, ge=1, description="cap per class (tiny builds)")
-    test_per_class: Optional[int] = Field(None, ge=1)
+    test_per_class: Optional[int] = Field(None, ge=1, description="cap per class on the test split")
     image_size: Optional[int] = Field(None, ge=8, description="stored size for image_folder datasets")
-    augment: bool = False
-    allow_download: bool = False
+    augment: bool = Field(False, description="random crop + flip while distilling (the teacher then runs every step)")
+    allow_download: bool = Field(False, description="let a dataset source download its files (never by default)")
 
 
 class SubtaskConfig(Section):
-    classes: list[Union[str, int]] = Field(min_length=2)
+    classes: list[Union[str, int]] = Field(min_length=2, description="class names (or ids) of the dataset the device needs")
 
     @field_validator("classes")
     @classmethod
@@ -55,18 +55,19 @@ class SubtaskConfig(Section):
 class InputSpec(Section):
     """How a model wants to see an image: size, channels, normalisation."""
 
-    size: Optional[int] = Field(None, ge=8)
-    channels: Optional[Literal[1, 3]] = None
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+    size: Optional[int] = Field(None, ge=8, description="square input side in pixels (None: the model's own)")
+    channels: Optional[Literal[1, 3]] = Field(None, description="1 grayscale or 3 RGB (None: the model's own)")
+    mean: Optional[list[float]] = Field(None, description="per-channel mean after scaling to [0, 1]")
+    std: Optional[list[float]] = Field(None, description="per-channel std after scaling to [0, 1]")
 
 
 class AdaptConfig(Section):
-    method: Literal["none", "linear_probe", "finetune"] = "none"
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    batch_size: int = Field(128, ge=1)
+    method: Literal["none", "linear_probe", "finetune"] = Field(
+        "none", description="none: use the pretrained head; linear_probe: new head only; finetune: new head + last stages")
+    epochs: int = Field(3, ge=1, description="adaptation epochs (best on validation kept)")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay")
+    batch_size: int = Field(128, ge=1, description="adaptation batch size")
     train_from: Optional[str] = Field(
         None, description="finetune: first trainable module; earlier layers stay frozen and their output is cached"
     )
@@ -74,17 +75,19 @@ class AdaptConfig(Section):
 
 
 class TrainTeacherConfig(Section):
-    arch: str = "cnn_teacher"
-    epochs: int = Field(3, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(128, ge=1)
+    arch: str = Field("cnn_teacher", description="source train: edgesmith or timm architecture trained from scratch")
+    epochs: int = Field(3, ge=1, description="training epochs on all dataset classes")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(128, ge=1, description="training batch size")
 
 
 class TeacherConfig(Section):
-    source: Literal["timm", "checkpoint", "train"]
+    source: Literal["timm", "checkpoint", "train"] = Field(
+        description="timm: pretrained architecture (+ weights); checkpoint: your state_dict; train: from scratch here")
     name: Optional[str] = Field(None, description="timm architecture (source timm/checkpoint)")
     weights: Optional[str] = Field(None, description="file, or package:<module>/<path inside it>")
-    weights_format: Literal["timm", "positional"] = "timm"
+    weights_format: Literal["timm", "positional"] = Field(
+        "timm", description="timm: keys match; positional: map tensors by order with a strict shape check")
     num_classes: Optional[int] = Field(None, ge=1, description="classes of the pretrained head")
     class_names: Optional[str] = Field(None, description="'imagenet' or a text file, one name per line")
     input: InputSpec = InputSpec()
@@ -93,9 +96,9 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
-    arch: str
+    arch: str = Field(description="edgesmith student (cnn_tiny, cnn_small, cnn_medium, ...) or any timm model")
     input: InputSpec = InputSpec()
-    pretrained: bool = False
+    pretrained: bool = Field(False, description="start from timm weights in the local cache (never downloaded)")
 
 
 class EdgesmithConfig(Section):

@@ -71,10 +71,10 @@ def image_folder(cfg) -> Dataset:
     """root/train/<class>/*.png|jpg and root/test/<class>/*; images resized to data.image_size (RGB)."""
     from PIL import Image
 
-    if not cfg.root or not Path(cfg.root).is_dir():
+    if not cfg.root or not Path(cfg.root).expanduser().is_dir():
         raise DataError(f"data.root '{cfg.root}' is not a folder.",
                         "For image_folder set data.root to a folder with train/<class>/ and test/<class>/ images.")
-    root, size = Path(cfg.root), cfg.image_size or 64
+    root, size = Path(cfg.root).expanduser(), cfg.image_size or 64
     class_names = tuple(sorted(p.name for p in (root / "train").iterdir() if p.is_dir())) \
         if (root / "train").is_dir() else ()
     if not class_names:

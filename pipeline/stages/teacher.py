@@ -123,7 +123,13 @@ class AdaptStage(Stage):
 
 
 def teacher_class_ids(head_names: list[str], data) -> list[int]:
-    """Columns of the teacher's head that hold the subtask classes (matched by name)."""
+    """Columns of the teacher's head that hold the subtask classes, matched by name (or ImageNet synset)."""
+    if len(head_names) == 1000 and not all(n in head_names for n in data.class_names):
+        import timm.data
+
+        synsets = list(timm.data.ImageNetInfo().label_names())
+        if all(n in synsets for n in data.class_names):
+            return [synsets.index(n) for n in data.class_names]
     missing = [n for n in data.class_names if n not in head_names]
     if missing:
         raise ModelError(f"The teacher's head has no class named {', '.join(map(repr, missing))}.",
@@ -193,7 +199,7 @@ def _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable)
                           f"adapt (from {first_trainable})")
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the cache is fed to autograd later
 def _cache_features(ctx, prefix: nn.Module, view: View, images, description: str) -> torch.Tensor:
     source, chunks = as_tensor(images), []
     batch = 256

@@ -19,9 +19,9 @@ class TensorRTConfig(Section):
         "int8", description="int8 builds from the Q/DQ ONNX (explicit quantization); fp16 from the FP32 ONNX")
     workspace_mb: int = Field(1024, ge=16, description="builder workspace memory pool")
     timing_cache: bool = Field(True, description="reuse kernel timings between builds on the same device")
-    min_batch: int = Field(1, ge=1)
-    opt_batch: int = Field(1, ge=1)
-    max_batch: int = Field(64, ge=1)
+    min_batch: int = Field(1, ge=1, description="optimisation profile: smallest batch")
+    opt_batch: int = Field(1, ge=1, description="optimisation profile: batch the kernels are tuned for")
+    max_batch: int = Field(64, ge=1, description="optimisation profile: largest batch")
 
 
 class ExportConfig(Section):
@@ -29,7 +29,7 @@ class ExportConfig(Section):
         default_factory=lambda: ["onnx", "onnx_int8", "openvino"],
         description="onnx, onnx_int8, openvino, tensorrt (the registry lists them)")
     opset: int = Field(17, ge=13, le=21, description="ONNX opset (13+: per-channel QuantizeLinear)")
-    dynamic_batch: bool = True
+    dynamic_batch: bool = Field(True, description="ONNX/IR batch dimension left dynamic")
     parity_limit: int = Field(1000, ge=1, description="validation images used for the parity checks")
     eval_images: int = Field(2000, ge=1, description="test images written to eval.npz for the device tests")
     tensorrt: TensorRTConfig = TensorRTConfig()

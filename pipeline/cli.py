@@ -12,6 +12,7 @@ from rich.table import Table
 
 from .errors import EdgesmithError
 from .release.cli import diff, track, verify
+from .validation.cli import profile
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a foundation model into a small, quantized, validated model for one edge device.")
@@ -45,10 +46,9 @@ def build(
 ) -> None:
     """Run the chain of stages, reusing every cached one."""
     from .config import load_config
+    from .preflight import check_names
     from .progress import ProgressDisplay
     from .runner import Build
-
-    from .preflight import check_names
     from .stages.common import subtask_data
 
     cfg = load_config(config)
@@ -74,6 +74,7 @@ def status(config: Path = typer.Argument(..., help="YAML build config")) -> None
     console.print(table)
 
 
+app.command("profile")(profile)
 app.command("verify")(verify)
 app.command("diff")(diff)
 app.command("track")(track)

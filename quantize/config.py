@@ -13,8 +13,8 @@ class IgnoredScopeConfig(Section):
     """Layers NNCF leaves in float. Names are NNCF graph node names such as 'features/0/0/conv2d/0'
     (an unknown name is an error that lists the valid ones); types are op types such as 'linear'."""
 
-    names: list[str] = Field(default_factory=list)
-    types: list[str] = Field(default_factory=list)
+    names: list[str] = Field(default_factory=list, description="NNCF node names kept in float")
+    types: list[str] = Field(default_factory=list, description="op types kept in float, e.g. linear")
     patterns: list[str] = Field(default_factory=list, description="regular expressions over node names")
 
     @property
@@ -26,8 +26,8 @@ class QATConfig(Section):
     mode: Literal["qat", "ptq"] = Field("qat", description="ptq: calibrate only; qat: calibrate, then fine-tune")
     calibration_size: int = Field(300, ge=1, description="training images used to calibrate the quantizers")
     epochs: int = Field(2, ge=1, description="QAT fine-tuning epochs (best epoch on validation is kept)")
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-4, gt=0, description="QAT fine-tuning learning rate")
+    batch_size: int = Field(64, ge=1, description="QAT fine-tuning batch size")
     max_images: int | None = Field(None, ge=1, description="cap on training images per QAT epoch (None: all)")
     preset: Literal["performance", "mixed"] = Field(
         "performance", description="performance: symmetric activations; mixed: asymmetric activations")

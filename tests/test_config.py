@@ -105,3 +105,29 @@ def test_cuda_requested_without_cuda_is_refused_before_anything_is_written(write
     assert result.returncode == 2
     assert "no CUDA device" in result.stdout
     assert not any((tmp_path / "builds").rglob("stage.json"))
+
+
+def test_readme_config_reference_lists_every_key():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/config_reference.py", "--check"], cwd=REPO,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    readme = (REPO / "README.md").read_text()
+    assert "`qat.calibration_size`" in readme and "`validate.budgets.max_p99_ms`" in readme
+
+
+def test_every_documented_key_has_a_meaning():
+    sys_path = str(REPO / "scripts")
+    import sys
+
+    sys.path.insert(0, sys_path)
+    try:
+        from config_reference import _rows
+    finally:
+        sys.path.remove(sys_path)
+    from pipeline.config import EdgesmithConfig
+
+    undocumented = [key for key, _, _, meaning in _rows(EdgesmithConfig) if not meaning]
+    assert not undocumented, f"config keys without a description=: {undocumented}"

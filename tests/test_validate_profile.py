@@ -6,11 +6,10 @@ import sys
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from pipeline.errors import ConfigError
-from pipeline.validation.cli import profile, run_profile
+from pipeline.validation.cli import run_profile
 from pipeline.validation.config import LatencyConfig, SshConfig
 from pipeline.validation.testing import SSHD, TINY_LATENCY, SshServer, shared_bundle
 
@@ -19,9 +18,8 @@ TINY = ["--queries", "64", "--duration", "0.05", "--warmup", "5", "--batch", "8"
 
 @pytest.fixture(scope="module")
 def cli():
-    app = typer.Typer()
-    app.command("profile")(profile)
-    app.command("noop")(lambda: None)  # two commands, so `profile` is a sub-command as in edgesmith
+    from pipeline.cli import app
+
     return app
 
 

@@ -21,23 +21,23 @@ class SubspacesConfig(Section):
     positions_per_image: int = Field(20, ge=1, description="random spatial positions kept per image and layer")
     max_images: Optional[int] = Field(
         2048, ge=1, description="cap on training images (None: all); the teacher backward pass dominates the cost")
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=1, description="teacher forward/backward batch size")
 
 
 class DistillConfig(Section):
-    method: str = "kd"
-    temperature: float = Field(4.0, gt=0)
+    method: str = Field("kd", description="subdistill, subdistill_unit, kd, student_only, fitnet, attention, vkd")
+    temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
     label_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy added to the KD loss")
     lambda_layer: Optional[float] = Field(
         None, ge=0, description="weight of the layer loss; None: the method's own default, chosen on validation "
         "data (the loss scales differ by orders of magnitude between methods)")
     layers: list[LayerPair] | Literal["auto"] = Field(
         "auto", description="teacher/student module pairs, or auto: pair the models' stages by relative depth")
-    epochs: int = Field(10, ge=1)
-    batch_size: int = Field(64, ge=1)
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
+    epochs: int = Field(10, ge=1, description="distillation epochs (best on validation kept)")
+    batch_size: int = Field(64, ge=1, description="training batch size")
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_step_epochs: int = Field(25, ge=1, description="halve the learning rate every this many epochs")
-    lr_gamma: float = Field(0.5, gt=0, le=1)
+    lr_gamma: float = Field(0.5, gt=0, le=1, description="factor applied every lr_step_epochs")
     cache_teacher: bool = Field(True, description="compute the frozen teacher's outputs once (no augmentation)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")

@@ -17,10 +17,10 @@ PerTarget = Union[float, dict[str, float]]
 class LatencyConfig(Section):
     """MLPerf single-stream discipline (see design.md): warm-up discarded, >= min_queries AND >= min_duration_s."""
 
-    min_queries: int = Field(1024, ge=1)
-    min_duration_s: float = Field(2.0, ge=0)
-    warmup: int = Field(50, ge=0)
-    throughput_batch: int = Field(64, ge=1)
+    min_queries: int = Field(1024, ge=1, description="timed batch-1 queries, at least")
+    min_duration_s: float = Field(2.0, ge=0, description="timed duration, at least (both minimums must be met)")
+    warmup: int = Field(50, ge=0, description="untimed queries first (discarded)")
+    throughput_batch: int = Field(64, ge=1, description="batch size of the throughput measurement")
 
 
 class Budgets(Section):
@@ -30,8 +30,8 @@ class Budgets(Section):
     min_accuracy: Optional[float] = Field(None, ge=0, le=1, description="top-1 of every artifact on the eval set")
     max_drop_vs_fp32: Optional[float] = Field(None, ge=0, le=1, description="FP32 student top-1 minus artifact top-1")
     max_drop_vs_teacher: Optional[float] = Field(None, ge=0, le=1, description="teacher top-1 minus artifact top-1")
-    max_p90_ms: Optional[PerTarget] = None
-    max_p99_ms: Optional[PerTarget] = None
+    max_p90_ms: Optional[PerTarget] = Field(None, description="p90 of the batch-1 model call, ms (number or {target: ms})")
+    max_p99_ms: Optional[PerTarget] = Field(None, description="p99 of the batch-1 model call, ms (number or {target: ms})")
     max_size_mb: Optional[float] = Field(None, gt=0, description="artifact file size (MiB)")
     max_peak_rss_mb: Optional[float] = Field(None, gt=0, description="peak resident memory of the measuring process (MiB)")
 
@@ -46,7 +46,7 @@ class Budgets(Section):
 
 class SshConfig(Section):
     python: str = Field("python3", description="Python on the target; a venv with its packages is made from it")
-    connect_timeout_s: float = Field(10.0, gt=0)
+    connect_timeout_s: float = Field(10.0, gt=0, description="TCP connect, banner and auth timeout")
     command_timeout_s: float = Field(1800.0, gt=0, description="limit for one remote command (the suite run)")
     known_hosts: Optional[str] = Field(None, description="default ~/.ssh/known_hosts; unknown hosts are refused")
     key_file: Optional[str] = Field(None, description="private key (default: ssh agent and ~/.ssh/id_*)")
@@ -54,8 +54,10 @@ class SshConfig(Section):
 
 
 class ValidateConfig(Section):
-    targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1)
-    runtimes: list[Runtime] = Field(default_factory=lambda: ["onnxruntime", "openvino"], min_length=1)
+    targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1,
+                               description="local, or ssh://user@host[:port][?python=/path/to/python]")
+    runtimes: list[Runtime] = Field(default_factory=lambda: ["onnxruntime", "openvino"], min_length=1,
+                                    description="runtimes each artifact is measured with (where it can load it)")
     threads: int = Field(1, ge=0, description="runtime threads (0: the runtime's default)")
     precision_hint: Literal["f32", "bf16", "f16"] = Field("f32", description="OpenVINO inference precision")
     min_fp32_agreement: float = Field(0.99, ge=0, le=1, description="FP32 artifacts vs the exported FP32 predictions")

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 import sys
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import List, Optional
 
@@ -59,11 +61,15 @@ def build(
     if nproc > 1:
         return launch_build(nproc, config, force, until, no_wait)
     subtask_data(cfg)  # missing data or unknown classes fail here, before the cache is touched
-    # Under torchrun only rank 0 shows progress and the summary; the other processes stay quiet.
-    progress = ProgressDisplay(console if distributed.is_main() else Console(file=io.StringIO()),
-                               enabled=distributed.is_main())
-    summary = Build(cfg).run(progress, force=tuple(force), until=until, wait=not no_wait)
-    if distributed.is_main():
+    # Under torchrun only rank 0 shows progress and the summary; the other processes stay quiet (libraries'
+    # own progress bars included) until an error of theirs is printed.
+    main = distributed.is_main()
+    progress = ProgressDisplay(console if main else Console(file=io.StringIO()), enabled=main)
+    if not main:
+        logging.getLogger("nncf").setLevel(logging.WARNING)
+    with nullcontext() if main else redirect_stdout(io.StringIO()):
+        summary = Build(cfg).run(progress, force=tuple(force), until=until, wait=not no_wait)
+    if main:
         print_summary(summary)
 
 

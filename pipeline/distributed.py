@@ -12,6 +12,7 @@ gradient DDP averages equals the gradient of the mean loss over the whole global
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -182,21 +183,29 @@ def row_range(n: int) -> slice:
     return _range_of(w.rank, n, w.size)
 
 
-def all_gather_rows(local, n: int):
-    """Concatenate every process's `row_range(n)` rows (on the CPU, in rank order): the full n-row tensor."""
+def all_gather_rows(local, n: int, chunk_bytes: int = 64 << 20):
+    """Concatenate every process's `row_range(n)` rows (on the CPU, in rank order): the full n-row tensor.
+    Gathered in pieces of about `chunk_bytes` per process, so a large teacher cache never sits on a GPU whole."""
     if not active():
         return local
     import torch
     import torch.distributed as dist
 
     w, device = world(), _comm_device()
-    longest = -(-n // w.size)
-    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
-    padded[: len(local)] = local.to(device)
-    parts = [torch.empty_like(padded) for _ in range(w.size)]
-    dist.all_gather(parts, padded)
-    sizes = [len(range(n)[_range_of(r, n, w.size)]) for r in range(w.size)]  # rank r sent its first sizes[r] rows
-    return torch.cat([p[:s].cpu() for p, s in zip(parts, sizes)])
+    sizes = [len(range(n)[_range_of(r, n, w.size)]) for r in range(w.size)]   # rank r holds sizes[r] rows
+    longest = max(sizes)
+    row_bytes = max(math.prod(local.shape[1:]) * local.element_size(), 1)
+    step = max(1, chunk_bytes // row_bytes)
+    gathered: list[list] = [[] for _ in range(w.size)]
+    for start in range(0, longest, step):
+        piece = torch.zeros((min(step, longest - start), *local.shape[1:]), dtype=local.dtype, device=device)
+        mine = local[start:start + len(piece)]
+        piece[: len(mine)] = mine.to(device)
+        parts = [torch.empty_like(piece) for _ in range(w.size)]
+        dist.all_gather(parts, piece)
+        for rank, part in enumerate(parts):
+            gathered[rank].append(part.cpu())
+    return torch.cat([torch.cat(g)[:s] for g, s in zip(gathered, sizes)])
 
 
 def _range_of(rank: int, n: int, size: int) -> slice:

@@ -223,6 +223,8 @@ class Build:
                         "wall_time_s": round(time.perf_counter() - start, 3), "metrics": metrics}
                 if distributed.world().distributed:
                     meta["world_size"] = distributed.world().size
+                if stage.distributed:
+                    distributed.barrier()    # committed only once every process has finished the stage
                 if distributed.is_main():
                     final = self.cache.commit(tmp, stage.name, planned.key, meta)
         # The other processes wait here for rank 0's committed result (a failure anywhere stops them all).

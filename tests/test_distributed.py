@@ -70,8 +70,11 @@ def one_and_two(tmp_path_factory):
     forced = [a for s in DISTRIBUTED_STAGES for a in ("--force", s)]
     double, double_s = build(config, "--nproc", "2", *forced)
     assert double.returncode == 0, double.stdout + double.stderr
-    return {"config": config, "root": root, "one": one, "two": snapshot(root), "output": double.stdout,
-            "seconds": (single_s, double_s)}
+    two = snapshot(root)
+    print(f"\nbuild wall time: 1 process {single_s:.1f} s (all stages), 2 processes {double_s:.1f} s (distributed stages); "
+          + ", ".join(f"{s} {one[s]['meta']['wall_time_s']:.1f} s vs {two[s]['meta']['wall_time_s']:.1f} s"
+                      for s in DISTRIBUTED_STAGES))
+    return {"config": config, "root": root, "one": one, "two": two, "output": double.stdout}
 
 
 @pytest.mark.slow
@@ -91,11 +94,14 @@ def test_two_processes_reuse_the_keys_and_match_one_process(one_and_two):
     m1, m2 = one["distill"]["meta"]["metrics"], two["distill"]["meta"]["metrics"]
     assert m1["teacher_test_acc"] == m2["teacher_test_acc"]
     assert m2["student_test_acc"] > 0.3                      # the student learned something (chance: 0.25)
+    print(f"student test acc 1 vs 2 processes: {m1['student_test_acc']:.4f} vs {m2['student_test_acc']:.4f}; "
+          f"basis max |diff| {max(float((a[f'{i}.basis'] - b[f'{i}.basis'] * torch.sign((a[f'{i}.basis'] * b[f'{i}.basis']).sum(0))).abs().max()) for i in range(2)):.2e}")
     assert abs(m1["student_test_acc"] - m2["student_test_acc"]) <= 0.05     # 4 of 80 test images
     # Per-epoch losses are all-reduced: the same loss curve up to BatchNorm running statistics.
     for h1, h2 in zip(m1["history"], m2["history"]):
         assert h2["total"] == pytest.approx(h1["total"], rel=0.05)
     q1, q2 = one["qat"]["meta"]["metrics"], two["qat"]["meta"]["metrics"]
+    print(f"int8 test acc 1 vs 2 processes: {q1['int8_test_acc']:.4f} vs {q2['int8_test_acc']:.4f}")
     assert abs(q1["int8_test_acc"] - q2["int8_test_acc"]) <= 0.05
     # Only rank 0 prints the progress log.
     assert one_and_two["output"].count("distill epoch 1/5") == 1

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import sys
+from contextlib import nullcontext, redirect_stdout
 from pathlib import Path
 from typing import List, Optional
 
@@ -43,8 +46,10 @@ def build(
     force: List[str] = typer.Option([], "--force", help="re-run this stage even if cached (repeatable)"),
     until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
     no_wait: bool = typer.Option(False, "--no-wait", help="fail instead of waiting when another build holds the cache"),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (torchrun; one per GPU on CUDA)"),
 ) -> None:
     """Run the chain of stages, reusing every cached one."""
+    from . import distributed
     from .config import load_config
     from .preflight import check_names
     from .progress import ProgressDisplay
@@ -53,10 +58,37 @@ def build(
 
     cfg = load_config(config)
     check_names(cfg)
+    if nproc > 1:
+        return launch_build(nproc, config, force, until, no_wait)
     subtask_data(cfg)  # missing data or unknown classes fail here, before the cache is touched
-    progress = ProgressDisplay(console)
-    summary = Build(cfg).run(progress, force=tuple(force), until=until, wait=not no_wait)
-    print_summary(summary)
+    # Under torchrun only rank 0 shows progress and the summary; the other processes stay quiet (libraries'
+    # own progress bars included) until an error of theirs is printed.
+    main = distributed.is_main()
+    progress = ProgressDisplay(console if main else Console(file=io.StringIO()), enabled=main)
+    if not main:
+        logging.getLogger("nncf").setLevel(logging.WARNING)
+    with nullcontext() if main else redirect_stdout(io.StringIO()):
+        summary = Build(cfg).run(progress, force=tuple(force), until=until, wait=not no_wait)
+    if main:
+        print_summary(summary)
+
+
+def launch_build(nproc: int, config: Path, force: List[str], until: Optional[str], no_wait: bool) -> None:
+    """`build --nproc N`: the same build command in N processes started by torchrun on this machine."""
+    from . import distributed
+    from .errors import DistributedError
+
+    if distributed.world().distributed:
+        raise DistributedError("--nproc was given to a build that torchrun already started in several processes.",
+                               "Use either torchrun or --nproc, not both.")
+    argv = ["build", str(config), *(a for f in force for a in ("--force", f)), *(["--until", until] if until else []),
+            *(["--no-wait"] if no_wait else [])]
+    failure = distributed.launch(nproc, argv)
+    if failure is not None:
+        rank, code, message = failure
+        console.print(f"[bold red]error:[/] the build failed in process rank {rank} of {nproc} "
+                      f"(exit code {code}): {message}", highlight=False, soft_wrap=True)
+        sys.exit(code if code > 0 else 1)
 
 
 @app.command()
@@ -105,10 +137,13 @@ def _fmt(value) -> str:
 
 
 def main() -> None:
+    from . import distributed
+
     try:
         app(standalone_mode=False)
     except EdgesmithError as exc:
-        console.print(f"[bold red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        distributed.record_failure(exc)      # under torchrun: the message the launcher reports for this rank
+        console.print(f"[bold red]error{_rank_tag()}:[/] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing half-written was kept in the cache.")
@@ -121,7 +156,20 @@ def main() -> None:
         if isinstance(exc, click.ClickException):
             exc.show()
             sys.exit(2)
+        if distributed.world().distributed and distributed.is_peer_loss(exc):
+            # Another process failed first: its own error is the one torchrun (and --nproc) reports.
+            console.print(f"[red]stopped{_rank_tag()}:[/] another process of the build went away "
+                          f"({type(exc).__name__}).", highlight=False)
+            sys.exit(1)
+        distributed.record_failure(exc)
         raise
+
+
+def _rank_tag() -> str:
+    from .distributed import world
+
+    w = world()
+    return f" (rank {w.rank} of {w.size})" if w.distributed else ""
 
 
 if __name__ == "__main__":

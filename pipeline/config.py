@@ -101,6 +101,19 @@ class StudentConfig(Section):
     pretrained: bool = Field(False, description="start from timm weights in the local cache (never downloaded)")
 
 
+class DistributedConfig(Section):
+    """How a build launched with torchrun / --nproc shares out its work. Not part of any stage key: see
+    docs/distributed.md for what it changes numerically."""
+
+    micro_batch: Optional[int] = Field(
+        None, ge=1, description="most images one process runs forward/backward at once; its share of a global "
+        "batch (distill.batch_size, qat.batch_size) is split into micro-batches whose gradients accumulate "
+        "(None: the whole share at once)")
+    timeout_min: float = Field(
+        120.0, gt=0, description="minutes a process waits at a collective (e.g. while rank 0 runs a stage alone) "
+        "before the build fails")
+
+
 class EdgesmithConfig(Section):
     build: BuildConfig
     data: DataConfig = DataConfig()
@@ -114,6 +127,7 @@ class EdgesmithConfig(Section):
     # "validate" would shadow a pydantic method name, hence the alias.
     validate_: Optional[ValidateConfig] = Field(None, alias="validate")
     release: Optional[ReleaseConfig] = None
+    distributed: Optional[DistributedConfig] = None
 
     def section(self, name: str) -> Any:
         return getattr(self, "validate_" if name == "validate" else name)

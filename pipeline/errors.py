@@ -43,3 +43,7 @@ class BudgetError(EdgesmithError):
     """A validation budget was missed; the results are recorded nonetheless."""
 
     exit_code = 1
+
+
+class DistributedError(EdgesmithError):
+    """A multi-process build cannot run as launched (e.g. a cache folder the other nodes cannot see)."""

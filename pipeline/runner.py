@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import random
+import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from . import distributed
 from .cache import CODE_PACKAGES, BuildCache, code_digest, package_versions, stage_key
 from .config import EdgesmithConfig
 from .errors import ConfigError, DeviceError
@@ -59,6 +62,9 @@ class Stage:
     sections: ClassVar[tuple[str, ...]] = ()
     packages: ClassVar[tuple[str, ...]] = ("torch",)
     code: ClassVar[tuple[str, ...]] = CODE_PACKAGES
+    # Under torchrun: True runs the stage in every process (it shares its work out with pipeline.distributed);
+    # False runs it in rank 0 alone while the others wait for its committed result.
+    distributed: ClassVar[bool] = False
 
     def enabled(self, cfg: EdgesmithConfig) -> bool:
         return all(cfg.section(s) is not None for s in self.sections if s in ("qat", "export", "validate", "release"))
@@ -157,11 +163,11 @@ class Build:
             wait: bool = True) -> list[dict]:
         for name in force:
             STAGES.get(name)
-        device = resolve_device(self.cfg.build.device)
+        device = distributed.device_name(resolve_device(self.cfg.build.device))
         plan = self.plan(until)
         summary = []
-        with self.cache.lock(wait=wait, say=progress.log):
-            self.cache.sweep_stale()
+        timeout = self.cfg.distributed.timeout_min if self.cfg.distributed else None
+        with distributed.session(device, timeout), self._lock(wait, progress):
             records: dict[str, StageRecord] = {}
             with progress.live():
                 for planned in plan:
@@ -170,13 +176,36 @@ class Build:
                     summary.append({"stage": planned.stage.name, "key": planned.key[:16], "cached": cached,
                                     "wall_s": record.meta.get("wall_time_s", 0.0), "metrics": record.metrics,
                                     "dir": str(record.dir)})
-                    if not cached:
+                    if not cached and ctx is not None and distributed.is_main():
                         planned.stage.after_commit(record, ctx)
         return summary
+
+    def _lock(self, wait: bool, progress: ProgressDisplay):
+        """Rank 0 holds the cache lock and sweeps; the other processes only check they see the same folder."""
+        @contextmanager
+        def locked():
+            with self.cache.lock(wait=wait, say=progress.log) if distributed.is_main() else nullcontext():
+                if distributed.is_main():
+                    self.cache.sweep_stale()
+                distributed.check_shared_folder(self.cache.tmp_root)
+                yield
+        return locked()
+
+    @contextmanager
+    def _workspace(self, stage: str, key: str):
+        # Only rank 0 stages into the cache; other processes of a distributed stage write into a private scratch
+        # folder that is thrown away (same stage code everywhere, one writer of the cache).
+        if distributed.is_main():
+            with self.cache.staging(stage, key) as tmp:
+                yield tmp
+        else:
+            with tempfile.TemporaryDirectory(prefix=f"edgesmith-{stage}-rank{distributed.world().rank}-") as tmp:
+                yield Path(tmp)
 
     def _run_one(self, planned: PlannedStage, records, progress, device, force):
         stage = planned.stage
         meta = None if stage.name in force else self.cache.lookup(stage.name, planned.key)
+        meta = distributed.broadcast_object(meta)        # rank 0's view of the cache decides for every process
         inputs = {n: records[n] for n in planned.inputs}
         if meta is not None:
             progress.log(f"[green]✓[/] {stage.name:<10} cached  {self.cache.path(stage.name, planned.key)}")
@@ -184,13 +213,22 @@ class Build:
         progress.log(f"[cyan]▶[/] {stage.name:<10} running (key {planned.key[:16]})")
         seed_everything(self.cfg.build.seed, self.cfg.build.threads)
         start = time.perf_counter()
-        with self.cache.staging(stage.name, planned.key) as tmp:
-            ctx = StageContext(self.cfg, tmp, inputs, progress, planned.key, device)
-            metrics = stage.run(ctx) or {}
-            meta = {"stage": stage.name, "key": planned.key, "inputs": planned.inputs, "config": planned.sections,
-                    "versions": planned.versions, "code": planned.code, "device": device, "seed": self.cfg.build.seed,
-                    "wall_time_s": round(time.perf_counter() - start, 3), "metrics": metrics}
-            final = self.cache.commit(tmp, stage.name, planned.key, meta)
+        final, ctx = self.cache.path(stage.name, planned.key), None
+        if stage.distributed or distributed.is_main():
+            with self._workspace(stage.name, planned.key) as tmp:
+                ctx = StageContext(self.cfg, tmp, inputs, progress, planned.key, device)
+                metrics = stage.run(ctx) or {}
+                meta = {"stage": stage.name, "key": planned.key, "inputs": planned.inputs, "config": planned.sections,
+                        "versions": planned.versions, "code": planned.code, "device": device, "seed": self.cfg.build.seed,
+                        "wall_time_s": round(time.perf_counter() - start, 3), "metrics": metrics}
+                if distributed.world().distributed:
+                    meta["world_size"] = distributed.world().size
+                if stage.distributed:
+                    distributed.barrier()    # committed only once every process has finished the stage
+                if distributed.is_main():
+                    final = self.cache.commit(tmp, stage.name, planned.key, meta)
+        # The other processes wait here for rank 0's committed result (a failure anywhere stops them all).
+        meta = distributed.broadcast_object(meta if distributed.is_main() else None)
         progress.log(f"[green]✓[/] {stage.name:<10} done in {meta['wall_time_s']:.1f} s  {final}")
         return StageRecord(stage.name, planned.key, final, meta), False, ctx
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline import distributed
 from pipeline.data import View, batches
 from pipeline.data.views import as_tensor
 
@@ -40,20 +41,31 @@ class TrainSet:
 
 @torch.no_grad()
 def model_accuracy(model: nn.Module, view: View, images: np.ndarray, labels: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy; under torchrun each process predicts a share (with rank 0's buffers) and the hits add up."""
     model.eval()
+    total = len(images)
+    if distributed.active():
+        distributed.broadcast_buffers(model)
+        rows = distributed.row_range(total)
+        images, labels = images[rows], labels[rows]
     source, correct = as_tensor(images), 0
     for idx in batches(len(source), batch_size):
         correct += int((model(view(source[idx])).argmax(1) == torch.as_tensor(labels[idx.numpy()])).sum())
-    return correct / max(len(source), 1)
+    correct = int(distributed.all_reduce_floats({"hits": correct})["hits"]) if distributed.active() else correct
+    return correct / max(total, 1)
 
 
 def finetune(model: nn.Module, view: View, train: TrainSet, evaluate: Callable[[nn.Module], float],
              loss_fn: LossFn, epochs: int, lr: float, batch_size: int, seed: int = 0,
-             max_images: int | None = None, on_step: Callable[[int, float], None] | None = None) -> list[float]:
+             max_images: int | None = None, on_step: Callable[[int, float], None] | None = None,
+             micro_batch: int | None = None) -> list[float]:
     """Fine-tune in place; returns validation accuracy before training and after each epoch. The model ends
-    with the weights of the best of those (the calibrated start counts: QAT may never make things worse)."""
+    with the weights of the best of those (the calibrated start counts: QAT may never make things worse).
+    Under torchrun: the same global batches on every process, each training on its share (DDP, on the CPU
+    like the single-process loop); `micro_batch` caps the images per forward pass (gradients accumulate)."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    trained = distributed.wrap_ddp(model, torch.device("cpu"))
     history = [evaluate(model)]
     best_state, best = copy.deepcopy(model.state_dict()), history[0]
     images = as_tensor(train.images)
@@ -63,9 +75,12 @@ def finetune(model: nn.Module, view: View, train: TrainSet, evaluate: Callable[[
         order = torch.randperm(len(images), generator=generator)[:max_images]
         for idx in batches(len(order), batch_size):
             idx = order[idx]
-            loss = loss_fn(model(view(images[idx])), train.teacher_logits[idx], labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            chunks = distributed.local_chunks(idx, micro_batch)
+            for j, (part, weight) in enumerate(chunks):
+                with distributed.sync_unless_last(trained, j == len(chunks) - 1):
+                    loss = loss_fn(trained(view(images[part])), train.teacher_logits[part], labels[part])
+                    (loss if weight == 1.0 else loss * weight).backward()
             optimizer.step()
             if on_step:
                 on_step(len(idx), loss.item())

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from pipeline import distributed
 from pipeline.runner import Stage, StageContext, register_stage
 
 from .config import QATConfig
@@ -26,6 +27,7 @@ class QATStage(Stage):
     name = "qat"
     sections = ("qat", "distill", "data", "subtask")
     packages = ("torch", "nncf", "torchao")
+    distributed = True        # under torchrun every process fine-tunes on its share of each global batch (DDP)
 
     def inputs(self, cfg):
         return ("adapt", "distill")
@@ -82,12 +84,16 @@ class QATStage(Stage):
         teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
         teacher = teacher.to(ctx.device)
         teacher_view = view_of(teacher_spec)
-        teacher_logits = predict_logits(teacher, teacher_view, data.train.images, ctx.device,
-                                        columns=teacher_columns(spec))
+        # Under torchrun each process runs the teacher on its share of the images and all gather the whole set.
+        rows = distributed.row_range(len(data.train))
+        teacher_logits = distributed.all_gather_rows(
+            predict_logits(teacher, teacher_view, data.train.images[rows], ctx.device, columns=teacher_columns(spec)),
+            len(data.train))
         train = TrainSet(data.train.images, data.train.labels, teacher_logits)
         per_epoch = min(len(train.images), cfg.max_images or len(train.images))
         with ctx.progress.task("QAT fine-tuning", total=cfg.epochs * per_epoch) as task:
             return finetune(model, view, train, lambda m: model_accuracy(m, view, data.val.images, data.val.labels),
                             distillation_loss(ctx.config.distill), cfg.epochs, cfg.lr, cfg.batch_size,
                             seed=ctx.config.build.seed, max_images=cfg.max_images,
-                            on_step=lambda n, loss: task.advance(n, loss=loss))
+                            on_step=lambda n, loss: task.advance(n, loss=loss),
+                            micro_batch=ctx.config.distributed.micro_batch if ctx.config.distributed else None)

@@ -172,10 +172,27 @@ def pick_positions(maps: torch.Tensor, grads: torch.Tensor, count: int, generato
     return take(maps), take(grads)
 
 
+@dataclass(frozen=True)
+class Elsewhere:
+    """In place of a batch that another process handles: its size, so that this process still draws (and drops)
+    its random positions and its position generator stays in step with a single process's."""
+
+    size: int
+
+
+def skip_positions(generator: torch.Generator, size: int, pairs: Sequence[PairSpec]) -> None:
+    """The draws pick_positions makes for a batch of `size` images, layer by layer, thrown away."""
+    for p in pairs:
+        torch.rand(size, p.teacher_size[0] * p.teacher_size[1], generator=generator)
+
+
 def accumulate(teacher: nn.Module, batches, pairs: Sequence[PairSpec], class_ids: Sequence[int],
                positions: int, seed: int, on_batch: Callable[[int], None] = lambda n: None) -> list[Moments]:
     """Run the frozen teacher over batches of normalised images, backpropagate the summed margin to the tapped
-    layers and add the chosen positions' (activation, gradient) rows to each layer's moments."""
+    layers and add the chosen positions' (activation, gradient) rows to each layer's moments.
+    Under torchrun each process gets its own batches and an `Elsewhere` for each of the others' (the same
+    positions are chosen as in one process); the float64 sums are then all-reduced, so every process ends with
+    the moments of all the images."""
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -184,8 +201,14 @@ def accumulate(teacher: nn.Module, batches, pairs: Sequence[PairSpec], class_ids
     generator = torch.Generator().manual_seed(seed)
     num_prefix = prefix_tokens(teacher)
     taps = GradientTaps(teacher, names)
+    own: list[int] = []            # numbers of the batches this process handled
     try:
-        for x in batches:
+        for number, x in enumerate(batches):
+            if isinstance(x, Elsewhere):
+                skip_positions(generator, x.size, pairs)
+                on_batch(x.size)
+                continue
+            own.append(number)
             with torch.enable_grad():
                 logits = teacher(x)[:, list(class_ids)]
                 acts = [taps.outputs[i] for i in range(len(names))]
@@ -196,7 +219,25 @@ def accumulate(teacher: nn.Module, batches, pairs: Sequence[PairSpec], class_ids
             on_batch(len(x))
     finally:
         taps.close()
+    for m in moments:
+        all_reduce_moments(m, own)
     return moments
+
+
+def all_reduce_moments(moments: Moments, own: Sequence[int]) -> None:
+    """Sum one layer's moments over the processes (in float64) and rebuild the orientation sample a single
+    process would keep: the first rows in batch order. `own`: the batch numbers behind this process's sample."""
+    from .. import distributed
+
+    if not distributed.active():
+        return
+    count = torch.tensor([float(moments.count)], dtype=torch.float64)
+    for tensor in (count, moments.sum_a, moments.sum_c, moments.sum_aa, moments.sum_cc, moments.sum_ac):
+        distributed.all_reduce_sum_(tensor)
+    moments.count = int(count.item())
+    parts = distributed.all_gather_object(list(zip(own, moments.sample)))
+    ordered = [rows for _number, rows in sorted((p for part in parts for p in part), key=lambda p: p[0])]
+    moments.sample = [torch.cat(ordered)[:SIGN_SAMPLE_ROWS]] if ordered else []
 
 
 SUBSPACES_FILE, SPECTRA_FILE = "subspaces.pt", "spectra.json"

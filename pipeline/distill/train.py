@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .. import distributed
 from ..data import View
 from ..data.views import as_tensor, augment_batch, batches
 from ..stages.common import accuracy, predict_logits
@@ -66,6 +67,9 @@ class TeacherOutputs:
         return logits, targets
 
     def _compute_all(self, images: torch.Tensor, progress) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        # Several processes: each runs the teacher on its share of the images and all of them gather the whole
+        # cache, indexed like `images` (a batch's rows are looked up by their global index on every process).
+        total, images = len(images), images[distributed.row_range(len(images))]
         logits, targets = [], {i: [] for i in range(len(self.teacher_layers))}
         batch = 256
         with (progress.task("teacher outputs (cached)", (len(images) + batch - 1) // batch)
@@ -77,7 +81,8 @@ class TeacherOutputs:
                     targets[i].append(t.cpu())
                 if bar:
                     bar.advance(1)
-        return torch.cat(logits), {i: torch.cat(t) for i, t in targets.items()}
+        gather = lambda parts: distributed.all_gather_rows(torch.cat(parts), total)  # noqa: E731
+        return gather(logits), {i: gather(t) for i, t in targets.items()}
 
     def for_batch(self, idx: torch.Tensor, raw: torch.Tensor):
         if self.cached is None:
@@ -86,11 +91,44 @@ class TeacherOutputs:
         return logits[idx].to(self.device), {i: t[idx].to(self.device) for i, t in targets.items()}
 
 
+class TrainStep(nn.Module):
+    """The student and the method's trainable parts (orthogonal V matrices, projection heads) as one module, so
+    that DistributedDataParallel all-reduces the gradients of both. Returns the method's named losses."""
+
+    def __init__(self, models: Models, method: DistillMethod):
+        super().__init__()
+        self.student, self.method, self.view = models.student, method, models.student_view
+        self.layers = [p.student for p in method.pairs]
+
+    def forward(self, raw: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
+                t_targets: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with tap_features(self.student, self.layers) as s_feats:
+            s_logits = self.student(self.view(raw))
+            return self.method(Outputs(s_logits.float(), t_logits, labels,
+                                       {i: f.float() for i, f in s_feats.items()}, t_targets))
+
+
+def split_accuracy(model: nn.Module, view: View, split, device) -> float:
+    """Accuracy on an image set; several processes each predict a share and add up the hits."""
+    if not distributed.active():
+        return accuracy(predict_logits(model, view, split.images, device), split.labels)
+    distributed.broadcast_buffers(model)          # every process evaluates with rank 0's BatchNorm statistics
+    rows = distributed.row_range(len(split.labels))
+    logits = predict_logits(model, view, split.images[rows], device)
+    hits = float((logits.argmax(1) == torch.as_tensor(split.labels[rows])).sum())
+    correct = distributed.all_reduce_floats({"hits": hits})["hits"]
+    return float(torch.tensor(correct, dtype=torch.float32) / len(split.labels))   # as accuracy() computes it
+
+
 def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
-            progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None) -> dict:
-    """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
+            progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
+            micro_batch: int | None = None) -> dict:
+    """Train the student; returns history and the best epoch, and leaves the best weights in the student.
+    Under torchrun every process draws the same global batches and trains on its share of each (DDP);
+    `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch)."""
     student, teacher = models.student.to(device), models.teacher.to(device)
     method.to(device)
+    step = distributed.wrap_ddp(TrainStep(models, method).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     teacher_out = TeacherOutputs(models, method, images, device, cached=cfg.cache_teacher and not augment,
                                  progress=progress, precomputed=None if augment else precomputed)
@@ -99,7 +137,6 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
     generator = torch.Generator().manual_seed(seed + 2)
-    student_layers = [p.student for p in method.pairs]
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     history, images_seen, train_time = [], 0, 0.0
     with progress.task(f"distill ({cfg.method})", cfg.epochs) as bar:
@@ -110,23 +147,24 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
             sums: dict[str, float] = {}
             start = time.perf_counter()
             for idx in batches(len(images), cfg.batch_size, shuffle=True, generator=generator):
+                distributed.fault_point("distill")
+                # The whole global batch is drawn (and augmented) on every process, which keeps the generator in
+                # step; each process then trains on its share, in micro-batches.
                 raw = augment_batch(images[idx], generator) if augment else images[idx]
-                t_logits, t_targets = teacher_out.for_batch(idx, raw)
-                autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
-                with tap_features(student, student_layers) as s_feats, autocast:
-                    s_logits = student(models.student_view(raw.to(device)))
-                    losses = method(Outputs(s_logits.float(), t_logits, labels[idx].to(device),
-                                            {i: f.float() for i, f in s_feats.items()}, t_targets))
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["total"]).backward()
+                chunks = distributed.local_chunks(torch.arange(len(idx)), micro_batch)
+                for j, (pos, weight) in enumerate(chunks):
+                    losses = _accumulate(step, teacher_out, idx[pos], raw[pos], labels, weight, scaler, device,
+                                         last=j == len(chunks) - 1)
+                    for name, value in losses.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * len(pos) * (weight > 0)
                 scaler.step(optimizer)
                 scaler.update()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * len(idx)
                 images_seen += len(idx)
             train_time += time.perf_counter() - start
             schedule.step()
-            val_acc = accuracy(predict_logits(student, models.student_view, val.images, device), val.labels)
+            val_acc = split_accuracy(student, models.student_view, val, device)
+            sums = distributed.all_reduce_floats(sums)
             epoch_losses = {k: v / len(images) for k, v in sums.items()}
             history.append({"epoch": epoch, "val_acc": val_acc, **epoch_losses})
             if val_acc > best["val_acc"]:
@@ -138,3 +176,16 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
     student.eval()
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "history": history,
             "train_images_per_s": images_seen / max(train_time, 1e-9)}
+
+
+def _accumulate(step: nn.Module, teacher_out: TeacherOutputs, idx: torch.Tensor, raw: torch.Tensor, labels, weight: float,
+                scaler, device, last: bool) -> dict[str, torch.Tensor]:
+    """Forward and backward of one micro-batch; DDP all-reduces the gradients at the last one."""
+    t_logits, t_targets = teacher_out.for_batch(idx, raw)
+    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
+    with distributed.sync_unless_last(step, last):
+        with autocast:
+            losses = step(raw.to(device), t_logits, labels[idx].to(device), t_targets)
+        total = losses["total"] if weight == 1.0 else losses["total"] * weight
+        scaler.scale(total).backward()
+    return losses

@@ -21,6 +21,7 @@ class DistillStage(Stage):
     name = "distill"
     sections = ("distill", "student", "subtask", "data", "build")
     packages = ("torch", "timm")
+    distributed = True        # under torchrun every process trains on its share of each global batch (DDP)
 
     def inputs(self, cfg):
         return ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
@@ -31,7 +32,7 @@ class DistillStage(Stage):
         models = self.prepare_models(ctx, data)
         method = self.prepare_method(ctx, models)
         result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress)
+                         ctx.device, ctx.progress, micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
         self.save(ctx, models, data)
         return {**self.measure(ctx, models, data), **result}
 

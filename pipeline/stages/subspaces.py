@@ -9,7 +9,8 @@ import torch
 
 from ..data.views import as_tensor, batches
 from ..distill.methods import METHODS
-from ..distill.subspace import Subspace, accumulate, save_subspaces
+from .. import distributed
+from ..distill.subspace import Elsewhere, Subspace, accumulate, save_subspaces
 from ..distill.train import Models, layer_pairs
 from ..runner import Stage, StageContext, register_stage
 from .common import subtask_data
@@ -21,6 +22,7 @@ class SubspacesStage(Stage):
     name = "subspaces"
     sections = ("subspaces", "distill", "student", "subtask", "data", "build")
     packages = ("torch", "timm")
+    distributed = True        # under torchrun the teacher batches are dealt out, the float64 sums all-reduced
 
     def enabled(self, cfg) -> bool:
         return METHODS.get(cfg.distill.method).needs_subspaces
@@ -54,7 +56,8 @@ class SubspacesStage(Stage):
     def accumulate(self, ctx: StageContext, models: Models, pairs, images: torch.Tensor):
         cfg = ctx.config.subspaces
         teacher = models.teacher.to(ctx.device)
-        normalised = (models.teacher_view(images[idx].to(ctx.device)) for idx in batches(len(images), cfg.batch_size))
+        normalised = (models.teacher_view(images[idx].to(ctx.device)) if distributed.owns(number) else Elsewhere(len(idx))
+                      for number, idx in enumerate(batches(len(images), cfg.batch_size)))
         with ctx.progress.task("subspaces (teacher margin gradients)", len(images)) as bar:
             return accumulate(teacher, normalised, pairs, models.teacher_ids, cfg.positions_per_image,
                               ctx.config.build.seed, on_batch=bar.advance)

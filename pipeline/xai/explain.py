@@ -37,17 +37,23 @@ def sample(n_total: int, n: int, seed: int) -> np.ndarray:
 
 def explain_pair(teacher, teacher_view: View, teacher_ids: list[int], student, student_view: View,
                  images: np.ndarray, labels: np.ndarray, cfg, seed: int = 0,
-                 teacher_explainer: Explainer | None = None) -> Explained:
-    """`cfg` is an ExplainConfig; images/labels are the test split (labels 0..k-1). A prepared teacher explainer
-    may be passed to reuse it across students."""
+                 teacher_explainer: Explainer | None = None, teacher_cache: dict | None = None) -> Explained:
+    """`cfg` is an ExplainConfig; images/labels are the test split (labels 0..k-1). To compare several students
+    with one teacher, pass the same `teacher_cache` dict: the teacher's heatmaps are then computed once."""
     index = sample(len(labels), cfg.images, seed)
     raw, targets = as_tensor(images[index]), torch.as_tensor(labels[index])
     size = cfg.size or images.shape[-1]
-    t_expl = teacher_explainer or make_explainer(teacher, cfg.method, cfg.composite)
+    cache = teacher_cache if teacher_cache is not None else {}
+    if "explainer" not in cache:
+        cache["explainer"] = teacher_explainer or make_explainer(teacher, cfg.method, cfg.composite)
+    t_expl = cache["explainer"]
     s_expl = make_explainer(student, cfg.method, cfg.composite)
     n_student = _num_outputs(s_expl.model, student_view, raw)
     student_ids = list(range(n_student))
-    t_rel, t_gap = relevance(t_expl, teacher_view, raw, targets, teacher_ids, cfg.batch_size)
+    key = (tuple(index), size)
+    if cache.get("key") != key:
+        cache["key"], cache["relevance"] = key, relevance(t_expl, teacher_view, raw, targets, teacher_ids, cfg.batch_size)
+    t_rel, t_gap = cache["relevance"]
     s_rel, s_gap = relevance(s_expl, student_view, raw, targets, student_ids, cfg.batch_size)
     t_map, s_map = pixel_map(t_rel), pixel_map(s_rel)
     scores = agreement(t_map, s_map, size)

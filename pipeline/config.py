@@ -38,7 +38,7 @@ class SpuriousConfig(Section):
     fraction: float = Field(0.5, ge=0, le=1, description="share of images that get a marker (exactly round(p * n) per split)")
     corner: Literal["top_left", "top_right", "bottom_left", "bottom_right"] = Field(
         "top_left", description="where the glyph is pasted")
-    scale: Optional[int] = Field(None, ge=1, le=16, description="pixels per font dot (None: image side / 14, at least 1)")
+    scale: Optional[int] = Field(None, ge=1, le=16, description="pixels per font dot (None: image side / 28, at least 1: a 7x5-pixel box on 28x28 images)")
     seed: int = Field(0, description="added to build.seed: which images get a marker, and the random test digits")
 
 

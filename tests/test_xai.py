@@ -143,7 +143,7 @@ def marked(split_images, clean_images):
     return np.flatnonzero((split_images != clean_images).reshape(len(split_images), -1).any(1))
 
 
-def shows(image, number, scale=2):
+def shows(image, number, scale=1):
     box = marker_box(number, scale)
     return np.array_equal(image[0, :box.shape[0], :box.shape[1]], box)
 

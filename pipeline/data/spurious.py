@@ -40,7 +40,7 @@ def glyph(number: int, scale: int = 1) -> np.ndarray:
 
 
 def default_scale(image_side: int) -> int:
-    return max(1, round(image_side / 14))
+    return max(1, round(image_side / 28))
 
 
 def marker_box(number: int, scale: int) -> np.ndarray:

@@ -19,7 +19,8 @@ data variant shared by every method and seed, the lambda_layer each layer method
 
 Small scale on purpose (2-core CPU): 600 training images per class (80 % train / 20 % val), 500 test images per
 class, 6 epochs, cnn_small student, 2 seeds, 128 explained test images. Prints two tables and writes
-bench/results/xai_spurious.json and bench/results/xai_spurious.png.
+bench/results/xai_spurious.json and bench/results/xai_spurious.png (plus xai_spurious_grid.png: example
+heatmaps, seed 0, with each student's cosine to the teacher).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def agreement_part(teacher, spec, raw, args, shared, lambdas, workdir) -> dict:
     cfg = ExplainConfig(images=args.explain_images, size=28, batch_size=32)
     cache: dict = {}
     test = task.data.test
-    runs = []
+    runs, grids = [], {}
     for method in ["untrained", *args.methods]:
         for seed in range(args.seeds if method != "untrained" else 1):
             keep: dict = {}
@@ -117,12 +118,15 @@ def agreement_part(teacher, spec, raw, args, shared, lambdas, workdir) -> dict:
             result = explain_pair(teacher, task.models.teacher_view, task.models.teacher_ids, keep["student"],
                                   task.models.student_view, test.images, test.labels, cfg, seed=0, teacher_cache=cache)
             m = result.metrics
+            if seed == 0:
+                grids[method] = result.arrays()
             runs.append({"method": method, "seed": seed, "test_acc": acc, "cosine": m["cosine_mean"],
                          "spearman": m["spearman_mean"], "flip_auc": m["student_pixel_flipping"]["auc"],
                          "flip_auc_gain": m["student_pixel_flipping"]["auc_gain"],
                          "student_conservation": m["student"]["conservation"], "explain_s": time.perf_counter() - start})
             log(f"  (a) {method} seed {seed}: test {acc:.4f} cosine {m['cosine_mean']:.3f} "
                 f"spearman {m['spearman_mean']:.3f} flip AUC gain {m['student_pixel_flipping']['auc_gain']:.3f}")
+    grid_figure(grids, task.data.class_names, args.out.with_name(args.out.stem + "_grid.png"))
     return {"subtask": task.name, "teacher_test_acc": task.teacher_test_acc, "explain_images": args.explain_images,
             "teacher": {k: v for k, v in m["teacher"].items()}, "student_rules": m["student"]["rules"],
             "runs": runs, "summary": summarise(runs, ["cosine", "spearman", "flip_auc_gain", "test_acc"])}
@@ -200,6 +204,33 @@ def print_tables(report: dict) -> None:
         for method, row in b["summary"].items():
             print(f"{method:<14}" + "".join(f"{100 * row[str(p)][0]:>9.2f} +- {100 * row[str(p)][1]:4.2f}" for p in fractions))
         print(f"{'teacher':<14}" + "".join(f"{100 * b['teacher_test_acc'][p]:>16.2f}" for p in fractions))
+
+
+def grid_figure(grids: dict, class_names: list[str], path: Path, rows: int = 5) -> None:
+    """A look at the heatmaps (seed 0): image | teacher | each student."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(grids.values()))
+    columns = [("image", None), ("teacher", first["teacher_maps"])] + [(m, g["student_maps"]) for m, g in grids.items()]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(1.5 * len(columns), 1.6 * rows), squeeze=False)
+    for i in range(rows):
+        for j, (name, maps) in enumerate(columns):
+            ax = axes[i, j]
+            if maps is None:
+                ax.imshow(first["images_u8"][i, 0], cmap="gray", vmin=0, vmax=255)
+                title = class_names[int(first["labels"][i])]
+            else:
+                limit = float(np.abs(maps[i]).max()) or 1.0
+                ax.imshow(maps[i], cmap="bwr", vmin=-limit, vmax=limit)
+                title = name if name == "teacher" else f"{name} {grids[name]['cosine'][i]:.2f}"
+            ax.set_title(title if i == 0 or maps is None else title.split(" ")[-1], fontsize=7)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def plot(report: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ It reuses bench/distill_methods.py: the pipeline's own adapt stage for the teach
 data variant shared by every method and seed, the lambda_layer each layer method got on validation data there
 (bench/results/distill_methods.json, efficientnet teacher), and the same training loop.
 
-    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/xai_spurious.py          # the committed results
+    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/xai_spurious.py --adapt-max-images 12000   # committed
     .venv/bin/python bench/xai_spurious.py --quick                                  # smoke run, ~2 min
 
 Small scale on purpose (2-core CPU): 600 training images per class (80 % train / 20 % val), 500 test images per
@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--test-per-class", type=int, default=500)
     p.add_argument("--explain-images", type=int, default=128)
     p.add_argument("--adapt", type=Path, default=None, help="a committed adapt/ folder of the default config")
+    p.add_argument("--adapt-max-images", type=int, default=None,
+                   help="build the default config's adapt stage with teacher.adapt.max_images capped (cheaper)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", choices=["agreement", "spurious"], default=None, help="run only the other part")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 seed, 2 epochs, p in {0, 1}")
@@ -91,6 +93,19 @@ def chosen_lambdas() -> dict:
     if path.is_file():
         return json.loads(path.read_text())["teachers"]["efficientnet"]["lambda"]["chosen"]
     return {}
+
+
+def adapted_teacher(args, shared) -> tuple[Path, dict]:
+    """distill_methods' default-config teacher, optionally with a cap on the adaptation images."""
+    if args.adapt or not args.adapt_max_images:
+        return dm.adapted_teacher("efficientnet", shared)
+    raw = dm.default_raw()
+    raw["teacher"]["adapt"]["max_images"] = args.adapt_max_images
+    start = time.perf_counter()
+    summary = dm.Build(parse_config(raw)).run(dm.QUIET, until="adapt")
+    log(f"teacher efficientnet (adapt.max_images {args.adapt_max_images}): {time.perf_counter() - start:.0f} s, "
+        f"subtask test acc {summary[-1]['metrics'].get('teacher_subtask_test_acc')}")
+    return Path(summary[-1]["dir"]), raw
 
 
 def log(message: str) -> None:
@@ -276,7 +291,7 @@ def main(argv=None) -> None:
     shared = dm_args(args)
     shared.efficientnet_adapt = args.adapt
     started = time.perf_counter()
-    folder, raw = dm.adapted_teacher("efficientnet", shared)
+    folder, raw = adapted_teacher(args, shared)
     teacher, spec = load_teacher(folder)
     for p in teacher.parameters():
         p.requires_grad_(False)

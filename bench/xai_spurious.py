@@ -14,11 +14,13 @@ It reuses bench/distill_methods.py: the pipeline's own adapt stage for the teach
 data variant shared by every method and seed, the lambda_layer each layer method got on validation data there
 (bench/results/distill_methods.json, efficientnet teacher), and the same training loop.
 
-    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/xai_spurious.py --adapt-max-images 12000   # committed
+    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/xai_spurious.py --adapt-max-images 6000 --train-per-class 400 --test-per-class 300 --epochs 5 --explain-images 64
     .venv/bin/python bench/xai_spurious.py --quick                                  # smoke run, ~2 min
 
-Small scale on purpose (2-core CPU): 600 training images per class (80 % train / 20 % val), 500 test images per
-class, 6 epochs, cnn_small student, 2 seeds, 128 explained test images. Prints two tables and writes
+Small scale on purpose (2-core CPU shared by several agents): the committed run used 400 training images per class
+(80 % train / 20 % val), 300 test images per class, 5 epochs, cnn_small student, 2 seeds, 64 explained test
+images, and the default config's teacher adapted on 6000 (instead of all 48000) training images
+(--adapt-max-images; without it the default config's own adapt stage is used, as in bench/distill_methods.py). Prints two tables and writes
 bench/results/xai_spurious.json and bench/results/xai_spurious.png (plus xai_spurious_grid.png: example
 heatmaps, seed 0, with each student's cosine to the teacher).
 """

@@ -252,9 +252,13 @@ def teacher_pass(models: Models, pairs, images: torch.Tensor) -> tuple[torch.Ten
     return torch.cat(logits), {i: torch.cat(m) for i, m in maps.items()}
 
 
-def run_method(task: Subtask, method: str, seed: int, lambda_layer: float | None, args) -> dict:
+def run_method(task: Subtask, method: str, seed: int, lambda_layer: float | None, args,
+               keep: dict | None = None) -> dict:
+    """One distillation run; `keep`, if given, receives the trained student (bench/xai_spurious.py explains it)."""
     torch.manual_seed(seed)
     student = create_model("cnn_small", task.data.num_classes, 1)
+    if keep is not None:
+        keep["student"] = student
     models = Models(task.models.teacher, student, task.models.teacher_view, task.models.student_view,
                     task.models.teacher_ids)
     cfg = DistillConfig(method=method, lambda_layer=lambda_layer, epochs=args.epochs, batch_size=args.batch_size,

@@ -18,7 +18,7 @@ from .distill.config import DistillConfig, SubspacesConfig
 from .errors import ConfigError
 from .registry import did_you_mean
 from .release.config import ReleaseConfig
-from .schema import Section
+from .schema import OmitNoneOptions, Section
 from .validation.config import ValidateConfig
 
 
@@ -30,7 +30,21 @@ class BuildConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads for training (0: all cores)")
 
 
-class DataConfig(Section):
+class SpuriousConfig(Section):
+    """A shortcut planted in the data (a stress test): a digit glyph in a corner of a fraction of the images. On the
+    training and validation images it shows the class index (the shortcut); on the test images a random class index
+    (uncorrelated). The teacher's own training/adaptation always sees clean images."""
+
+    fraction: float = Field(0.5, ge=0, le=1, description="share of images that get a marker (exactly round(p * n) per split)")
+    corner: Literal["top_left", "top_right", "bottom_left", "bottom_right"] = Field(
+        "top_left", description="where the glyph is pasted")
+    scale: Optional[int] = Field(None, ge=1, le=16, description="pixels per font dot (None: image side / 28, at least 1: a 7x5-pixel box on 28x28 images)")
+    seed: int = Field(0, description="added to build.seed: which images get a marker, and the random test digits")
+
+
+class DataConfig(OmitNoneOptions):
+    omit_when_none = ("spurious",)
+
     dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar100 or image_folder (the dataset registry)")
     root: Optional[str] = Field(None, description="image_folder: folder with train/<class>/ and test/<class>/")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="seeded split of the training images used for model selection")
@@ -39,6 +53,8 @@ class DataConfig(Section):
     image_size: Optional[int] = Field(None, ge=8, description="stored size for image_folder datasets")
     augment: bool = Field(False, description="random crop + flip while distilling (the teacher then runs every step)")
     allow_download: bool = Field(False, description="let a dataset source download its files (never by default)")
+    spurious: Optional[SpuriousConfig] = Field(
+        None, description="stress test: paste a class-correlated marker on training images, a random one on test images")
 
 
 class SubtaskConfig(Section):

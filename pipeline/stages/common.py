@@ -18,7 +18,13 @@ def subtask_data(cfg) -> SubtaskData:
 
 @lru_cache(maxsize=4)
 def _subtask_data(data_cfg, classes: tuple, seed: int) -> SubtaskData:
-    return make_subtask(load_dataset(data_cfg), list(classes), data_cfg.val_fraction, seed)
+    data = make_subtask(load_dataset(data_cfg), list(classes), data_cfg.val_fraction, seed)
+    if data_cfg.spurious is not None:
+        # Only the subtask splits get markers: the teacher trains/adapts on data.dataset, which stays clean.
+        from ..data.spurious import add_markers
+
+        data, _ = add_markers(data, data_cfg.spurious, seed)
+    return data
 
 
 @torch.inference_mode()

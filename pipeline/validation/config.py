@@ -7,7 +7,8 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
-from ..schema import Section
+from ..schema import OmitNoneOptions, Section
+from ..xai.config import ExplainConfig
 from .targets import parse_target
 
 Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
@@ -53,7 +54,9 @@ class SshConfig(Section):
     workdir: str = Field(".cache/edgesmith", description="folder on the target (relative to the login's home)")
 
 
-class ValidateConfig(Section):
+class ValidateConfig(OmitNoneOptions):
+    omit_when_none = ("explain",)
+
     targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1,
                                description="local, or ssh://user@host[:port][?python=/path/to/python]")
     runtimes: list[Runtime] = Field(default_factory=lambda: ["onnxruntime", "openvino"], min_length=1,
@@ -64,6 +67,8 @@ class ValidateConfig(Section):
     latency: LatencyConfig = LatencyConfig()
     budgets: Budgets = Budgets()
     ssh: SshConfig = SshConfig()
+    explain: Optional[ExplainConfig] = Field(
+        None, description="heatmap agreement teacher vs student (LRP, zennit) in the report; None: not computed")
 
     @field_validator("targets")
     @classmethod

@@ -23,7 +23,8 @@ class ValidateStage(Stage):
     packages = ("numpy", "onnxruntime", "openvino", "paramiko", "matplotlib")
 
     def inputs(self, cfg):
-        return ("export",)
+        # validate.explain compares the FP32 student with the adapted teacher: it needs both.
+        return ("export", "adapt", "distill") if cfg.section("validate").explain is not None else ("export",)
 
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.config.section("validate")
@@ -34,7 +35,8 @@ class ValidateStage(Stage):
                 runs.append(self._run_target(ctx, spec, bundle, cfg))
                 task.advance(1, target=spec)
         verdicts = check(runs, cfg.budgets)
-        report_error = self._report(ctx, bundle, cfg, runs, verdicts)
+        explain, extra_sections = self._explain(ctx, cfg)
+        report_error = self._report(ctx, bundle, cfg, runs, verdicts, extra_sections)
         missed = [v for v in verdicts if not v.ok]
         ctx.log(f"validate: {len(verdicts) - len(missed)}/{len(verdicts)} checks met (report.html in the validate folder)")
         # complete=False: some target could not run the suite (unreachable, runtime missing); the runner may
@@ -42,14 +44,28 @@ class ValidateStage(Stage):
         return {"passed": not missed, "complete": all(r.error is None for r in runs), "checks": len(verdicts),
                 "missed": len(missed),
                 "budgets": [v.to_dict() for v in verdicts], "targets": [r.summary() for r in runs],
-                "artifacts": _summary(runs), "report_error": report_error}
+                "artifacts": _summary(runs), "report_error": report_error, **explain}
 
-    def _report(self, ctx: StageContext, bundle: Path, cfg, runs, verdicts) -> str | None:
+    def _explain(self, ctx: StageContext, cfg) -> tuple[dict, list]:
+        """Heatmap agreement (validate.explain). Like the report, a failure here must not lose the device results:
+        it is logged and recorded as explain_error."""
+        if cfg.explain is None:
+            return {}, []
+        from ..xai.stage import run_explain
+
+        try:
+            metrics, sections = run_explain(ctx, cfg.explain)
+        except Exception as exc:  # noqa: BLE001 (any analysis error; the measurements matter more)
+            ctx.log(f"[red]validate: explanations failed: {exc!r}[/]")
+            return {"explain_error": repr(exc)}, []
+        return {"explain": metrics}, sections
+
+    def _report(self, ctx: StageContext, bundle: Path, cfg, runs, verdicts, extra_sections=()) -> str | None:
         """Write report.html / report.md. A plotting failure must not throw away the measurements: it is
         logged and recorded, and the results are committed all the same."""
         try:
             write_report(ctx.out, f"Validation of {ctx.config.build.name}",
-                         validation_sections(runs, verdicts, _class_names(bundle)),
+                         validation_sections(runs, verdicts, _class_names(bundle)) + list(extra_sections),
                          subtitle=f"bundle {bundle.name}, {len(cfg.targets)} target(s), runtimes {', '.join(cfg.runtimes)}")
         except Exception as exc:  # noqa: BLE001 (any plotting error; the results matter more)
             ctx.log(f"[red]validate: the report could not be written: {exc!r}[/]")

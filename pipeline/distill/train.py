@@ -87,8 +87,10 @@ class TeacherOutputs:
 
 
 def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
-            progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None) -> dict:
-    """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
+            progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
+            outliers=None) -> dict:
+    """Train the student; returns history and the best epoch, and leaves the best weights in the student.
+    `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
     student, teacher = models.student.to(device), models.teacher.to(device)
     method.to(device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
@@ -117,6 +119,8 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
                     s_logits = student(models.student_view(raw.to(device)))
                     losses = method(Outputs(s_logits.float(), t_logits, labels[idx].to(device),
                                             {i: f.float() for i, f in s_feats.items()}, t_targets))
+                if outliers is not None:  # its own forward pass, outside tap_features: layer losses stay in-subtask
+                    losses = outliers(losses, student)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["total"]).backward()
                 scaler.step(optimizer)

@@ -6,6 +6,7 @@ from ..data import View
 from ..distill.methods import METHODS
 from ..distill.train import Models, distill, layer_pairs
 from ..models import count_macs, count_params, create_model, load_teacher, save_model
+from ..ood.exposure import outlier_exposure
 from ..runner import Stage, StageContext, register_stage
 from .common import accuracy, predict_logits, subtask_data
 from .teacher import teacher_class_ids
@@ -22,6 +23,10 @@ class DistillStage(Stage):
     sections = ("distill", "student", "subtask", "data", "build")
     packages = ("torch", "timm")
 
+    def key_sections(self, cfg) -> dict:
+        exposure = cfg.ood.exposure_key() if cfg.ood is not None else None
+        return {**super().key_sections(cfg), **({"ood.outlier_exposure": exposure} if exposure else {})}
+
     def inputs(self, cfg):
         return ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
 
@@ -30,8 +35,9 @@ class DistillStage(Stage):
         data = subtask_data(cfg)
         models = self.prepare_models(ctx, data)
         method = self.prepare_method(ctx, models)
+        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log)  # None unless ood.outlier_exposure
         result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress)
+                         ctx.device, ctx.progress, outliers=outliers)
         self.save(ctx, models, data)
         return {**self.measure(ctx, models, data), **result}
 

@@ -72,9 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--train-per-class", type=int, default=2000, help="images per class loaded from the training "
+    p.add_argument("--train-per-class", type=int, default=1500, help="images per class loaded from the training "
                    "split (80 % train / 20 % validation); caps the student's data and the outlier pool alike")
-    p.add_argument("--test-per-class", type=int, default=None, help="cap per class on the test split (None: all 1000)")
+    p.add_argument("--test-per-class", type=int, default=500, help="cap per class on the test split (0: all 1000)")
     p.add_argument("--oe-weight", type=float, default=0.5)
     p.add_argument("--oe-ratio", type=float, default=1.0)
     p.add_argument("--tpr", type=float, default=0.95)
@@ -94,7 +94,7 @@ def log(msg: str) -> None:
 
 def base_raw(args) -> dict:
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class})
+    raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class or None})
     return raw
 
 
@@ -107,20 +107,22 @@ def adapted_teacher(args) -> tuple[Path, float]:
 
 
 class TeacherCache:
-    """The teacher's logits (all its classes) for every training image, computed once for all subtasks."""
+    """The teacher's logits (all its classes) for every image of every split, computed once for all subtasks."""
 
     def __init__(self, teacher, view: View, raw: dict):
         cfg = parse_config(raw)
         dataset = load_dataset(cfg.data)
-        self.train, _ = full_split(dataset, cfg.data.val_fraction, cfg.build.seed)
+        train, val = full_split(dataset, cfg.data.val_fraction, cfg.build.seed)
+        self.splits = {"train": train, "val": val, "test": dataset.test}
         start = time.perf_counter()
-        self.logits = predict_logits(teacher, view, self.train.images, CPU)
+        self.logits = {name: predict_logits(teacher, view, s.images, CPU) for name, s in self.splits.items()}
         self.seconds = time.perf_counter() - start
+        self.images = sum(len(s) for s in self.splits.values())
 
-    def of(self, class_ids, columns) -> torch.Tensor:
-        """Logits (subtask columns) of the training images of `class_ids`, in dataset order."""
-        keep = torch.as_tensor(np.isin(self.train.labels, list(class_ids)))
-        return self.logits[keep][:, columns]
+    def of(self, class_ids, columns, split: str = "train") -> torch.Tensor:
+        """Logits (subtask columns) of the `split` images of `class_ids`, in dataset order."""
+        keep = torch.as_tensor(np.isin(self.splits[split].labels, list(class_ids)))
+        return self.logits[split][keep][:, columns]
 
 
 def run_student(models: Models, data, outside, teacher_cache: TeacherCache, variant: str, seed: int, args) -> dict:
@@ -168,10 +170,11 @@ def score_student(student, view, data, outside, tpr: float) -> dict:
     return out
 
 
-def teacher_reference(models: Models, data, outside, tpr: float) -> dict:
+def teacher_reference(models: Models, data, outside, cache: TeacherCache, tpr: float) -> dict:
     """The teacher's own subtask logits under the same scores (what the student could at best inherit)."""
-    val, test, out = (predict_logits(models.teacher, models.teacher_view, s.images, CPU, columns=models.teacher_ids).numpy()
-                      for s in (data.val, data.test, outside.test))
+    val = cache.of(data.class_ids, models.teacher_ids, "val").numpy()
+    test = cache.of(data.class_ids, models.teacher_ids, "test").numpy()
+    out = cache.of(outside.class_ids, models.teacher_ids, "test").numpy()
     res = {}
     for kind, t in SCORES:
         if kind == "mahalanobis":
@@ -226,7 +229,7 @@ def main(argv=None) -> None:
     tview = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
     raw = base_raw(args)
     cache = TeacherCache(teacher, tview, raw)
-    log(f"teacher logits for {len(cache.train)} training images in {cache.seconds:.0f} s ({adapt_dir})")
+    log(f"teacher logits for {cache.images} images in {cache.seconds:.0f} s ({adapt_dir})")
     runs, teacher_ref, info = [], {}, {}
     for name in args.subtasks:
         sub_raw = copy.deepcopy(raw)
@@ -234,7 +237,7 @@ def main(argv=None) -> None:
         cfg = parse_config(sub_raw)
         data, outside = subtask_data(cfg), outside_data(cfg)
         models = Models(teacher, None, tview, View(28, 1, (0.5,), (0.5,)), teacher_class_ids(spec["class_names"], data))
-        teacher_ref[name] = teacher_reference(models, data, outside, args.tpr)
+        teacher_ref[name] = teacher_reference(models, data, outside, cache, args.tpr)
         info[name] = {"classes": SUBTASKS[name], "outside_classes": list(outside.class_names), "train": len(data.train),
                       "val": len(data.val), "test_in": len(data.test), "test_out": len(outside.test),
                       "outlier_pool": len(outside.train)}

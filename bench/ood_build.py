@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from rich.console import Console  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
+from pipeline.config import load_config, parse_config  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import STAGES, StageContext, StageRecord, _load_stage_modules, seed_everything  # noqa: E402
 
@@ -34,8 +34,17 @@ def main(argv=None) -> None:
     p.add_argument("--adapt", type=Path, required=True)
     p.add_argument("--work", type=Path, default=ROOT / "builds" / "ood_build")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ood_build.json")
+    p.add_argument("--train-per-class", type=int, default=None, help="cap (data.train_per_class) for a shorter run")
+    p.add_argument("--epochs", type=int, default=None, help="override distill.epochs for a shorter run")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
+    if args.train_per_class or args.epochs:
+        raw = cfg.dump()
+        if args.train_per_class:
+            raw["data"]["train_per_class"] = args.train_per_class
+        if args.epochs:
+            raw["distill"]["epochs"] = args.epochs
+        cfg = parse_config(raw, f"{args.config} (shortened)")
     if cfg.ood is None:
         raise SystemExit(f"{args.config} has no ood section")
     _load_stage_modules()

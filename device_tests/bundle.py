@@ -65,6 +65,7 @@ class EvalSet:
     teacher_pred: Optional[np.ndarray] = None
     fp32_pred: Optional[np.ndarray] = None
     int8_pred: Optional[np.ndarray] = None   # the quantized torch model's predictions, when there is one
+    ood_images_u8: Optional[np.ndarray] = None  # images from outside the subtask (the dataset's other classes)
 
     @classmethod
     def load(cls, path: Path) -> "EvalSet":
@@ -88,10 +89,13 @@ class EvalSet:
         for key in ("labels", "teacher_pred", "fp32_pred", "int8_pred"):
             if key in arrays and arrays[key].shape != (len(images),):
                 problems.append(f"{key} has shape {arrays[key].shape}, expected ({len(images)},)")
+        ood = arrays.get("ood_images_u8")
+        if ood is not None and (ood.dtype != np.uint8 or ood.shape[1:] != images.shape[1:]):
+            problems.append(f"ood_images_u8 is {ood.dtype} {ood.shape}, not uint8 like images_u8 {images.shape}")
         if problems:
             raise EvalSetError(f"{path}: " + "; ".join(problems) + ".", "Re-run the export stage to rewrite eval.npz.")
         return cls(images, labels.astype(np.int64), _ints(arrays.get("teacher_pred")), _ints(arrays.get("fp32_pred")),
-                   _ints(arrays.get("int8_pred")))
+                   _ints(arrays.get("int8_pred")), ood)
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import accuracy, latency
+from . import accuracy, latency, ood
 from .bundle import Artifact, Bundle, EvalSet, check_artifact
 from .environment import current_rss_mb, environment, peak_rss_mb
 from .errors import BundleError, DeviceTestError, IncompatibleArtifactError, RuntimeUnavailableError
@@ -43,9 +43,12 @@ def measure(artifact: Artifact, runtime: str, settings: LatencySettings, threads
         result = {"artifact": artifact.file, "format": artifact.format, "precision": artifact.precision,
                   "size_bytes": artifact_size(artifact), "load_s": load_s, **runner.describe(),
                   "input_shape": [d for d in runner.input_shape], "synthetic_input": eval_set is None}
+        rule = ood.Rule.from_dict(artifact.extra.get("ood"))  # None: no unknown answer for this artifact
         if eval_set is not None:
             result["accuracy"] = _accuracy(runner, eval_set, prep, settings)
-        result["latency"] = latency.single_stream(runner.infer, prep, raw, settings)
+            if rule is not None and eval_set.ood_images_u8 is not None:
+                result["ood"] = _ood(runner, eval_set, prep, settings, rule)
+        result["latency"] = latency.single_stream(runner.infer, prep, raw, settings, ood.postprocessor(rule))
         batch = runner.batch_for(settings.throughput_batch)
         result["throughput"] = latency.throughput(runner.infer, prep(_tile(raw, batch)), settings)
     result.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_mb)
@@ -70,6 +73,16 @@ def _accuracy(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettin
                              eval_set.int8_pred)
     return {**scores, **accuracy.reference(eval_set.labels, eval_set.teacher_pred, eval_set.fp32_pred, eval_set.int8_pred),
             "num_outputs": int(logits.shape[1])}
+
+
+def _ood(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettings, rule: "ood.Rule") -> dict:
+    """The shipped rule on this runtime: in-subtask eval images against the out-of-subtask ones."""
+    batch = runner.batch_for(settings.throughput_batch)
+    in_logits = accuracy.predict(runner.infer, prep(eval_set.images_u8), batch)
+    out_logits = accuracy.predict(runner.infer, prep(eval_set.ood_images_u8), batch)
+    pred = ood.classify(np.concatenate([in_logits, out_logits]), rule)
+    return {**ood.evaluate(in_logits, eval_set.labels, out_logits, rule),
+            "unknown_predictions": int((pred == ood.UNKNOWN).sum()), "predictions": int(len(pred))}
 
 
 def _inputs(runner, eval_set, preprocess, shape):

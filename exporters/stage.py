@@ -24,6 +24,10 @@ class ExportStage(Stage):
     sections = ("export", "data", "subtask")
     packages = ("torch", "nncf", "torchao", "onnx", "onnxruntime", "openvino", "polygraphy", "tensorrt")
 
+    def key_sections(self, cfg) -> dict:
+        keys = super().key_sections(cfg)
+        return {**keys, "ood": cfg.ood.model_dump(mode="json")} if cfg.ood is not None else keys
+
     def inputs(self, cfg):
         export: ExportConfig = cfg.section("export")
         check_format_names(export.formats)
@@ -41,10 +45,24 @@ class ExportStage(Stage):
         cfg: ExportConfig = ctx.config.section("export")
         data = subtask_data(ctx.config)
         job, spec = self.prepare(ctx, cfg, data)
+        ood = self.prepare_ood(ctx, job, spec, data, cfg)  # None without an `ood` section
         artifacts = [a for name in in_order(cfg.formats) for a in EXPORT_FORMATS.get(name)(job)]
-        eval_info = self.write_eval_set(ctx, job, spec, data, cfg)
+        eval_info = self.write_eval_set(ctx, job, spec, data, cfg, ood.arrays if ood else {})
+        if ood:
+            ood.attach(artifacts)
+            eval_info.update(ood.info, arrays=sorted([*eval_info["arrays"], *ood.arrays]))
         self.write_listing(ctx, artifacts, spec, eval_info, job.meta)
-        return self.measure(ctx, artifacts)
+        return {**self.measure(ctx, artifacts), **({"ood": ood.metrics} if ood else {})}
+
+    def prepare_ood(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig):
+        """Thresholds calibrated on validation data, before any artifact is written: they are in its metadata."""
+        from pipeline.ood.export import prepare_ood
+        from quantize.model_io import view_of
+
+        ood = prepare_ood(ctx.config, job.models, view_of(spec), data, cfg.eval_images, ctx.log)
+        if ood is not None:
+            job.meta["ood"] = ood.metadata()
+        return ood
 
     def write_listing(self, ctx: StageContext, artifacts: list[dict], spec: dict, eval_info: dict, meta: dict) -> None:
         """artifacts.json: what the device tests and the release read (files, hashes, preprocessing, parity)."""
@@ -78,8 +96,10 @@ class ExportStage(Stage):
         )
         return job, spec
 
-    def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig) -> dict:
-        """Raw uint8 test images plus what the teacher, the FP32 and the INT8 student predict for them."""
+    def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig,
+                       extra: dict | None = None) -> dict:
+        """Raw uint8 test images plus what the teacher, the FP32 and the INT8 student predict for them
+        (`extra`: more arrays, e.g. the out-of-subtask images of pipeline.ood)."""
         from pipeline.models import load_teacher
         from quantize.model_io import teacher_columns, view_of
 
@@ -91,7 +111,7 @@ class ExportStage(Stage):
         for precision, model in job.models.items():
             if model is not None:
                 arrays[f"{precision}_pred"] = predict(model, view_of(spec), images, torch.device("cpu"))
-        write_npz(ctx.out / "eval.npz", arrays)
+        write_npz(ctx.out / "eval.npz", {**arrays, **(extra or {})})
         return {"file": "eval.npz", "images": int(len(labels)), "arrays": sorted(arrays),
                 "accuracy": {k.removesuffix("_pred"): float((v == labels).mean())
                              for k, v in arrays.items() if k.endswith("_pred")}}

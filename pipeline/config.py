@@ -16,6 +16,7 @@ from quantize.config import QATConfig
 
 from .distill.config import DistillConfig, SubspacesConfig
 from .errors import ConfigError
+from .ood.config import OODConfig
 from .registry import did_you_mean
 from .release.config import ReleaseConfig
 from .schema import OmitNoneOptions, Section
@@ -144,6 +145,7 @@ class EdgesmithConfig(Section):
     validate_: Optional[ValidateConfig] = Field(None, alias="validate")
     release: Optional[ReleaseConfig] = None
     distributed: Optional[DistributedConfig] = None
+    ood: Optional[OODConfig] = None  # unknown answer for inputs outside the subtask (pipeline/ood, docs/ood.md)
 
     def section(self, name: str) -> Any:
         return getattr(self, "validate_" if name == "validate" else name)

@@ -72,6 +72,10 @@ class Stage:
     def inputs(self, cfg: EdgesmithConfig) -> tuple[str, ...]:
         return ()
 
+    def key_sections(self, cfg: EdgesmithConfig) -> dict:
+        """The config hashed into the key: `sections`; a stage may add optional parts only when they are set."""
+        return {s: _dump(cfg.section(s)) for s in self.sections}
+
     def run(self, ctx: StageContext) -> dict:
         raise NotImplementedError
 
@@ -148,7 +152,7 @@ class Build:
                 raise ConfigError(f"Stage '{stage.name}' needs {', '.join(missing)}, which this config disables.",
                                   "Add the missing config sections.")
             inputs = {n: keys[n] for n in stage.inputs(self.cfg)}
-            sections = {s: _dump(self.cfg.section(s)) for s in stage.sections}
+            sections = stage.key_sections(self.cfg)
             versions = package_versions(stage.packages)
             code = code_digest(stage.code)
             key = stage_key(stage.name, sections, inputs, code, versions)

@@ -78,6 +78,13 @@ class Runner:
                 "Check the preprocessing spec against the model's input.")
         return self._infer_impl(x)
 
+    def predict(self, x: np.ndarray, rule=None) -> np.ndarray:
+        """Top-1 class per input, or -1 (unknown) where the artifact's OOD rule (device_tests.ood.Rule,
+        from its artifacts.json entry) rejects it."""
+        from ..ood import classify
+
+        return classify(self.infer(x), rule)
+
     def batch_for(self, wanted: int) -> int:
         """The batch to use: the model's fixed batch if it has one, else `wanted`."""
         fixed = self.input_shape[0] if self.input_shape else None

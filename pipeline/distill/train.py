@@ -95,17 +95,21 @@ class TrainStep(nn.Module):
     """The student and the method's trainable parts (orthogonal V matrices, projection heads) as one module, so
     that DistributedDataParallel all-reduces the gradients of both. Returns the method's named losses."""
 
-    def __init__(self, models: Models, method: DistillMethod):
+    def __init__(self, models: Models, method: DistillMethod, outliers=None):
         super().__init__()
         self.student, self.method, self.view = models.student, method, models.student_view
         self.layers = [p.student for p in method.pairs]
+        self.outliers = outliers
 
     def forward(self, raw: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
                 t_targets: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
         with tap_features(self.student, self.layers) as s_feats:
             s_logits = self.student(self.view(raw))
-            return self.method(Outputs(s_logits.float(), t_logits, labels,
-                                       {i: f.float() for i, f in s_feats.items()}, t_targets))
+            losses = self.method(Outputs(s_logits.float(), t_logits, labels,
+                                         {i: f.float() for i, f in s_feats.items()}, t_targets))
+        if self.outliers is not None:  # its own forward pass, outside tap_features: layer losses stay in-subtask
+            losses = self.outliers(losses, self.student)
+        return losses
 
 
 def split_accuracy(model: nn.Module, view: View, split, device) -> float:
@@ -122,13 +126,14 @@ def split_accuracy(model: nn.Module, view: View, split, device) -> float:
 
 def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
             progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-            micro_batch: int | None = None) -> dict:
+            micro_batch: int | None = None, outliers=None) -> dict:
     """Train the student; returns history and the best epoch, and leaves the best weights in the student.
     Under torchrun every process draws the same global batches and trains on its share of each (DDP);
-    `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch)."""
+    `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
+    `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
     student, teacher = models.student.to(device), models.teacher.to(device)
     method.to(device)
-    step = distributed.wrap_ddp(TrainStep(models, method).to(device), device)
+    step = distributed.wrap_ddp(TrainStep(models, method, outliers).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     teacher_out = TeacherOutputs(models, method, images, device, cached=cfg.cache_teacher and not augment,
                                  progress=progress, precomputed=None if augment else precomputed)

@@ -142,6 +142,7 @@ def _limits(facts: CardFacts) -> str:
     k = len(facts.class_names)
     lines = [
         "## Known limits\n",
+        _unknown_answer(facts) or
         f"- Out-of-subtask inputs: the model has exactly {k} outputs and no 'none of these' class. Any image, "
         "including one of a class outside the subtask or one that is not from the training domain at all, is "
         f"assigned to one of the {k} classes, often with high confidence. Filter inputs before the model, and "
@@ -159,6 +160,21 @@ def _limits(facts: CardFacts) -> str:
     if facts.missing:
         lines.append("- Not in this bundle: " + ", ".join(f"`{m}`" for m in facts.missing) + ".")
     return "\n".join(lines) + "\n"
+
+
+def _unknown_answer(facts: CardFacts) -> str:
+    """The `ood` rule of the export stage (pipeline/ood), if the build has one."""
+    export = facts.stages.get("export")
+    ood = (export.metrics or {}).get("ood") if export else None
+    if not ood or "fp32" not in ood:
+        return ""
+    fp32 = ood["fp32"]
+    return (f"- Out-of-subtask inputs: each artifact answers 'unknown' (-1) when its {ood['score']} score "
+            f"(T={ood['temperature']:g}) is below the threshold in artifacts.json, calibrated to keep "
+            f"{ood['tpr']:.0%} of in-subtask validation images. On the test images of the dataset's other classes "
+            f"({', '.join(ood.get('outside_classes', []))}) the FP32 model still accepted "
+            f"{fp32['fpr_at_threshold']:.1%} of them (AUROC {fp32['auroc']:.3f}, FPR@95 {fp32['fpr95']:.3f}). "
+            "Inputs from other domains were not measured: the rule is no guarantee for them.")
 
 
 def _flatten(value: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:

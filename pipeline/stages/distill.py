@@ -6,6 +6,7 @@ from ..data import View
 from ..distill.methods import METHODS
 from ..distill.train import Models, distill, layer_pairs
 from ..models import count_macs, count_params, create_model, load_teacher, save_model
+from ..ood.exposure import outlier_exposure
 from ..runner import Stage, StageContext, register_stage
 from .common import accuracy, predict_logits, subtask_data
 from .teacher import teacher_class_ids
@@ -23,6 +24,10 @@ class DistillStage(Stage):
     packages = ("torch", "timm")
     distributed = True        # under torchrun every process trains on its share of each global batch (DDP)
 
+    def key_sections(self, cfg) -> dict:
+        exposure = cfg.ood.exposure_key() if cfg.ood is not None else None
+        return {**super().key_sections(cfg), **({"ood.outlier_exposure": exposure} if exposure else {})}
+
     def inputs(self, cfg):
         return ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
 
@@ -31,8 +36,10 @@ class DistillStage(Stage):
         data = subtask_data(cfg)
         models = self.prepare_models(ctx, data)
         method = self.prepare_method(ctx, models)
+        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log)  # None unless ood.outlier_exposure
         result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress, micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
+                         ctx.device, ctx.progress, outliers=outliers,
+                         micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
         self.save(ctx, models, data)
         return {**self.measure(ctx, models, data), **result}
 

@@ -54,6 +54,21 @@ def _rows(run: dict, budgets: Budgets, target: str) -> list[tuple[str, float, fl
     if budgets.max_peak_rss_mb is not None:
         checks.append(("max_peak_rss_mb", run["peak_rss_mb"], budgets.max_peak_rss_mb,
                        run["peak_rss_mb"] <= budgets.max_peak_rss_mb))
+    return checks + _ood_rows(run.get("ood"), budgets)
+
+
+def _ood_rows(ood: Optional[dict], budgets: Budgets) -> list[tuple[str, Any, float, bool]]:
+    """max_fpr95 / min_auroc; an artifact measured without the unknown answer misses them (nothing silent)."""
+    checks = []
+    for key, metric, upper in (("max_fpr95", "fpr95", True), ("min_auroc", "auroc", False)):
+        allowed = getattr(budgets, key)
+        if allowed is None:
+            continue
+        if not ood:
+            checks.append((key, "not measured (no ood rule, or eval.npz without ood_images_u8)", allowed, False))
+            continue
+        value = ood[metric]
+        checks.append((key, value, allowed, value <= allowed + EPS if upper else value >= allowed - EPS))
     return checks
 
 

@@ -35,6 +35,10 @@ class Budgets(Section):
     max_p99_ms: Optional[PerTarget] = Field(None, description="p99 of the batch-1 model call, ms (number or {target: ms})")
     max_size_mb: Optional[float] = Field(None, gt=0, description="artifact file size (MiB)")
     max_peak_rss_mb: Optional[float] = Field(None, gt=0, description="peak resident memory of the measuring process (MiB)")
+    max_fpr95: Optional[float] = Field(None, ge=0, le=1, description="out-of-subtask inputs accepted at 95 % TPR "
+                                       "(needs the `ood` section)")
+    min_auroc: Optional[float] = Field(None, ge=0, le=1, description="AUROC of in- vs out-of-subtask scores "
+                                       "(needs the `ood` section)")
 
     @field_validator("max_p90_ms", "max_p99_ms")
     @classmethod

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ..ood.report import ood_section
 from .budgets import MIB, Verdict, fmt
 from .report import Section, esc, figure_html, html_table, md_table
 from .suite import TargetRun
@@ -173,4 +174,5 @@ def environment_section(runs: list[TargetRun]) -> Section:
 def validation_sections(runs: list[TargetRun], verdicts: list[Verdict], class_names: list[str]) -> list[Section]:
     sections = [verdict_section(verdicts), results_section(runs), accuracy_latency_section(runs),
                 latency_distribution_section(runs), confusion_section(runs, class_names), environment_section(runs)]
+    sections.insert(-1, ood_section(runs))  # pipeline/ood/report.py; None without the unknown answer
     return [s for s in sections if s is not None]

@@ -110,5 +110,6 @@ def _summary(runs: list[TargetRun]) -> list[dict]:
                          "precision": run["precision"], "top1": run.get("accuracy", {}).get("top1"),
                          "p50_ms": m["p50_ms"], "p90_ms": m["p90_ms"], "p99_ms": m["p99_ms"],
                          "images_per_s": run["throughput"]["images_per_s"], "peak_rss_mb": run["peak_rss_mb"],
-                         "size_bytes": run["size_bytes"]})
+                         "size_bytes": run["size_bytes"],
+                         **({"auroc": run["ood"]["auroc"], "fpr95": run["ood"]["fpr95"]} if run.get("ood") else {})})
     return rows

@@ -1,0 +1,33 @@
+"""Build side of the unknown answer: score a torch model's logits, calibrate the threshold on in-subtask
+VALIDATION images, evaluate against out-of-subtask TEST images. The scores and metrics themselves are the
+device's (device_tests.ood, numpy only): the threshold is computed by the same code that applies it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from device_tests.ood import Rule, auroc, calibrate, classify, evaluate, fpr_at_tpr, score  # noqa: F401 (re-exported)
+
+from .config import OODConfig
+
+
+def make_rule(val_logits: np.ndarray, cfg: OODConfig) -> Rule:
+    """The threshold that keeps cfg.tpr of these in-subtask validation logits, under cfg's score."""
+    threshold = calibrate(score(val_logits, cfg.score, cfg.temperature), cfg.tpr)
+    return Rule(cfg.score, cfg.temperature, threshold, cfg.tpr)
+
+
+def logits_of(model, view, images: np.ndarray, device=None, columns=None) -> np.ndarray:
+    import torch
+
+    from ..stages.common import predict_logits
+
+    return predict_logits(model, view, images, device or torch.device("cpu"), columns=columns).numpy()
+
+
+def calibrate_and_evaluate(model, view, val, test, outside_test, cfg: OODConfig, device=None) -> tuple[Rule, dict]:
+    """(rule calibrated on val, its metrics on the in-subtask test images against the outside test images)."""
+    rule = make_rule(logits_of(model, view, val.images, device), cfg)
+    metrics = evaluate(logits_of(model, view, test.images, device), test.labels,
+                       logits_of(model, view, outside_test.images, device), rule, with_histogram=False)
+    return rule, metrics

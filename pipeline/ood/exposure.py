@@ -1,0 +1,66 @@
+"""Outlier exposure while distilling (Hendrycks et al., 2019): besides the subtask batch, each step the student
+sees a batch of the teacher's NON-subtask training images and is taught to be unsure on them, either by matching
+a uniform distribution over the subtask classes or by matching the teacher's renormalised subtask probabilities.
+The outlier images come from the training split only (never validation or test)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.views import as_tensor
+from .config import OODConfig
+from .data import outside_data
+
+
+class OutlierExposure:
+    """Called once per training step with the method's losses; returns them with "outlier" added to "total"."""
+
+    def __init__(self, images: torch.Tensor, view, cfg: OODConfig, batch_size: int, seed: int, device,
+                 teacher_logits: torch.Tensor | None = None, temperature: float = 4.0):
+        self.images, self.view, self.cfg, self.device = images, view, cfg, device
+        self.per_step = max(1, math.ceil(batch_size * cfg.oe_ratio))
+        self.generator = torch.Generator().manual_seed(seed + 3)  # its own stream: the subtask order is unchanged
+        self.teacher_logits, self.temperature = teacher_logits, temperature
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def loss(self, student: torch.nn.Module) -> torch.Tensor:
+        idx = torch.randint(len(self.images), (self.per_step,), generator=self.generator)
+        logits = student(self.view(self.images[idx].to(self.device))).float()
+        if self.cfg.oe_target == "uniform":
+            # cross-entropy to the uniform distribution minus its entropy = KL(uniform || p): 0 when unsure
+            return -F.log_softmax(logits, 1).mean(1).mean() - math.log(logits.shape[1])
+        t = self.temperature
+        target = F.softmax(self.teacher_logits[idx].to(self.device) / t, 1)
+        return F.kl_div(F.log_softmax(logits / t, 1), target, reduction="batchmean") * t * t
+
+    def __call__(self, losses: dict, student: torch.nn.Module) -> dict:
+        outlier = self.loss(student)
+        return {**losses, "outlier": outlier.detach(), "total": losses["total"] + self.cfg.oe_weight * outlier}
+
+
+def outlier_exposure(config, models, device, log=lambda _m: None) -> OutlierExposure | None:
+    """From the full config (None when the `ood` section is absent or exposure is off)."""
+    cfg: OODConfig | None = getattr(config, "ood", None)
+    if cfg is None or not cfg.outlier_exposure:
+        return None
+    train = outside_data(config).train
+    images = train.images
+    if cfg.oe_max_images is not None and cfg.oe_max_images < len(images):
+        pick = np.sort(np.random.default_rng(config.build.seed + 3).permutation(len(images))[:cfg.oe_max_images])
+        images = images[pick]
+    teacher_logits = None
+    if cfg.oe_target == "teacher":
+        from ..stages.common import predict_logits
+
+        teacher_logits = predict_logits(models.teacher.to(device), models.teacher_view, images, device,
+                                        columns=models.teacher_ids)
+    log(f"  outlier exposure: {len(images)} non-subtask training images, target {cfg.oe_target}, "
+        f"weight {cfg.oe_weight}")
+    return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size, config.build.seed,
+                           device, teacher_logits, config.distill.temperature)

@@ -1,0 +1,64 @@
+"""The report's section on inputs outside the subtask: per artifact and runtime the shipped rule, AUROC,
+FPR@95, the operating point on the device, and the score distributions of in- and out-of-subtask images."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..validation.report import Section, figure_html, html_table, md_table
+
+HEADERS = ["target", "artifact", "runtime", "score", "T", "threshold", "AUROC", "FPR@95", "in kept", "outside accepted",
+           "top-1 accepted", "top-1 all", "open-set acc"]
+
+
+def ood_rows(runs) -> list[tuple[str, dict]]:
+    return [(r.target, run) for r in runs for run in (r.results or {}).get("runs", [])
+            if run.get("status") == "passed" and run.get("ood")]
+
+
+def ood_section(runs) -> Optional[Section]:
+    points = ood_rows(runs)
+    if not points:
+        return None
+    rows = [[t, run["artifact"], run["runtime"], o["score"], o["temperature"], o["threshold"], o["auroc"], o["fpr95"],
+             o["tpr_at_threshold"], o["fpr_at_threshold"], o["accuracy_accepted"], o["accuracy_all"],
+             o["open_set_accuracy"]] for t, run in points for o in [run["ood"]]]
+    first = points[0][1]["ood"]
+    note = (f'<p class="note">In-subtask: {first["n_in"]} evaluation images; outside: {first["n_out"]} test images of '
+            "the dataset's other classes (never used to train or calibrate). The threshold was calibrated on in-subtask "
+            "validation images to keep a fixed fraction of them; below it the answer is unknown. FPR@95 puts its own "
+            "threshold at 95 % of these in-subtask images; 'in kept' / 'outside accepted' are at the shipped threshold.</p>")
+    body = html_table(HEADERS, rows, left=4) + note + _histograms(points)
+    return Section("Inputs outside the subtask", body, md_table(HEADERS, rows))
+
+
+def _histograms(points) -> str:
+    from ..validation.sections import _plt
+
+    seen, unique = set(), []
+    for _t, run in points:  # the distributions do not depend on the target: each artifact x runtime once
+        if (run["artifact"], run["runtime"]) not in seen:
+            seen.add((run["artifact"], run["runtime"]))
+            unique.append(run)
+    plt = _plt()
+    cols = min(len(unique), 2)
+    rows_n = (len(unique) + cols - 1) // cols
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5.4 * cols, 3.4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(unique):]:
+        ax.axis("off")
+    for ax, run in zip(axes.flat, unique):
+        o = run["ood"]
+        h = o["histogram"]
+        edges = h["edges"]
+        width = [b - a for a, b in zip(edges[:-1], edges[1:])]
+        for key, label, color in (("in", "in subtask", "tab:blue"), ("out", "outside", "tab:red")):
+            total = max(sum(h[key]), 1)
+            ax.bar(edges[:-1], [c / total for c in h[key]], width=width, align="edge", alpha=0.5, color=color,
+                   label=f"{label} (n={sum(h[key])})")
+        ax.axvline(o["threshold"], color="black", linestyle="--", linewidth=1, label="threshold")
+        ax.set_title(f"{run['artifact']} ({run['runtime']}): AUROC {o['auroc']:.3f}", fontsize=9)
+        ax.set_xlabel(f"{o['score']} score (higher = in subtask)", fontsize=8)
+        ax.set_ylabel("fraction", fontsize=8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return figure_html(fig, "OOD score distributions")

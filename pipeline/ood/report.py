@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from ..validation.report import Section, figure_html, html_table, md_table
+from ..validation.report import (Section, figure_html, html_table, md_table, once_per_artifact, passed_runs,
+                                 pyplot, subplot_grid)
 
 HEADERS = ["target", "artifact", "runtime", "score", "T", "threshold", "AUROC", "FPR@95", "in kept", "outside accepted",
            "top-1 accepted", "top-1 all", "open-set acc"]
 
 
 def ood_rows(runs) -> list[tuple[str, dict]]:
-    return [(r.target, run) for r in runs for run in (r.results or {}).get("runs", [])
-            if run.get("status") == "passed" and run.get("ood")]
+    return [(t, run) for t, run in passed_runs(runs) if run.get("ood")]
 
 
 def ood_section(runs) -> Optional[Section]:
@@ -33,20 +33,9 @@ def ood_section(runs) -> Optional[Section]:
 
 
 def _histograms(points) -> str:
-    from ..validation.sections import _plt
-
-    seen, unique = set(), []
-    for _t, run in points:  # the distributions do not depend on the target: each artifact x runtime once
-        if (run["artifact"], run["runtime"]) not in seen:
-            seen.add((run["artifact"], run["runtime"]))
-            unique.append(run)
-    plt = _plt()
-    cols = min(len(unique), 2)
-    rows_n = (len(unique) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.4 * cols, 3.4 * rows_n), squeeze=False)
-    for ax in axes.flat[len(unique):]:
-        ax.axis("off")
-    for ax, run in zip(axes.flat, unique):
+    unique = once_per_artifact(points)  # the distributions do not depend on the target
+    fig, axes = subplot_grid(pyplot(), len(unique), (5.4, 3.4))
+    for ax, run in zip(axes, unique):
         o = run["ood"]
         h = o["histogram"]
         edges = h["edges"]

@@ -102,3 +102,37 @@ def write_report(out_dir: Path, title: str, sections: Sequence[Section], subtitl
     _write(html_path, render_html(title, sections, subtitle))
     _write(md_path, render_markdown(title, sections, subtitle))
     return html_path, md_path
+
+
+# Shared by the sections (validation, ood, xai): runs that passed, each model once, a grid of panels.
+def passed_runs(runs: Sequence) -> list[tuple[str, dict]]:
+    return [(r.target, run) for r in runs for run in (r.results or {}).get("runs", []) if run.get("status") == "passed"]
+
+
+def once_per_artifact(points: list[tuple[str, dict]]) -> list[dict]:
+    """Each artifact x runtime once (first target): what depends only on the model file plots alike everywhere."""
+    seen, unique = set(), []
+    for _target, run in points:
+        if (run["artifact"], run["runtime"]) not in seen:
+            seen.add((run["artifact"], run["runtime"]))
+            unique.append(run)
+    return unique
+
+
+def subplot_grid(plt, n: int, cell: tuple[float, float]):
+    """A figure with n panels, two per row; the unused panel of an odd count is switched off."""
+    cols = min(n, 2)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat[:n])
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

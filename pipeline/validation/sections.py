@@ -7,25 +7,13 @@ from typing import Optional
 
 from ..ood.report import ood_section
 from .budgets import MIB, Verdict, fmt
-from .report import Section, esc, figure_html, html_table, md_table
+from .report import (Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot,
+                     subplot_grid)
 from .suite import TargetRun
-
-
-def _passed_runs(runs: list[TargetRun]) -> list[tuple[str, dict]]:
-    return [(r.target, run) for r in runs for run in (r.results or {}).get("runs", []) if run.get("status") == "passed"]
 
 
 def _label(run: dict) -> str:
     return f"{run['artifact']} ({run['runtime']})"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def verdict_section(verdicts: list[Verdict]) -> Section:
@@ -48,7 +36,7 @@ def results_section(runs: list[TargetRun]) -> Section:
     lat_headers = ["target", "artifact", "runtime", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "queries",
                    "pre p50 ms", "post p50 ms", "img/s", "batch", "peak RSS MiB"]
     acc_rows, lat_rows = [], []
-    for target, run in _passed_runs(runs):
+    for target, run in passed_runs(runs):
         acc, lat, tp = run.get("accuracy", {}), run["latency"], run["throughput"]
         m = lat["model"]
         acc_rows.append([target, run["artifact"], run["runtime"], run["precision"], run["size_bytes"] / MIB,
@@ -72,10 +60,10 @@ def results_section(runs: list[TargetRun]) -> Section:
 
 
 def accuracy_latency_section(runs: list[TargetRun]) -> Optional[Section]:
-    points = [(t, run) for t, run in _passed_runs(runs) if "accuracy" in run]
+    points = [(t, run) for t, run in passed_runs(runs) if "accuracy" in run]
     if not points:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     markers = "osD^v<>p*h"
     targets = sorted({t for t, _ in points})
@@ -92,10 +80,10 @@ def accuracy_latency_section(runs: list[TargetRun]) -> Optional[Section]:
 
 
 def latency_distribution_section(runs: list[TargetRun]) -> Optional[Section]:
-    points = _passed_runs(runs)
+    points = passed_runs(runs)
     if not points:
         return None
-    plt = _plt()
+    plt = pyplot()
     targets = sorted({t for t, _ in points})
     fig, axes = plt.subplots(1, len(targets), figsize=(7.5 * min(len(targets), 2), 4.2), squeeze=False)
     for ax, target in zip(axes[0], targets):
@@ -114,22 +102,12 @@ def latency_distribution_section(runs: list[TargetRun]) -> Optional[Section]:
 
 
 def confusion_section(runs: list[TargetRun], class_names: list[str]) -> Optional[Section]:
-    # Confusion matrices do not depend on the target: show each artifact x runtime once (first target).
-    seen, points = set(), []
-    for t, run in _passed_runs(runs):
-        if "accuracy" in run and (run["artifact"], run["runtime"]) not in seen:
-            seen.add((run["artifact"], run["runtime"]))
-            points.append(run)
+    points = once_per_artifact([(t, run) for t, run in passed_runs(runs) if "accuracy" in run])
     if not points:
         return None
-    plt = _plt()
-    cols = min(len(points), 2)
-    rows_n = (len(points) + cols - 1) // cols
-    fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 4.6 * rows_n), squeeze=False)
-    for ax in axes.flat[len(points):]:
-        ax.axis("off")
+    fig, axes = subplot_grid(pyplot(), len(points), (5.2, 4.6))
     per_class_rows = []
-    for ax, run in zip(axes.flat, points):
+    for ax, run in zip(axes, points):
         cm = run["accuracy"]["confusion"]
         names = class_names if len(class_names) == len(cm) else [str(i) for i in range(len(cm))]
         ax.imshow(cm, cmap="Blues")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..validation.report import Section, esc, figure_html, html_table, md_table
+from ..validation.report import Section, esc, figure_html, html_table, md_table, pyplot
 
 
 def explain_section(metrics: dict, arrays: dict, class_names: list[str], rows: int) -> Section:
@@ -45,15 +45,6 @@ def _notes(metrics: dict) -> list[str]:
     ]
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _signed(ax, heat: np.ndarray, title: str) -> None:
     limit = float(np.abs(heat).max()) or 1.0
     ax.imshow(heat, cmap="bwr", vmin=-limit, vmax=limit, interpolation="nearest")
@@ -62,7 +53,7 @@ def _signed(ax, heat: np.ndarray, title: str) -> None:
 
 
 def grid_figure(arrays: dict, class_names: list[str], rows: int) -> str:
-    plt = _plt()
+    plt = pyplot()
     n = min(rows, len(arrays["labels"]))
     fig, axes = plt.subplots(n, 3, figsize=(5.4, 1.8 * n), squeeze=False)
     for i in range(n):
@@ -81,7 +72,7 @@ def grid_figure(arrays: dict, class_names: list[str], rows: int) -> str:
 
 
 def flipping_figure(flip: dict) -> str:
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(4.2, 2.8))
     for name, curve in flip["mean_gap"].items():
         ax.plot(np.asarray(flip["fractions"]) * 100, curve, marker="o", markersize=3,

@@ -79,15 +79,15 @@ class QATStage(Stage):
 
     def finetune(self, ctx: StageContext, model, spec: dict, view, data, cfg: QATConfig) -> list[float]:
         from pipeline.models import load_teacher
-        from pipeline.stages.common import predict_logits
+        from pipeline.models.known_logits import KnownLogits, teacher_logits
 
         teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
-        teacher = teacher.to(ctx.device)
         teacher_view = view_of(teacher_spec)
+        known = KnownLogits.load(ctx.inputs["adapt"].dir)     # logits the adapt stage already computed
         # Under torchrun each process runs the teacher on its share of the images and all gather the whole set.
         rows = distributed.row_range(len(data.train))
         teacher_logits = distributed.all_gather_rows(
-            predict_logits(teacher, teacher_view, data.train.images[rows], ctx.device, columns=teacher_columns(spec)),
+            teacher_logits(teacher, teacher_view, data.train.images[rows], ctx.device, teacher_columns(spec), known),
             len(data.train))
         train = TrainSet(data.train.images, data.train.labels, teacher_logits)
         per_epoch = min(len(train.images), cfg.max_images or len(train.images))

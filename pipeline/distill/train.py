@@ -13,6 +13,7 @@ from torch import nn
 from .. import distributed
 from ..data import View
 from ..data.views import as_tensor, augment_batch, batches
+from ..models.layout import channels_last
 from ..stages.common import accuracy, predict_logits
 from .features import PairSpec, resolve_pairs, tap_features
 from .methods import DistillMethod, Outputs
@@ -59,9 +60,7 @@ class TeacherOutputs:
         teacher = self.models.teacher
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
         with tap_features(teacher, self.teacher_layers) as feats, autocast:
-            x = self.models.teacher_view(raw.to(self.device))
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(self.models.teacher_view(raw.to(self.device)))
             logits = teacher(x)[:, self.models.teacher_ids].float()
         targets = {i: self.method.teacher_target(i, f.float()) for i, f in feats.items()}
         return logits, targets
@@ -131,7 +130,9 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
     Under torchrun every process draws the same global batches and trains on its share of each (DDP);
     `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
-    student, teacher = models.student.to(device), models.teacher.to(device)
+    student = models.student.to(device)
+    # The frozen teacher runs in channels_last (about 2x faster for convolution networks, on CPU as on CUDA).
+    teacher = models.teacher.to(device).to(memory_format=torch.channels_last)
     method.to(device)
     step = distributed.wrap_ddp(TrainStep(models, method, outliers).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
@@ -179,6 +180,7 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
                          " ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items()) + f"  val acc {val_acc:.4f}")
     student.load_state_dict(best["state"])
     student.eval()
+    teacher.to(memory_format=torch.contiguous_format)
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "history": history,
             "train_images_per_s": images_seen / max(train_time, 1e-9)}
 

@@ -44,8 +44,9 @@ class OutlierExposure:
         return {**losses, "outlier": outlier.detach(), "total": losses["total"] + self.cfg.oe_weight * outlier}
 
 
-def outlier_exposure(config, models, device, log=lambda _m: None) -> OutlierExposure | None:
-    """From the full config (None when the `ood` section is absent or exposure is off)."""
+def outlier_exposure(config, models, device, log=lambda _m: None, known=None) -> OutlierExposure | None:
+    """From the full config (None when the `ood` section is absent or exposure is off). `known`: the adapt
+    stage's table of teacher logits (pipeline.models.known_logits), which spares the teacher passes."""
     cfg: OODConfig | None = getattr(config, "ood", None)
     if cfg is None or not cfg.outlier_exposure:
         return None
@@ -56,10 +57,9 @@ def outlier_exposure(config, models, device, log=lambda _m: None) -> OutlierExpo
         images = images[pick]
     teacher_logits = None
     if cfg.oe_target == "teacher":
-        from ..stages.common import predict_logits
+        from ..models.known_logits import teacher_logits as logits_of
 
-        teacher_logits = predict_logits(models.teacher.to(device), models.teacher_view, images, device,
-                                        columns=models.teacher_ids)
+        teacher_logits = logits_of(models.teacher, models.teacher_view, images, device, models.teacher_ids, known)
     log(f"  outlier exposure: {len(images)} non-subtask training images, target {cfg.oe_target}, "
         f"weight {cfg.oe_weight}")
     return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size, config.build.seed,

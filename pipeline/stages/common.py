@@ -29,13 +29,15 @@ def _subtask_data(data_cfg, classes: tuple, seed: int) -> SubtaskData:
 
 @torch.inference_mode()
 def predict_logits(model: nn.Module, view: View, images: np.ndarray, device: torch.device,
-                   batch_size: int = 256, columns: list[int] | None = None) -> torch.Tensor:
-    """Logits (optionally only some columns) for uint8 images, on the CPU, in dataset order."""
+                   batch_size: int = 256, columns: list[int] | None = None, layout=None) -> torch.Tensor:
+    """Logits (optionally only some columns) for uint8 images, on the CPU, in dataset order. `layout` re-lays
+    each input batch out (pipeline.models.layout.channels_last for a model converted to channels_last)."""
     model.eval()
     out = []
     source = as_tensor(images)
     for idx in batches(len(source), batch_size):
-        logits = model(view(source[idx].to(device))).float()
+        inputs = view(source[idx].to(device))
+        logits = model(layout(inputs) if layout else inputs).float()
         out.append((logits[:, columns] if columns is not None else logits).cpu())
     return torch.cat(out) if out else torch.empty(0)
 

@@ -6,6 +6,7 @@ from ..data import View
 from ..distill.methods import METHODS
 from ..distill.train import Models, distill, layer_pairs
 from ..models import count_macs, count_params, create_model, load_teacher, save_model
+from ..models.known_logits import KnownLogits, teacher_logits
 from ..ood.exposure import outlier_exposure
 from ..runner import Stage, StageContext, register_stage
 from .common import accuracy, predict_logits, subtask_data
@@ -36,12 +37,23 @@ class DistillStage(Stage):
         data = subtask_data(cfg)
         models = self.prepare_models(ctx, data)
         method = self.prepare_method(ctx, models)
-        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log)  # None unless ood.outlier_exposure
+        known = KnownLogits.load(ctx.inputs["adapt"].dir)
+        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
         result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress, outliers=outliers,
+                         ctx.device, ctx.progress, outliers=outliers, precomputed=self.known_outputs(ctx, models, method, data, known),
                          micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
         self.save(ctx, models, data)
-        return {**self.measure(ctx, models, data), **result}
+        return {**self.measure(ctx, models, data, known), **result}
+
+    def known_outputs(self, ctx: StageContext, models: Models, method, data, known):
+        """The teacher's subtask logits on the training images from the adapt stage's table, when the method needs
+        nothing else from the teacher (no layer targets) and the images are not augmented."""
+        cfg = ctx.config
+        if known is None or method.pairs or cfg.data.augment or not cfg.distill.cache_teacher:
+            return None
+        logits = teacher_logits(models.teacher, models.teacher_view, data.train.images, ctx.device,
+                                models.teacher_ids, known)
+        return logits, {}
 
     def prepare_models(self, ctx: StageContext, data) -> Models:
         cfg = ctx.config
@@ -70,17 +82,16 @@ class DistillStage(Stage):
             "params": count_params(models.student), "macs": count_macs(models.student, (view.channels, view.size, view.size)),
         })
 
-    def measure(self, ctx: StageContext, models: Models, data) -> dict:
+    def measure(self, ctx: StageContext, models: Models, data, known=None) -> dict:
         sv, tv = models.student_view, models.teacher_view
         student_logits = predict_logits(models.student.to(ctx.device), sv, data.test.images, ctx.device)
-        teacher_logits = predict_logits(models.teacher.to(ctx.device), tv, data.test.images, ctx.device,
-                                        columns=models.teacher_ids)
+        teacher_test = teacher_logits(models.teacher, tv, data.test.images, ctx.device, models.teacher_ids, known)
         student_macs = count_macs(models.student, (sv.channels, sv.size, sv.size))
         teacher_macs = count_macs(models.teacher, (tv.channels, tv.size, tv.size))
         return {
-            "teacher_test_acc": accuracy(teacher_logits, data.test.labels),
+            "teacher_test_acc": accuracy(teacher_test, data.test.labels),
             "student_test_acc": accuracy(student_logits, data.test.labels),
-            "agreement_with_teacher": float((student_logits.argmax(1) == teacher_logits.argmax(1)).float().mean()),
+            "agreement_with_teacher": float((student_logits.argmax(1) == teacher_test.argmax(1)).float().mean()),
             "student_params": count_params(models.student), "teacher_params": count_params(models.teacher),
             "student_macs": student_macs, "teacher_macs": teacher_macs,
             "mac_reduction": teacher_macs / max(student_macs, 1),

@@ -1,0 +1,89 @@
+"""The adapt stage's table of teacher logits (looked up by image content by distill, outlier exposure and QAT)
+and the channels_last layout the teacher runs in."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import load_config
+from pipeline.data import View
+from pipeline.models import create_model, load_teacher
+from pipeline.models.known_logits import KnownLogits, image_digests, save_known_logits, teacher_logits
+from pipeline.models.layout import channels_last, channels_last_model
+from pipeline.stages.common import predict_logits, subtask_data
+
+from .conftest import run_cli
+
+VIEW = View(size=28, channels=1, mean=(0.5,), std=(0.5,))
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, 28, 28), dtype=np.uint8)
+
+
+def test_digests_tell_apart_images_that_differ_in_one_pixel():
+    images = _images(5)
+    changed = images.copy()
+    changed[2, 0, 13, 7] ^= 1
+    first, second = image_digests(images), image_digests(changed)
+    assert len(set(first.tolist())) == 5
+    assert (first == second).sum() == 4 and first[2] != second[2]
+    assert (image_digests(images.copy()) == first).all()
+
+
+def test_teacher_logits_come_from_the_table_where_known_and_from_the_model_elsewhere(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("cnn_tiny", 6, 1).eval()
+    images = _images(30)
+    computed = predict_logits(model, VIEW, images, torch.device("cpu"))
+    # The table holds shifted logits for the first 18 images, so a looked-up row is recognisable.
+    save_known_logits(tmp_path, images[:18], computed[:18] + 100.0)
+    known = KnownLogits.load(tmp_path)
+    got = teacher_logits(model, VIEW, images, torch.device("cpu"), columns=[1, 4], known=known)
+    assert got.shape == (30, 2)
+    torch.testing.assert_close(got[:18], computed[:18, [1, 4]] + 100.0)
+    torch.testing.assert_close(got[18:], computed[18:, [1, 4]], atol=1e-5, rtol=1e-5)
+    assert KnownLogits.load(tmp_path / "elsewhere") is None
+    # No table at all: everything computed; the model is back in the default layout afterwards.
+    torch.testing.assert_close(teacher_logits(model, VIEW, images, torch.device("cpu")), computed, atol=1e-5, rtol=1e-5)
+    assert all(p.is_contiguous() for p in model.parameters())
+
+
+def test_channels_last_gives_the_same_outputs():
+    torch.manual_seed(0)
+    model = create_model("cnn_small", 4, 1).eval()
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad():
+        reference = model(x)
+        with channels_last_model(model):
+            assert model.features[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+            fast = model(channels_last(x))
+    torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)
+    assert model.features[0][0].weight.is_contiguous()
+
+
+@pytest.mark.slow
+def test_adapt_on_a_cached_prefix_saves_the_finished_teachers_logits(write_config):
+    config = write_config(**{"teacher.adapt": {"method": "finetune", "train_from": "features.1", "epochs": 1}})
+    result = run_cli("build", config)
+    assert result.returncode == 0, result.stdout + result.stderr
+    cfg = load_config(config)
+    adapt_dir = next((config.parent / "builds" / "tiny").glob("adapt-*"))
+    teacher, spec = load_teacher(adapt_dir)
+    view = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
+    data = subtask_data(cfg)
+    known = KnownLogits.load(adapt_dir)
+    # Every training/validation image of the dataset and every subtask test image is in the table ...
+    seen = np.concatenate([data.dataset.train.images, data.test.images])
+    rows = known.rows(seen)
+    assert (rows >= 0).all()
+    # ... with the logits of a full forward pass of the adapted teacher (the tail ran on the cached prefix).
+    full = predict_logits(teacher, view, seen, torch.device("cpu"))
+    torch.testing.assert_close(torch.from_numpy(known.logits[rows]), full, atol=1e-4, rtol=1e-4)
+    stages = {p.name.split("-")[0]: json.loads((p / "stage.json").read_text())["metrics"]
+              for p in adapt_dir.parent.glob("*-*")}
+    assert stages["distill"]["teacher_test_acc"] == pytest.approx(stages["adapt"]["teacher_subtask_test_acc"])

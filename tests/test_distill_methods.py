@@ -68,6 +68,25 @@ def test_student_reproducing_the_teacher_subspace_has_zero_layer_loss(tmp_path):
     assert float(noise.detach()) > 1.0
 
 
+def test_layer_loss_and_its_gradients_match_the_direct_formula_in_float64(tmp_path):
+    maps = teacher_maps()
+    method = make_subdistill(tmp_path, maps, k=3).train()
+    with torch.no_grad():                       # a rotation away from the identity, so V matters
+        method.rotate[0].weight = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0]
+    target = method.teacher_target(0, maps)
+    student = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    loss = method.pair_loss(0, student, target)
+    loss.backward()
+    # Reference: centre by the batch mean, rotate the target by V^T, squared error per position / alpha.
+    s = student.detach().double().requires_grad_(True)
+    centred = s - s.mean(dim=(0, 2, 3), keepdim=True)
+    rotated = torch.einsum("nkhw,kj->njhw", target.double(), method.rotate[0].weight.detach().double())
+    reference = (centred - rotated).pow(2).sum() / (16 * 4 * 4) / method.alpha0.double()
+    reference.backward()
+    assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
+    torch.testing.assert_close(student.grad.double(), s.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_rotation_stays_orthogonal_after_optimizer_steps(tmp_path):
     maps = teacher_maps()
     method = make_subdistill(tmp_path, maps, k=4).train()

@@ -113,7 +113,7 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
-    arch: str = Field(description="edgesmith student (cnn_tiny, cnn_small, cnn_medium, ...) or any timm model")
+    arch: str = Field(description="edgesmith student (cnn_tiny, cnn_small, cnn_compact, cnn_medium, ...) or any timm model")
     input: InputSpec = InputSpec()
     pretrained: bool = Field(False, description="start from timm weights in the local cache (never downloaded)")
 

@@ -213,7 +213,7 @@ def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, wo
     raw["subtask"] = {"classes": classes}
     raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class})
     data = subtask_data(parse_config(raw))
-    tview = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
+    tview = View.from_dict(spec["input"])
     probe = create_model("cnn_small", len(classes), 1)
     models = Models(teacher, probe, tview, student_view(), teacher_class_ids(spec["class_names"], data))
     pairs = layer_pairs(parse_layers(args.layers), models)

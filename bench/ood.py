@@ -231,7 +231,7 @@ def main(argv=None) -> None:
     adapt_dir, adapt_s = adapted_teacher(args)
     teacher, spec = load_teacher(adapt_dir)
     teacher.eval()
-    tview = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
+    tview = View.from_dict(spec["input"])
     raw = base_raw(args)
     cache = TeacherCache(teacher, tview, raw)
     log(f"teacher logits for {cache.images} images in {cache.seconds:.0f} s ({adapt_dir})")

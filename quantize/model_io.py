@@ -17,8 +17,7 @@ SPEC_FILE = "quantized.json"
 
 def view_of(spec: dict) -> View:
     """The preprocessing a saved model expects, from its JSON spec."""
-    inp = spec["input"]
-    return View(int(inp["size"]), int(inp["channels"]), tuple(inp["mean"]), tuple(inp["std"]))
+    return View.from_dict(spec["input"])
 
 
 def float_model_factory(spec: dict):

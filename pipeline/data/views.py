@@ -32,6 +32,11 @@ class View:
         return asdict(self)
 
     @classmethod
+    def from_dict(cls, raw: dict) -> "View":
+        """Inverse of to_dict, after a JSON round trip (which turns the tuples into lists)."""
+        return cls(int(raw["size"]), int(raw["channels"]), tuple(raw["mean"]), tuple(raw["std"]))
+
+    @classmethod
     def resolve(cls, spec, default_size: int, default_channels: int, default_mean=None, default_std=None) -> "View":
         channels = spec.channels or default_channels
         mean = spec.mean or default_mean or [0.5] * channels

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from device_tests.ood import Rule, auroc, calibrate, classify, evaluate, fpr_at_tpr, score  # noqa: F401 (re-exported)
+from device_tests.ood import Rule, calibrate, score
 
 from .config import OODConfig
 
@@ -24,10 +24,3 @@ def logits_of(model, view, images: np.ndarray, device=None, columns=None) -> np.
 
     return predict_logits(model, view, images, device or torch.device("cpu"), columns=columns).numpy()
 
-
-def calibrate_and_evaluate(model, view, val, test, outside_test, cfg: OODConfig, device=None) -> tuple[Rule, dict]:
-    """(rule calibrated on val, its metrics on the in-subtask test images against the outside test images)."""
-    rule = make_rule(logits_of(model, view, val.images, device), cfg)
-    metrics = evaluate(logits_of(model, view, test.images, device), test.labels,
-                       logits_of(model, view, outside_test.images, device), rule, with_histogram=False)
-    return rule, metrics

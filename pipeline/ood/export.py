@@ -44,6 +44,7 @@ def prepare_ood(config, models: dict, view, data, eval_images: int, log=print) -
     cfg: OODConfig | None = getattr(config, "ood", None)
     if cfg is None:
         return None
+    classes = list(outside_data(config).class_names)
     outside = first(outside_data(config).test, cfg.eval_images)
     inside = data.test.take(np.arange(min(eval_images, len(data.test))))  # eval.npz's in-subtask images
     rules, metrics, test_logits = {}, {}, {}
@@ -65,9 +66,9 @@ def prepare_ood(config, models: dict, view, data, eval_images: int, log=print) -
             f"outside accepted {m['fpr_at_threshold']:.3f}  acc accepted {m['accuracy_accepted']:.4f}")
     export = ExportOOD(cfg, rules)
     export.metrics = {**export.metadata(), "calibration_images": int(len(data.val)),
-                      "outside_classes": list(outside_data(config).class_names), **metrics}
+                      "outside_classes": classes, **metrics}
     export.arrays = {"ood_images_u8": outside.images, "ood_classes": outside.labels.astype(np.int64)}
-    export.info = {"ood_images": int(len(outside)), "ood_class_names": list(outside_data(config).class_names)}
+    export.info = {"ood_images": int(len(outside)), "ood_class_names": classes}
     return export
 
 

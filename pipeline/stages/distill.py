@@ -62,7 +62,7 @@ class DistillStage(Stage):
             p.requires_grad_(False)
         view = student_view(cfg, data.dataset)
         student = create_model(cfg.student.arch, data.num_classes, view.channels, cfg.student.pretrained)
-        return Models(teacher, student, View(**_tuples(spec["input"])), view,
+        return Models(teacher, student, View.from_dict(spec["input"]), view,
                       teacher_class_ids(spec["class_names"], data))
 
     def prepare_method(self, ctx: StageContext, models: Models):
@@ -98,6 +98,3 @@ class DistillStage(Stage):
             "test_images": len(data.test),
         }
 
-
-def _tuples(view_dict: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in view_dict.items()}

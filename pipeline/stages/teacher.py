@@ -90,7 +90,7 @@ class AdaptStage(Stage):
         cfg = ctx.config
         data = subtask_data(cfg)
         model, spec = load_teacher(ctx.inputs["teacher"].dir)
-        view = View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["input"].items()})
+        view = View.from_dict(spec["input"])
         method = cfg.teacher.adapt.method
         fit_metrics, names, known = {}, spec["class_names"], None
         if method != "none":

@@ -10,6 +10,7 @@ import numpy as np
 
 def run_explain(ctx, cfg) -> tuple[dict, list]:
     """`cfg` is the ExplainConfig; needs ctx.inputs 'adapt' and 'distill'."""
+    from ..data import View
     from ..models import load_student, load_teacher
     from ..stages.common import subtask_data
     from .explain import explain_pair
@@ -19,8 +20,8 @@ def run_explain(ctx, cfg) -> tuple[dict, list]:
     teacher, t_spec = load_teacher(ctx.inputs["adapt"].dir)
     student, s_spec = load_student(ctx.inputs["distill"].dir)
     ctx.log(f"validate: explaining {cfg.images} test images (teacher and student, {cfg.method})")
-    result = explain_pair(teacher, _view(s_spec["teacher_input"]), s_spec["teacher_ids"], student,
-                          _view(s_spec["input"]), data.test.images, data.test.labels, cfg, ctx.config.build.seed)
+    result = explain_pair(teacher, View.from_dict(s_spec["teacher_input"]), s_spec["teacher_ids"], student,
+                          View.from_dict(s_spec["input"]), data.test.images, data.test.labels, cfg, ctx.config.build.seed)
     np.savez_compressed(ctx.out / "explain.npz", **result.arrays())
     (ctx.out / "explain.json").write_text(json.dumps(result.metrics, indent=1, sort_keys=True) + "\n")
     ctx.log(f"validate: heatmap agreement teacher/student: cosine {result.metrics['cosine_mean']:.3f}, "
@@ -28,8 +29,3 @@ def run_explain(ctx, cfg) -> tuple[dict, list]:
             f"{result.metrics['student']['method']})")
     return result.metrics, [explain_section(result.metrics, result.arrays(), data.class_names, cfg.grid)]
 
-
-def _view(spec: dict):
-    from ..data import View
-
-    return View(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()})

@@ -6,6 +6,9 @@ VENV   := .venv
 STAMP  := $(VENV)/.installed
 CONFIG ?= configs/fashion_tops.yaml
 PYTEST_ARGS ?=
+# Installed without their declared dependencies (see the `mobile` extra in pyproject.toml: xdsl 0.28 declares
+# typing-extensions<4.13, which no pydantic 2.14 environment can satisfy); what they need is in the extra.
+MOBILE_NODEPS := litert-torch litert-converter xdsl
 
 .PHONY: demo test venv data testdeps clean-cache
 
@@ -13,7 +16,8 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo]"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,mobile]"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps $(MOBILE_NODEPS)
 	@touch $(STAMP)
 
 data:

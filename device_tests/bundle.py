@@ -47,7 +47,8 @@ class Artifact:
         return cls(path.name, format_of(path), precision, path, None, path.stat().st_size if path.exists() else None)
 
 
-FORMATS = {".onnx": "onnx", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt", ".trt": "tensorrt"}
+FORMATS = {".onnx": "onnx", ".xml": "openvino", ".engine": "tensorrt", ".plan": "tensorrt", ".trt": "tensorrt",
+           ".tflite": "litert", ".pte": "executorch"}  # a .tflite runs under TFLite Micro too: --runtime tflm
 
 
 def format_of(path: Path) -> str:
@@ -55,7 +56,7 @@ def format_of(path: Path) -> str:
         return FORMATS[path.suffix.lower()]
     except KeyError:
         raise BundleError(f"{path} has suffix '{path.suffix}', which is not a model format edgesmith can run.",
-                          f"Pass one of: {', '.join(sorted(FORMATS))} (ONNX, OpenVINO IR, TensorRT engine).") from None
+                          f"Pass one of: {', '.join(sorted(FORMATS))} (ONNX, OpenVINO IR, TensorRT engine, LiteRT, ExecuTorch).") from None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from pipeline.schema import Section
 
 # The names exporters.formats registers; repeated here so `edgesmith check` validates them without importing
 # torch (a test keeps the two in step).
-FORMAT_NAMES = ("onnx", "onnx_int8", "openvino", "tensorrt")
+FORMAT_NAMES = ("onnx", "onnx_int8", "openvino", "tensorrt", "litert", "tflm", "executorch")
 
 
 class TensorRTConfig(Section):
@@ -27,7 +27,7 @@ class TensorRTConfig(Section):
 class ExportConfig(Section):
     formats: list[str] = Field(
         default_factory=lambda: ["onnx", "onnx_int8", "openvino"],
-        description="onnx, onnx_int8, openvino, tensorrt (the registry lists them)")
+        description="onnx, onnx_int8, openvino, tensorrt; litert, tflm, executorch (the `mobile` extra)")
     opset: int = Field(17, ge=13, le=21, description="ONNX opset (13+: per-channel QuantizeLinear)")
     dynamic_batch: bool = Field(True, description="ONNX/IR batch dimension left dynamic")
     parity_limit: int = Field(1000, ge=1, description="validation images used for the parity checks")

@@ -24,7 +24,7 @@ from .parity import onnxruntime_runner, openvino_runner, parity, run_batched, te
 ExportFn = Callable[["ExportJob"], list[dict]]
 EXPORT_FORMATS: Registry[ExportFn] = Registry("export format")
 # Formats run in this order whatever the config's order: later ones convert the earlier ones' files.
-ORDER = ("onnx", "onnx_int8", "openvino", "tensorrt")
+ORDER = ("onnx", "onnx_int8", "openvino", "tensorrt", "litert", "tflm", "executorch")
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 PARITY_BATCH = 64
 
@@ -39,8 +39,11 @@ class ExportJob:
     parity_inputs: np.ndarray           # float32, preprocessed validation images
     parity_labels: np.ndarray
     log: Callable[[str], None] = print
+    # the qat stage's calibration images (1 x C x H x W each), for the PT2E INT8 of the mobile formats
+    calibration: list[torch.Tensor] = field(default_factory=list)
     _references: dict[str, np.ndarray] = field(default_factory=dict)
     _onnx: dict[str, Path] = field(default_factory=dict)
+    _files: dict[str, Path] = field(default_factory=dict)
 
     def model(self, precision: str, wanted_by: str) -> nn.Module:
         model = self.models.get(precision)
@@ -72,8 +75,14 @@ class ExportJob:
             self._onnx[precision] = path
         return self._onnx[precision]
 
-    def check(self, runner, precision: str) -> dict:
-        batch = PARITY_BATCH if self.cfg.dynamic_batch else 1
+    def once(self, name: str, make: Callable[[], Path]) -> Path:
+        """A file several formats share (the INT8 .tflite of litert and tflm), written once."""
+        if name not in self._files:
+            self._files[name] = make()
+        return self._files[name]
+
+    def check(self, runner, precision: str, batch: int | None = None) -> dict:
+        batch = batch or (PARITY_BATCH if self.cfg.dynamic_batch else 1)
         return parity(run_batched(runner, self.parity_inputs, batch), self.reference(precision), self.parity_labels)
 
     def record(self, path: Path, fmt: str, precision: str, runtime: str, checked: dict | None, **extra) -> dict:
@@ -162,6 +171,121 @@ def tensorrt_engine(job: ExportJob) -> list[dict]:
     checked = job.check(tensorrt_runner(engine, INPUT_NAME), onnx_precision)
     return shipped + [job.record(engine, "tensorrt", precision, "tensorrt", checked, engine="built here (this GPU only)",
                        build_script=script.relative_to(job.out).as_posix(), **extra)]
+
+
+# -- phones and microcontrollers (the `mobile` extra; exporters/mobile.py) --------------------------------------
+
+MOBILE_FILES = {"litert": {"fp32": "model.tflite", "int8": "model.int8.tflite"},
+                "executorch": {"fp32": "model.pte", "int8": "model.int8.pte"}}
+
+
+def device_runner(path: Path, runtime: str, fmt: str):
+    """The device suite's own runner as a parity callable (active for the life of the closure)."""
+    from device_tests.runners import get_runner
+
+    runner = get_runner(runtime)(path, fmt, threads=0)
+    runner.activate()
+    return runner.infer
+
+
+def litert_file(job: ExportJob, precision: str, wanted_by: str) -> Path:
+    from .mobile import litert_convert, require
+
+    def make() -> Path:
+        require(wanted_by)
+        path = job.out / MOBILE_FILES["litert"][precision]
+        job.model(precision, wanted_by)  # INT8 needs the qat section (and its calibration images)
+        litert_convert(job.models["fp32"], job.example, path, job.calibration if precision == "int8" else None)
+        return path
+    return job.once(f"litert-{precision}", make)
+
+
+def _mobile_extra(job: ExportJob, precision: str) -> dict:
+    """What the INT8 mobile artifacts share: how they were quantized, and how far from NNCF's INT8 model."""
+    if precision != "int8":
+        return {}
+    return {"quantization": {"method": "PT2E post-training, INT8 symmetric, per-channel weights",
+                             "calibration_images": len(job.calibration),
+                             "calibration": "the qat stage's calibration images (qat.calibration_size, same seed)",
+                             "qat_ranges": "not carried over (NNCF's quantizers are not PT2E nodes)"}}
+
+
+def _vs_nncf(job: ExportJob, checked: dict) -> dict:
+    """Accuracy on the parity images relative to the NNCF INT8 model (the ONNX INT8's reference)."""
+    nncf = float((job.reference("int8").argmax(1) == job.parity_labels).mean())
+    return {**checked, "nncf_int8_accuracy": nncf, "accuracy_minus_nncf_int8": checked["accuracy"] - nncf}
+
+
+@EXPORT_FORMATS.register("litert")
+def litert(job: ExportJob) -> list[dict]:
+    from .tflite_file import io_quantization, stamp_tflite
+
+    artifacts = []
+    for precision in ("fp32", "int8"):
+        if job.models.get(precision) is None:
+            job.log("export: no qat section, so no INT8 LiteRT model")
+            continue
+        path = litert_file(job, precision, "litert")
+        stamp_tflite(path, {**job.meta, "format": "litert", "precision": precision, "io": io_quantization(path)})
+        # FP32 is compared with the FP32 student; INT8 too (PT2E quantizes the FP32 student), and with NNCF's
+        checked = job.check(device_runner(path, "litert", "litert"), "fp32", batch=1)
+        if precision == "int8":
+            checked = _vs_nncf(job, checked)
+        artifacts.append(job.record(path, "litert", precision, "litert", checked, io=io_quantization(path),
+                                    **_mobile_extra(job, precision)))
+    return artifacts
+
+
+@EXPORT_FORMATS.register("tflm")
+def tflm(job: ExportJob) -> list[dict]:
+    import shutil
+
+    from .mobile import require
+    from .tflite_file import builtin_ops, io_quantization, stamp_tflite
+    from .tflm import smallest_arena, write_c_sources
+
+    require("tflm")
+    source = litert_file(job, "int8", "tflm")
+    folder = job.out / "tflm"
+    folder.mkdir(exist_ok=True)
+    path = folder / "model.int8.tflite"
+    shutil.copyfile(source, path)
+    io, ops = io_quantization(path), builtin_ops(path)
+    stamp_tflite(path, {**job.meta, "format": "tflm", "precision": "int8", "io": io, "ops": ops})
+    arena = smallest_arena(path)
+    arena_constant = arena["arena_min_bytes"] + 1024
+    header, c_source = write_c_sources(folder, path.read_bytes(), arena_constant, ops, io)
+    checked = _vs_nncf(job, job.check(device_runner(path, "tflm", "tflm"), "fp32", batch=1))
+    job.log(f"export: tflm: arena {arena['arena_min_bytes'] / 1024:.1f} KiB needed "
+            f"({arena['arena_used_bytes'] / 1024:.1f} KiB recorded), flash {path.stat().st_size / 1024:.1f} KiB, "
+            f"ops {', '.join(ops)}")
+    return [job.record(path, "tflm", "int8", "tflm", checked, io=io, ops=ops, arena_bytes=arena_constant, **arena,
+                       c_source=c_source.relative_to(job.out).as_posix(), c_header=header.relative_to(job.out).as_posix(),
+                       c_source_sha256=sha256(c_source), c_header_sha256=sha256(header), **_mobile_extra(job, "int8"))]
+
+
+@EXPORT_FORMATS.register("executorch")
+def executorch(job: ExportJob) -> list[dict]:
+    from .mobile import executorch_convert, require
+
+    require("executorch")
+    artifacts = []
+    for precision in ("fp32", "int8"):
+        if job.models.get(precision) is None:
+            job.log("export: no qat section, so no INT8 ExecuTorch program")
+            continue
+        path = job.out / MOBILE_FILES["executorch"][precision]
+        lowering = executorch_convert(job.models["fp32"], job.example, path,
+                                      job.calibration if precision == "int8" else None)
+        if lowering["ops_outside_xnnpack"]:
+            job.log(f"export: {path.name}: ops left outside XNNPACK (portable kernels): "
+                    f"{', '.join(lowering['ops_outside_xnnpack'])}")
+        checked = job.check(device_runner(path, "executorch", "executorch"), "fp32", batch=1)
+        if precision == "int8":
+            checked = _vs_nncf(job, checked)
+        artifacts.append(job.record(path, "executorch", precision, "executorch", checked, delegate="XNNPACK",
+                                    **lowering, **_mobile_extra(job, precision)))
+    return artifacts
 
 
 def check_format_names(names: list[str]) -> None:

@@ -13,16 +13,28 @@ from pipeline.runner import Stage, StageContext, register_stage
 from .config import ExportConfig
 from .eval_set import write_npz
 from .formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
+from .mobile import EXTRA, missing_extra
 from .metadata import config_digest, model_metadata, preprocessing
 
-INT8_FORMATS = ("onnx_int8",)
+INT8_FORMATS = ("onnx_int8", "tflm")
+MOBILE_INT8 = {"litert", "tflm", "executorch"}   # INT8 by PT2E, calibrated on the qat stage's images
+
+
+def check_mobile_extra(formats: list[str]) -> None:
+    missing = missing_extra(formats)
+    if missing:
+        raise ConfigError(f"export.formats asks for {', '.join(missing)}, but the `{EXTRA}` extra (litert-torch, "
+                          "ai-edge-litert, tflite-micro, executorch) is not installed in this Python.",
+                          f"Install it with `pip install -c constraints.txt -e '.[{EXTRA}]'` (`make venv` does), "
+                          f"or remove {', '.join(missing)} from export.formats.")
 
 
 @register_stage
 class ExportStage(Stage):
     name = "export"
     sections = ("export", "data", "subtask")
-    packages = ("torch", "nncf", "torchao", "onnx", "onnxruntime", "openvino", "polygraphy", "tensorrt")
+    packages = ("torch", "nncf", "torchao", "onnx", "onnxruntime", "openvino", "polygraphy", "tensorrt",
+                "litert-torch", "ai-edge-litert", "executorch", "tflite-micro")
 
     def key_sections(self, cfg) -> dict:
         keys = super().key_sections(cfg)
@@ -31,12 +43,13 @@ class ExportStage(Stage):
     def inputs(self, cfg):
         export: ExportConfig = cfg.section("export")
         check_format_names(export.formats)
+        check_mobile_extra(export.formats)
         needs_int8 = any(f in INT8_FORMATS for f in export.formats) or (
             "tensorrt" in export.formats and export.tensorrt.precision == "int8")
         if needs_int8 and cfg.section("qat") is None:
             raise ConfigError("export.formats asks for an INT8 artifact, but the config has no qat section.",
                               "Add a `qat:` section (its defaults are fine) or drop onnx_int8 / set "
-                              "export.tensorrt.precision: fp16.")
+                              "export.tensorrt.precision: fp16 (tflm is INT8 only).")
         return ("adapt", "distill", "qat") if cfg.section("qat") is not None else ("adapt", "distill")
 
     def run(self, ctx: StageContext) -> dict:
@@ -93,8 +106,18 @@ class ExportStage(Stage):
             models={"fp32": student.eval(), "int8": quantized},
             parity_inputs=view(torch.as_tensor(parity_set)).numpy(),
             parity_labels=data.val.labels[:cfg.parity_limit],
+            calibration=self.calibration(ctx, data, view),
         )
         return job, spec
+
+    def calibration(self, ctx: StageContext, data, view) -> list[torch.Tensor]:
+        """The qat stage's own calibration images (same size, same seed), for the mobile formats' PT2E INT8."""
+        from quantize.stage import QATStage
+
+        qat = ctx.config.section("qat")
+        if qat is None or not MOBILE_INT8.intersection(ctx.config.section("export").formats):
+            return []
+        return QATStage().calibration(data, view, qat, ctx.config.build.seed)
 
     def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig,
                        extra: dict | None = None) -> dict:

@@ -138,11 +138,11 @@ def get_runner(name: str) -> type[Runner]:
 
 def default_runtime(fmt: str) -> str:
     """The runtime that runs a format natively (`edgesmith profile` without --runtime)."""
-    for name in ("onnxruntime", "openvino", "tensorrt"):
+    for name in ("onnxruntime", "openvino", "tensorrt", "litert", "executorch"):
         if name in RUNNERS and fmt in RUNNERS[name].bundle_formats:
             return name
     raise IncompatibleArtifactError(f"No runner handles format '{fmt}'.",
-                                    "Pass an ONNX, OpenVINO IR or TensorRT engine file.")
+                                    "Pass an ONNX, OpenVINO IR, TensorRT engine, .tflite or .pte file.")
 
 
 def _lazy(module: str, runtime: str, install: str) -> Callable:

@@ -54,7 +54,22 @@ def _rows(run: dict, budgets: Budgets, target: str) -> list[tuple[str, float, fl
     if budgets.max_peak_rss_mb is not None:
         checks.append(("max_peak_rss_mb", run["peak_rss_mb"], budgets.max_peak_rss_mb,
                        run["peak_rss_mb"] <= budgets.max_peak_rss_mb))
-    return checks + _ood_rows(run.get("ood"), budgets)
+    return checks + _ood_rows(run.get("ood"), budgets) + mcu_rows(run, budgets, target)
+
+
+KIB = 1024
+
+
+def mcu_rows(run: dict, budgets: Budgets, target: str) -> list[tuple[str, float, float, bool]]:
+    """max_arena_kb / max_flash_kb: checked for artifacts measured under TFLite Micro (they report an arena)."""
+    if "arena_used_bytes" not in run:
+        return []
+    checks = []
+    for key, measured in (("max_arena_kb", run["arena_used_bytes"] / KIB), ("max_flash_kb", run["flash_bytes"] / KIB)):
+        allowed = _per_target(getattr(budgets, key), target)
+        if allowed is not None:
+            checks.append((key, measured, allowed, measured <= allowed))
+    return checks
 
 
 def _ood_rows(ood: Optional[dict], budgets: Budgets) -> list[tuple[str, Any, float, bool]]:

@@ -11,8 +11,9 @@ from ..schema import OmitNoneOptions, Section
 from ..xai.config import ExplainConfig
 from .targets import parse_target
 
-Runtime = Literal["onnxruntime", "openvino", "tensorrt"]
+Runtime = Literal["onnxruntime", "openvino", "tensorrt", "litert", "tflm", "executorch"]
 PerTarget = Union[float, dict[str, float]]
+PER_TARGET_BUDGETS = ("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb")
 
 
 class LatencyConfig(Section):
@@ -39,13 +40,17 @@ class Budgets(Section):
                                        "(needs the `ood` section)")
     min_auroc: Optional[float] = Field(None, ge=0, le=1, description="AUROC of in- vs out-of-subtask scores "
                                        "(needs the `ood` section)")
+    max_arena_kb: Optional[PerTarget] = Field(None, description="TFLite Micro tensor arena (RAM) the tflm artifact "
+                                              "uses, KiB (number or {target: KiB})")
+    max_flash_kb: Optional[PerTarget] = Field(None, description="flash the tflm artifact's flatbuffer takes, KiB "
+                                              "(number or {target: KiB})")
 
-    @field_validator("max_p90_ms", "max_p99_ms")
+    @field_validator("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb")
     @classmethod
     def _positive(cls, v):
         values = v.values() if isinstance(v, dict) else [v] if v is not None else []
         if any(x <= 0 for x in values):
-            raise ValueError("latency budgets must be positive milliseconds")
+            raise ValueError("latency and MCU memory budgets must be positive (ms, KiB)")
         return v
 
 
@@ -85,7 +90,7 @@ class ValidateConfig(OmitNoneOptions):
 
     @model_validator(mode="after")
     def _per_target_budgets_name_targets(self):
-        for key in ("max_p90_ms", "max_p99_ms"):
+        for key in PER_TARGET_BUDGETS:
             value = getattr(self.budgets, key)
             unknown = sorted(set(value) - set(self.targets)) if isinstance(value, dict) else []
             if unknown:

@@ -1,8 +1,7 @@
 """PyTorch -> LiteRT (.tflite, litert-torch) and ExecuTorch (.pte, XNNPACK). Both INT8 paths are PT2E: the FP32
 student is exported with torch.export, observers are inserted by the backend's quantizer (litert-torch's
 PT2EQuantizer, ExecuTorch's XNNPACKQuantizer: INT8 symmetric, per-channel weights), calibrated on the very images
-the qat stage calibrated NNCF with
-(qat.calibration_size, same seed), converted, lowered. Both converters map PT2E's quantize/dequantize nodes to int8
+the qat stage calibrated NNCF with (qat.calibration_size, same seed), converted, lowered. Both converters map PT2E's quantize/dequantize nodes to int8
 kernels; NNCF's QAT model carries its learned ranges in NNCF's own quantizer modules instead, and handing those to
 the converters was not attempted: the QAT-learned ranges do not carry over. Each INT8 artifact's parity record says
 how far it is from the NNCF INT8 model (accuracy_minus_nncf_int8)."""

@@ -77,6 +77,7 @@ def test_wrong_format_for_runtime(bundle):
 def test_default_runtime_by_format():
     assert default_runtime("onnx") == "onnxruntime" and default_runtime("openvino") == "openvino"
     assert default_runtime("tensorrt") == "tensorrt"
+    assert default_runtime("litert") == "litert" and default_runtime("executorch") == "executorch"
 
 
 def test_truncated_model_is_a_clear_error(bundle, tmp_path):
@@ -96,6 +97,6 @@ def test_tensorrt_absent_is_unavailable_not_a_crash(bundle):
 
 
 def test_every_registered_runner_names_its_formats():
-    assert set(RUNNERS) == {"onnxruntime", "openvino", "tensorrt"}
+    assert set(RUNNERS) == {"onnxruntime", "openvino", "tensorrt", "litert", "tflm", "executorch"}
     for cls in RUNNERS.values():
         assert set(cls.bundle_formats) <= set(cls.formats)

@@ -47,49 +47,65 @@ def postprocess(logits: np.ndarray) -> tuple[int, float]:
     return top, float(p[top])
 
 
-def single_stream(infer: Callable[[np.ndarray], np.ndarray], preprocess: Callable[[np.ndarray], np.ndarray],
-                  raw: np.ndarray, settings: LatencySettings, answer: Callable = postprocess) -> dict:
-    """Batch 1, one query after another, cycling through the raw images in `raw` (N x C x H x W uint8).
-    `answer`: the post-processing of one query (default softmax + top-1; with an OOD rule it may be unknown)."""
+def single_stream(binding, preprocess: Callable[[np.ndarray], np.ndarray], raw: np.ndarray,
+                  settings: LatencySettings, answer: Callable = postprocess) -> dict:
+    """Batch 1, one query after another, cycling through the raw images in `raw` (N x C x H x W uint8), on a
+    runner's Binding (device_tests.runners.base): pre-processing writes into the bound input buffer, the model
+    time is `binding.run()` alone (nothing allocated or converted inside the timer, as in the runtimes' own
+    benchmark loops), post-processing reads the bound output. `answer`: the post-processing of one query
+    (default softmax + top-1; with an OOD rule it may be unknown). Where the runtime times its own calls
+    (binding.reported_ms), those figures are summarized too, as `runtime_reported`."""
     clock = time.perf_counter_ns
+    run, x, out, copy = binding.run, binding.input, binding.output, np.copyto
     for i in range(settings.warmup):
-        answer(infer(preprocess(raw[i % len(raw): i % len(raw) + 1])))
-    pre, model, post = [], [], []
+        copy(x, preprocess(raw[i % len(raw): i % len(raw) + 1]))
+        run()
+        answer(out)
+    n_max = max(settings.min_queries, 1)
+    pre, model, post = (np.empty(n_max, np.int64) for _ in range(3))
+    reported = [] if binding.reported_ms is not None else None
     start = clock()
     deadline = start + int(settings.min_duration_s * 1e9)
     i = 0
     while i < settings.min_queries or clock() < deadline:
+        if i == len(model):  # grow the preallocated sample arrays (amortised, outside the timed parts)
+            pre, model, post = (np.resize(a, 2 * len(a)) for a in (pre, model, post))
         image = raw[i % len(raw): i % len(raw) + 1]
         t0 = clock()
-        x = preprocess(image)
+        copy(x, preprocess(image))
         t1 = clock()
-        logits = infer(x)
+        run()
         t2 = clock()
-        answer(logits)
+        answer(out)
         t3 = clock()
-        pre.append(t1 - t0)
-        model.append(t2 - t1)
-        post.append(t3 - t2)
+        pre[i], model[i], post[i] = t1 - t0, t2 - t1, t3 - t2
+        if reported is not None:
+            reported.append(binding.reported_ms())
         i += 1
     total = (clock() - start) / 1e9
-    end_to_end = np.add(np.add(pre, model), post)
-    return {"batch": 1, "queries": i, "duration_s": total, "model": summarize(np.array(model)),
-            "preprocess": summarize(np.array(pre)), "postprocess": summarize(np.array(post)),
-            "end_to_end": summarize(end_to_end)}
+    pre, model, post = pre[:i], model[:i], post[:i]
+    result = {"batch": 1, "queries": i, "duration_s": total, "model": summarize(model),
+              "preprocess": summarize(pre), "postprocess": summarize(post), "end_to_end": summarize(pre + model + post)}
+    if reported:
+        result["runtime_reported"] = summarize(np.asarray(reported) * 1e6)
+    return result
 
 
-def throughput(infer: Callable[[np.ndarray], np.ndarray], batch: np.ndarray, settings: LatencySettings) -> dict:
-    """Images per second of the model call at a larger batch (input already pre-processed)."""
+def throughput(binding, batch: np.ndarray, settings: LatencySettings) -> dict:
+    """Images per second of the model call at a larger batch, on a Binding of that batch's shape (input
+    pre-processed and written into the bound buffer once)."""
     clock = time.perf_counter_ns
+    np.copyto(binding.input, batch)
+    infer = binding.run
     for _ in range(max(1, min(settings.warmup, 3))):
-        infer(batch)
+        infer()
     min_batches = max(4, math.ceil(settings.min_queries / len(batch)))
     times = []
     start = clock()
     deadline = start + int(settings.min_duration_s * 1e9)
     while len(times) < min_batches or clock() < deadline:
         t0 = clock()
-        infer(batch)
+        infer()
         times.append(clock() - t0)
     seconds = sum(times) / 1e9
     return {"batch": int(len(batch)), "batches": len(times), "duration_s": (clock() - start) / 1e9,

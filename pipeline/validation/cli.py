@@ -212,8 +212,10 @@ def print_result(r: dict, layers: int = 10) -> None:
                         f"{r['threads']} thread(s) · precision hint {r['precision_hint']}")
     for col in ("", "p50 ms", "p90 ms", "p99 ms", "mean ms", "std ms", "n"):
         table.add_column(col, justify="right" if col else "left")
-    for name in ("model", "preprocess", "postprocess", "end_to_end"):
-        s = lat[name]
+    for name in ("model", "preprocess", "model_in_pipeline", "postprocess", "end_to_end"):
+        s = lat.get(name)
+        if s is None:
+            continue
         table.add_row(name, *(f"{s[k]:.4f}" for k in ("p50_ms", "p90_ms", "p99_ms", "mean_ms", "std_ms")), str(s["n"]))
     console = Console()
     console.print(table)

@@ -70,10 +70,7 @@ class OpenVinoRunner(Runner):
         request.infer()
         output = np.array(request.get_output_tensor(0).data, copy=True)
         request.set_output_tensor(0, self._tensor(output, shared_memory=True))
-        infer = request.infer
-
-        def run():
-            infer(None, False, True)   # inputs already set, share_inputs, share_outputs
+        run = _bare_infer(request)
         return Binding(x, output, run, reported_ms=lambda: request.latency, keep=(compiled, request))
 
     def _layer_profile_impl(self, x: np.ndarray, runs: int) -> dict:
@@ -102,6 +99,24 @@ class OpenVinoRunner(Runner):
         return {"device": self.device,
                 "inference_precision": _type_name(self._compiled.get_property("INFERENCE_PRECISION_HINT")),
                 "inference_threads": int(self._compiled.get_property("INFERENCE_NUM_THREADS"))}
+
+
+def _bare_infer(request):
+    """The C++ infer() of the request, without the Python wrapper's per-call work (dispatching the absent
+    inputs, wrapping the outputs in a new OVDict): ~2-4 us of a ~30 us call. Falls back to the public call
+    where the binding class is not where this OpenVINO keeps it."""
+    try:
+        from openvino._pyopenvino import InferRequest as Base
+
+        base_infer = Base.infer
+        base_infer(request, {}, True, True)
+
+        def run():
+            base_infer(request, {}, True, True)   # no inputs to set, share outputs, decode strings
+    except Exception:  # noqa: BLE001 (another OpenVINO layout or signature)
+        def run():
+            request.infer(None, False, True)
+    return run
 
 
 def _type_name(value) -> str:

@@ -138,3 +138,19 @@ def test_accuracy_control_meets_max_drop_or_fails_with_the_drop(trained, max_dro
     assert drop <= max_drop + 1e-12
     assert info["accuracy_control"]["measured_drop"] == pytest.approx(drop)
     assert quantized_layers(model) == set(compute_layers(folded)) - set(info["kept_fp32"])
+
+
+def test_build_with_an_unknown_keep_fp32_layer_fails_with_the_valid_names(write_config):
+    """Through the CLI, as a user meets it: a clear error, non-zero exit, no traceback, no qat output."""
+    from pipeline.models import create_model
+    from quantize.precision import compute_layers
+    from tests.conftest import run_cli
+
+    cfg = write_config(**{"qat.mode": "ptq", "qat.calibration_size": 16, "qat.keep_fp32": ["features.9"]})
+    proc = run_cli("build", cfg)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert "features.9" in out
+    valid = compute_layers(fold_batchnorm(create_model("cnn_tiny", 4, 1))[0])
+    assert valid and all(name in out for name in valid)
+    assert not list((cfg.parent / "builds").glob("*/qat-*"))

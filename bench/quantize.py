@@ -1,24 +1,25 @@
-"""Benchmark: what INT8 costs in accuracy and buys in speed, per student architecture.
+"""Benchmark: what INT8 costs in accuracy and buys in speed, per model and quantization recipe.
 
-For each architecture: train an FP32 student on the Fashion-MNIST tops subtask (labels only, short), then
-  PTQ  = fold BatchNorm + NNCF calibration,
-  QAT  = PTQ + fine-tuning with the KD loss against the FP32 student's logits (the goal of QAT is to recover
-         the float model, so the float model is the teacher here; the qat stage uses the real teacher),
-export FP32 / PTQ-INT8 / QAT-INT8 ONNX and measure accuracy in ONNX Runtime on the test split, and ONNX Runtime
-latency of FP32 vs QAT-INT8 at batch 1 and 64 (warm-up discarded, >= N queries and a minimum duration, FP32
-and INT8 measured in alternating rounds so load from other processes hits both alike).
+Models: student architectures trained here on the Fashion-MNIST tops subtask (labels only, short), and the
+default build's adapted EfficientNet-Lite0 teacher (--teacher-dir, its adapt stage folder; the 4 subtask columns
+of its head). Recipes, each from the same float model (BatchNorm folded) and calibration images:
+  ptq          NNCF calibration,
+  ptq_aac      NNCF accuracy control at --max-drop (quantize_with_accuracy_control on the ONNX export reverts
+               the most harmful layers to float; the torch model is held to the same drop, see quantize/precision.py),
+  qat          PTQ + fine-tuning with the KD loss against the float model's logits,
+  qat_keep     as qat with qat.keep_fp32: [auto] (the --keep-count layers with the largest per-layer error in float).
+Every model is exported to FP32 / INT8 ONNX; measured in ONNX Runtime: test accuracy, batch-1 latency of the
+bound call (device_tests runners: IOBinding, calls back to back, warm-up discarded, all variants of a model in
+alternating rounds so load from elsewhere hits all alike), which layers stayed in float and how many
+convolutions ONNX Runtime still runs as INT8 kernels.
 
-    .venv/bin/python bench/quantize.py --archs cnn_small cnn_medium
-Prints a table and writes bench/results/quantize.json (one key per architecture; reruns update their keys).
-The committed results came from (2 cores, quiet machine, nice 10; ~1 and ~5 minutes):
-    bench/quantize.py --archs cnn_small --train-per-class 4800 --epochs 5
-    bench/quantize.py --archs cnn_medium --train-per-class 4800 --epochs 4
+    .venv/bin/python bench/quantize.py --archs cnn_small cnn_compact --teacher-dir builds/fashion_tops/adapt-KEY
+Prints a table and writes bench/results/quantize.json (one key per model; reruns update their keys).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -33,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from exporters.formats import fused_ops  # noqa: E402
 from exporters.onnx_export import export_onnx, export_onnx_int8  # noqa: E402
 from exporters.parity import onnxruntime_runner, run_batched  # noqa: E402
 from pipeline.config import parse_config  # noqa: E402
@@ -41,29 +43,51 @@ from pipeline.data.views import as_tensor  # noqa: E402
 from pipeline.distill.config import DistillConfig  # noqa: E402
 from pipeline.models import count_params, create_model  # noqa: E402
 from pipeline.stages.common import subtask_data  # noqa: E402
+from quantize.config import QATConfig  # noqa: E402
 from quantize.fold import fold_batchnorm  # noqa: E402
-from quantize.nncf_ops import calibration_batches, quantize_ptq  # noqa: E402
+from quantize.nncf_ops import calibration_batches  # noqa: E402
+from quantize.precision import quantize_student  # noqa: E402
 from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune  # noqa: E402
 
 CLASSES = ["T-shirt/top", "Pullover", "Shirt", "Coat"]
+FASHION_IDS = [0, 2, 6, 4]   # those classes' ids in Fashion-MNIST (the teacher's head columns)
 VIEW = View(28, 1, (0.5,), (0.5,))
 RESULTS = ROOT / "bench" / "results" / "quantize.json"
+RECIPES = ("ptq", "ptq_aac", "qat", "qat_keep")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--archs", nargs="+", default=["cnn_small", "cnn_medium"])
+    p.add_argument("--archs", nargs="*", default=["cnn_small", "cnn_compact"])
+    p.add_argument("--teacher-dir", type=Path, help="adapt stage folder of a build (teacher.pt, teacher.json)")
     p.add_argument("--train-per-class", type=int, default=1500, help="training images per class (cap)")
-    p.add_argument("--epochs", type=int, default=4, help="FP32 training epochs")
+    p.add_argument("--epochs", type=int, default=4, help="FP32 training epochs of the students")
     p.add_argument("--qat-epochs", type=int, default=2)
+    p.add_argument("--qat-max-images", type=int, default=None, help="cap on images per QAT epoch")
     p.add_argument("--qat-lr", type=float, default=1e-4)
     p.add_argument("--calibration", type=int, default=300)
+    p.add_argument("--max-drop", type=float, default=0.005, help="accuracy control: validation drop allowed")
+    p.add_argument("--keep-count", type=int, default=1, help="qat_keep: layers kept in float")
+    p.add_argument("--val-images", type=int, default=None, help="cap on validation images (accuracy control)")
+    p.add_argument("--test-images", type=int, default=None, help="cap on test images (accuracy)")
     p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads for latency")
-    p.add_argument("--min-queries", type=int, default=1024, help="timed batch-1 queries per model (at least)")
-    p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed duration per model and batch")
+    p.add_argument("--min-queries", type=int, default=1024, help="timed batch-1 calls per model (at least)")
+    p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed duration per model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (reruns update their archs)")
+    p.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (reruns update their keys)")
     return p.parse_args(argv)
+
+
+class Columns(torch.nn.Module):
+    """The teacher restricted to the subtask's columns of its head."""
+
+    def __init__(self, model: torch.nn.Module, columns: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("columns", torch.tensor(columns), persistent=False)
+
+    def forward(self, x):
+        return self.model(x).index_select(1, self.columns)
 
 
 def train_fp32(arch: str, data, epochs: int, seed: int) -> torch.nn.Module:
@@ -86,79 +110,88 @@ def train_fp32(arch: str, data, epochs: int, seed: int) -> torch.nn.Module:
 
 
 def ort_accuracy(path: Path, inputs: np.ndarray, labels: np.ndarray) -> float:
-    logits = run_batched(onnxruntime_runner(path), inputs, 256)
+    logits = run_batched(onnxruntime_runner(path), inputs, 64)
     return float((logits.argmax(1) == labels).mean())
 
 
-def timed(run, x: np.ndarray, queries: int, seconds: float) -> list[float]:
-    times, start = [], time.perf_counter()
-    while len(times) < queries or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter_ns()
-        run(x)
-        times.append((time.perf_counter_ns() - t0) / 1e3)
-    return times
+def latency(paths: dict[str, Path], x: np.ndarray, threads: int, queries: int, seconds: float, rounds: int = 4) -> dict:
+    """Per model: p50/p90/mean of the bound batch-1 call (microseconds), over alternating rounds."""
+    from device_tests.runners import get_runner
 
-
-def latency(paths: dict[str, Path], batch: int, threads: int, queries: int, seconds: float, rounds: int = 4) -> dict:
-    """Per model: p50/p90/p99/mean in microseconds and images per second, over alternating rounds."""
-    x = np.random.default_rng(0).standard_normal((batch, 1, 28, 28)).astype(np.float32)
-    runners = {name: onnxruntime_runner(path, threads=threads) for name, path in paths.items()}
-    samples: dict[str, list[float]] = {name: [] for name in paths}
-    for name, run in runners.items():
-        for _ in range(50 if batch == 1 else 5):
-            run(x)  # warm-up, discarded
+    runners = {name: get_runner("onnxruntime")(path, "onnx", threads=threads).__enter__() for name, path in paths.items()}
+    bound = {}
+    for name, runner in runners.items():
+        bound[name] = runner.bind((1, *x.shape[1:]))
+        np.copyto(bound[name].input, x[:1])
+        for _ in range(100):
+            bound[name].run()  # warm-up, discarded
+    samples: dict[str, list[int]] = {name: [] for name in paths}
+    clock = time.perf_counter_ns
     for _ in range(rounds):
-        for name, run in runners.items():
-            samples[name] += timed(run, x, max(queries // rounds, 1), seconds / rounds)
-    out = {}
-    for name, times in samples.items():
-        t = np.asarray(times)
-        out[name] = {"queries": len(t), "p50_us": float(np.percentile(t, 50)), "p90_us": float(np.percentile(t, 90)),
-                     "p99_us": float(np.percentile(t, 99)), "mean_us": float(t.mean()),
-                     "images_per_s": float(batch * 1e6 / t.mean())}
-    return out
+        for name, b in bound.items():
+            run, start, n = b.run, time.perf_counter(), 0
+            while n < queries // rounds or time.perf_counter() - start < seconds / rounds:
+                t0 = clock()
+                run()
+                samples[name].append(clock() - t0)
+                n += 1
+    for runner in runners.values():
+        runner.__exit__()
+    return {name: {"queries": len(t), "p50_us": float(np.percentile(t, 50)) / 1e3, "p90_us": float(np.percentile(t, 90)) / 1e3,
+                   "mean_us": float(np.mean(t)) / 1e3} for name, t in samples.items()}
 
 
-def bench_arch(arch: str, data, args, work: Path) -> dict:
-    test_x = VIEW(as_tensor(data.test.images)).numpy()
-    result: dict = {"arch": arch}
-    start = time.perf_counter()
-    fp32 = train_fp32(arch, data, args.epochs, args.seed)
-    result["params"] = count_params(fp32)
-    result["train_s"] = round(time.perf_counter() - start, 1)
-    example = VIEW(as_tensor(data.val.images[:1]))
-    paths = {"fp32": work / f"{arch}.onnx", "ptq": work / f"{arch}.ptq.onnx", "qat": work / f"{arch}.qat.onnx"}
-    export_onnx(fp32, paths["fp32"], example, 17, True)
+def recipe_config(recipe: str, args) -> QATConfig:
+    mode = {"ptq": "ptq", "ptq_aac": "ptq_accuracy_control", "qat": "qat", "qat_keep": "qat"}[recipe]
+    keep = ["auto"] if recipe == "qat_keep" else []
+    return QATConfig(mode=mode, max_drop=args.max_drop, keep_fp32=keep, keep_fp32_count=args.keep_count,
+                     calibration_size=args.calibration)
 
+
+def bench_model(name: str, fp32: torch.nn.Module, view: View, data, args, work: Path) -> dict:
+    val_n, test_n = args.val_images or len(data.val), args.test_images or len(data.test)
+    val_x, val_y = view(as_tensor(data.val.images[:val_n])), data.val.labels[:val_n]
+    test_x, test_y = view(as_tensor(data.test.images[:test_n])).numpy(), data.test.labels[:test_n]
+    example = val_x[:1]
+    folded = fold_batchnorm(fp32)[0]
     rng = np.random.default_rng(args.seed)
     pick = np.sort(rng.permutation(len(data.train))[:args.calibration])
-    ptq = quantize_ptq(fold_batchnorm(fp32)[0], calibration_batches([VIEW(as_tensor(data.train.images[pick]))]))
-    export_onnx_int8(ptq, paths["ptq"], example, 17, True)
-
-    qat = copy.deepcopy(ptq)
-    with torch.no_grad():
-        target = torch.cat([fp32(VIEW(as_tensor(data.train.images[i.numpy()])))
-                            for i in batches(len(data.train), 512)])
-    start = time.perf_counter()
-    history = finetune(qat, VIEW, TrainSet(data.train.images, data.train.labels, target),
-                       lambda m: model_accuracy(m, VIEW, data.val.images, data.val.labels),
-                       distillation_loss(DistillConfig(temperature=4.0, label_weight=0.5)),
-                       args.qat_epochs, args.qat_lr, 64, seed=args.seed)
-    result["qat_s"] = round(time.perf_counter() - start, 1)
-    result["qat_val_history"] = history
-    export_onnx_int8(qat, paths["qat"], example, 17, True)
-
-    result["test_acc_onnxruntime"] = {k: ort_accuracy(p, test_x, data.test.labels) for k, p in paths.items()}
-    result["test_acc_torch"] = {"fp32": model_accuracy(fp32, VIEW, data.test.images, data.test.labels),
-                                "ptq": model_accuracy(ptq, VIEW, data.test.images, data.test.labels),
-                                "qat": model_accuracy(qat, VIEW, data.test.images, data.test.labels)}
+    calibration = calibration_batches([view(as_tensor(data.train.images[pick]))])
+    paths = {"fp32": work / f"{name}.onnx"}
+    export_onnx(fp32, paths["fp32"], example, 17, True)
+    result: dict = {"model": name, "params": count_params(fp32), "recipes": {}}
+    target = None
+    for recipe in RECIPES:
+        start = time.perf_counter()
+        cfg = recipe_config(recipe, args)
+        try:
+            model, info = quantize_student(folded, calibration, val_x, val_y, cfg, log=lambda m: print("   ", m))
+        except Exception as exc:  # noqa: BLE001 (a recipe that fails is a result: record it, go on)
+            result["recipes"][recipe] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"  {recipe}: failed: {exc}")
+            continue
+        if cfg.mode == "qat":
+            if target is None:
+                with torch.no_grad():
+                    target = torch.cat([fp32(view(as_tensor(data.train.images[i.numpy()]))) for i in batches(len(data.train), 256)])
+            info["qat_val_history"] = finetune(
+                model, view, TrainSet(data.train.images, data.train.labels, target),
+                lambda m: model_accuracy(m, view, data.val.images[:val_n], val_y),
+                distillation_loss(DistillConfig(temperature=4.0, label_weight=0.5)), args.qat_epochs, args.qat_lr, 64,
+                seed=args.seed, max_images=args.qat_max_images)
+        paths[recipe] = work / f"{name}.{recipe}.onnx"
+        export_onnx_int8(model, paths[recipe], example, 17, True)
+        ops = fused_ops(paths[recipe])
+        int8 = ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0)
+        result["recipes"][recipe] = {"seconds": round(time.perf_counter() - start, 1), "kept_fp32": info["kept_fp32"],
+                                     "quantized_layers": len(info["quantized_layers"]),
+                                     "onnxruntime_int8_convs": int8, "onnxruntime_float_convs": ops.get("Conv", 0) + ops.get("FusedConv", 0),
+                                     **{k: info[k] for k in ("accuracy_control", "qat_val_history") if k in info}}
+        print(f"  {recipe}: {result['recipes'][recipe]['seconds']} s, kept in float: {info['kept_fp32'] or 'none'}", flush=True)
+    result["test_acc_onnxruntime"] = {k: ort_accuracy(p, test_x, test_y) for k, p in paths.items()}
+    result["val_acc_fp32_torch"] = model_accuracy(folded, view, data.val.images[:val_n], val_y)
+    result["latency_batch1"] = latency(paths, test_x, args.threads, args.min_queries, args.min_seconds)
     result["file_kib"] = {k: round(p.stat().st_size / 1024, 1) for k, p in paths.items()}
-    result["latency"] = {}
-    for batch in (1, 64):
-        queries = args.min_queries if batch == 1 else max(args.min_queries // 16, 64)
-        lat = latency({"fp32": paths["fp32"], "int8": paths["qat"]}, batch, args.threads, queries, args.min_seconds)
-        lat["speedup_p50"] = lat["fp32"]["p50_us"] / lat["int8"]["p50_us"]
-        result["latency"][f"batch{batch}"] = lat
     return result
 
 
@@ -170,18 +203,23 @@ def environment(args) -> dict:
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "ort_threads": args.threads, "onnxruntime": onnxruntime.__version__,
             "torch": torch.__version__, "nncf": nncf.__version__, "python": platform.python_version(),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("archs", "results")}}
+            "settings": {k: str(v) for k, v in vars(args).items() if k not in ("archs", "results")}}
 
 
 def print_table(results: dict) -> None:
-    print(f"\n{'arch':<11}{'params':>9}  {'acc FP32':>9}{'PTQ':>8}{'QAT':>8}  (ONNX Runtime, test)   "
-          f"{'b1 p50 FP32/INT8 us':>21}{'x':>6}  {'b64 p50 FP32/INT8 us':>22}{'x':>6}")
-    for arch, r in results.items():
-        acc, b1, b64 = r["test_acc_onnxruntime"], r["latency"]["batch1"], r["latency"]["batch64"]
-        print(f"{arch:<11}{r['params']:>9,}  {acc['fp32'] * 100:>8.2f}%{acc['ptq'] * 100:>7.2f}%{acc['qat'] * 100:>7.2f}%"
-              f"{'':>24}{b1['fp32']['p50_us']:>10.0f}/{b1['int8']['p50_us']:<10.0f}{b1['speedup_p50']:>5.2f}x"
-              f"  {b64['fp32']['p50_us']:>10.0f}/{b64['int8']['p50_us']:<11.0f}{b64['speedup_p50']:>5.2f}x")
-    print("x = FP32 p50 / INT8 p50 (INT8/FP32 speed-up); p90 and p99 in the JSON")
+    print(f"\n{'model':<13}{'recipe':<10}{'test acc':>9}{'p50 us':>9}{'x FP32':>8}  {'INT8/float convs':>16}  kept in float")
+    for name, r in results.items():
+        lat, acc = r["latency_batch1"], r["test_acc_onnxruntime"]
+        print(f"{name:<13}{'fp32':<10}{acc['fp32'] * 100:>8.2f}%{lat['fp32']['p50_us']:>9.1f}{1.0:>8.2f}")
+        for recipe in RECIPES:
+            rr = r["recipes"].get(recipe, {})
+            if "error" in rr or recipe not in acc:
+                print(f"{'':<13}{recipe:<10}  failed: {rr.get('error', '?')[:90]}")
+                continue
+            print(f"{'':<13}{recipe:<10}{acc[recipe] * 100:>8.2f}%{lat[recipe]['p50_us']:>9.1f}"
+                  f"{lat['fp32']['p50_us'] / lat[recipe]['p50_us']:>8.2f}  "
+                  f"{rr['onnxruntime_int8_convs']:>7}/{rr['onnxruntime_float_convs']:<8}  {', '.join(rr['kept_fp32']) or '-'}")
+    print("x FP32 = FP32 p50 / this p50 (ONNX Runtime, bound batch-1 call); accuracies on the test split in ONNX Runtime")
 
 
 def main(argv=None) -> int:
@@ -192,15 +230,26 @@ def main(argv=None) -> int:
                         "teacher": {"source": "train"}, "student": {"arch": "cnn_small"}})
     data = subtask_data(cfg)
     stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
-    archs = stored.get("archs", {})
+    models = stored.get("models", {})
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
             print(f"{arch}: training, quantizing, measuring ...", flush=True)
-            archs[arch] = bench_arch(arch, data, args, Path(tmp))
-            archs[arch]["environment"] = environment(args)
+            start = time.perf_counter()
+            fp32 = train_fp32(arch, data, args.epochs, args.seed)
+            models[arch] = bench_model(arch, fp32, VIEW, data, args, Path(tmp))
+            models[arch].update(train_s=round(time.perf_counter() - start, 1), environment=environment(args))
+        if args.teacher_dir:
+            from pipeline.models import load_teacher
+            from quantize.model_io import view_of
+
+            print("teacher: quantizing, measuring ...", flush=True)
+            teacher, spec = load_teacher(args.teacher_dir)
+            models["teacher"] = bench_model("teacher", Columns(teacher.eval(), FASHION_IDS).eval(), view_of(spec), data,
+                                            args, Path(tmp))
+            models["teacher"].update(arch=spec.get("arch"), environment=environment(args))
     args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"archs": archs}, indent=2, sort_keys=True) + "\n")
-    print_table(archs)
+    args.results.write_text(json.dumps({"models": models}, indent=2, sort_keys=True, default=str) + "\n")
+    print_table(models)
     print(f"wrote {args.results}")
     return 0
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from . import accuracy, latency, ood
+from . import accuracy, latency, ood, tools
 from .bundle import Artifact, Bundle, EvalSet, check_artifact
 from .environment import current_rss_mb, environment, peak_rss_mb
 from .errors import BundleError, DeviceTestError, IncompatibleArtifactError, RuntimeUnavailableError
@@ -33,7 +33,9 @@ EXIT_ERROR = 2
 
 def measure(artifact: Artifact, runtime: str, settings: LatencySettings, threads: int = 1,
             precision_hint: str = "f32", eval_set: Optional[EvalSet] = None, preprocess: Optional[Preprocess] = None,
-            shape: Optional[tuple[int, ...]] = None) -> dict:
+            shape: Optional[tuple[int, ...]] = None, layer_runs: int = 200, run_tool: bool = True) -> dict:
+    """`layer_runs`: calls profiled per layer (0: no per-layer profile); `run_tool`: also run the runtime's own
+    benchmark tool on the artifact (where installed) and record both figures."""
     runner_cls = get_runner(runtime)
     baseline_mb = current_rss_mb()
     start = time.perf_counter()
@@ -44,15 +46,34 @@ def measure(artifact: Artifact, runtime: str, settings: LatencySettings, threads
                   "size_bytes": artifact_size(artifact), "load_s": load_s, **runner.describe(),
                   "input_shape": [d for d in runner.input_shape], "synthetic_input": eval_set is None}
         rule = ood.Rule.from_dict(artifact.extra.get("ood"))  # None: no unknown answer for this artifact
+        # Latency first, in a process that has run nothing else yet: after the batched accuracy pass OpenVINO's
+        # batch-1 calls measured ~4 us slower (its own timing too) on the small students.
+        one = (1, *prep(raw[:1]).shape[1:])
+        result["latency"] = latency.single_stream(runner.bind(one), prep, raw, settings, ood.postprocessor(rule))
         if eval_set is not None:
             result["accuracy"] = _accuracy(runner, eval_set, prep, settings)
             if rule is not None and eval_set.ood_images_u8 is not None:
                 result["ood"] = _ood(runner, eval_set, prep, settings, rule)
-        result["latency"] = latency.single_stream(runner.infer, prep, raw, settings, ood.postprocessor(rule))
-        batch = runner.batch_for(settings.throughput_batch)
-        result["throughput"] = latency.throughput(runner.infer, prep(_tile(raw, batch)), settings)
+        batch = prep(_tile(raw, runner.batch_for(settings.throughput_batch)))
+        result["throughput"] = latency.throughput(runner.bind(batch.shape), batch, settings)
+        if layer_runs:
+            result["layers"] = _layers(runner, prep(raw[:1]), layer_runs)
     result.update(peak_rss_mb=peak_rss_mb(), baseline_rss_mb=baseline_mb)
+    if run_tool:  # after the peak RSS is read: the tool is another process, but keep the order obvious
+        result["tool"] = tools.run_tool(runtime, artifact.format, artifact.path, threads, one,
+                                        settings.min_duration_s, precision_hint)
+        result["tool_comparison"] = tools.comparison(result["latency"]["model"]["p50_ms"], result["tool"])
     return result
+
+
+def _layers(runner, x: np.ndarray, runs: int) -> dict:
+    """The runtime's per-layer profile, or why there is none (a profiler failure must not lose the latency)."""
+    try:
+        return runner.layer_profile(x, runs)
+    except DeviceTestError as exc:
+        return {"runtime": runner.name, "error": str(exc), "layers": []}
+    except Exception as exc:  # noqa: BLE001 (the runtimes raise their own types)
+        return {"runtime": runner.name, "error": f"{type(exc).__name__}: {exc}", "layers": []}
 
 
 def artifact_size(artifact: Artifact) -> int:
@@ -125,6 +146,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--min-duration", type=float, default=2.0)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--throughput-batch", type=int, default=64)
+    p.add_argument("--layer-runs", type=int, default=200, help="calls profiled per layer (0: no per-layer profile)")
+    p.add_argument("--no-tool", action="store_true", help="do not run the runtime's own benchmark tool")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
 
@@ -160,7 +183,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     settings = LatencySettings(args.min_queries, args.min_duration, args.warmup, args.throughput_batch)
     try:
         artifact, eval_set, spec, shape = _load(args)
-        result = measure(artifact, args.runtime, settings, args.threads, args.precision_hint, eval_set, spec, shape)
+        result = measure(artifact, args.runtime, settings, args.threads, args.precision_hint, eval_set, spec, shape,
+                         args.layer_runs, not args.no_tool)
         result.update(status="passed", settings=settings.to_dict(), environment=environment())
         code = 0
     except DeviceTestError as exc:

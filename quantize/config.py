@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pipeline.schema import Section
 
@@ -23,7 +23,15 @@ class IgnoredScopeConfig(Section):
 
 
 class QATConfig(Section):
-    mode: Literal["qat", "ptq"] = Field("qat", description="ptq: calibrate only; qat: calibrate, then fine-tune")
+    mode: Literal["qat", "ptq", "ptq_accuracy_control"] = Field(
+        "qat", description="ptq: calibrate only; qat: calibrate, then fine-tune; ptq_accuracy_control: calibrate, "
+        "then NNCF reverts the most harmful layers to float until the validation drop is at most max_drop")
+    max_drop: float = Field(0.01, ge=0, le=1, description="ptq_accuracy_control: largest validation accuracy drop "
+                            "vs FP32 (a fraction: 0.005 = half a point); the build fails if the result misses it")
+    keep_fp32: list[str] = Field(default_factory=list, description="layers left in float (Conv/Linear module "
+                                 "names such as features.0.0), or [auto]: the keep_fp32_count layers with the "
+                                 "largest per-layer quantization error")
+    keep_fp32_count: int = Field(1, ge=1, description="how many layers keep_fp32: [auto] keeps in float")
     calibration_size: int = Field(300, ge=1, description="training images used to calibrate the quantizers")
     epochs: int = Field(2, ge=1, description="QAT fine-tuning epochs (best epoch on validation is kept)")
     lr: float = Field(1e-4, gt=0, description="QAT fine-tuning learning rate")
@@ -33,3 +41,9 @@ class QATConfig(Section):
         "performance", description="performance: symmetric activations; mixed: asymmetric activations")
     ignored_scope: IgnoredScopeConfig = IgnoredScopeConfig()
     fold_bn: bool = Field(True, description="fold BatchNorm into convolutions first (needed for fused INT8 kernels)")
+
+    @model_validator(mode="after")
+    def _auto_alone(self):
+        if "auto" in self.keep_fp32 and len(self.keep_fp32) > 1:
+            raise ValueError("keep_fp32 is either [auto] or a list of layer names, not both")
+        return self

@@ -18,7 +18,9 @@ from pipeline.runner import Stage, StageContext, register_stage
 from .config import QATConfig
 from .fold import fold_batchnorm, max_output_difference
 from .model_io import save_quantized_student, teacher_columns, view_of
-from .nncf_ops import calibration_batches, quantize_ptq
+from .layer_error import torch_layer_error
+from .nncf_ops import calibration_batches
+from .precision import ERROR_IMAGES, quantize_student
 from .qat import TrainSet, model_accuracy, distillation_loss, finetune
 
 
@@ -41,13 +43,22 @@ class QATStage(Stage):
         data = subtask_data(ctx.config)
         view = view_of(spec)
         float_model, metrics = self.prepare(ctx, student, cfg, view, data)
-        model = quantize_ptq(float_model, self.calibration(data, view, cfg, ctx.config.build.seed),
-                             cfg.preset, cfg.ignored_scope)
+        calibration = self.calibration(data, view, cfg, ctx.config.build.seed)
+        model = self.quantize(ctx, float_model, calibration, view, data, cfg, metrics)
         metrics["ptq_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
         if cfg.mode == "qat":
             metrics["qat_val_history"] = self.finetune(ctx, model, spec, view, data, cfg)
+        metrics["layer_error"] = torch_layer_error(float_model, model, torch.cat(calibration[:ERROR_IMAGES]))
         save_quantized_student(model, ctx.out, {**spec, "fold_bn": cfg.fold_bn, "qat": cfg.model_dump(mode="json")})
         return self.measure(ctx, model, view, data, metrics)
+
+    def quantize(self, ctx: StageContext, float_model, calibration, view, data, cfg: QATConfig, metrics: dict):
+        """NNCF PTQ with the layers that stay in float left out (keep_fp32, or accuracy control)."""
+        val_images = view(torch.as_tensor(data.val.images))
+        model, info = quantize_student(float_model, calibration, val_images, data.val.labels, cfg,
+                                       metrics["fp32_val_acc"], ctx.log)
+        metrics.update(info)
+        return model
 
     def prepare(self, ctx: StageContext, student, cfg: QATConfig, view, data) -> tuple[torch.nn.Module, dict]:
         """The float model NNCF sees (BatchNorm folded) and the FP32 reference accuracies."""

@@ -4,6 +4,7 @@ Public methods check their arguments and state; the `*_impl` methods of each run
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ClassVar, Optional
 
@@ -12,6 +13,21 @@ import numpy as np
 from ..errors import DeviceTestError, IncompatibleArtifactError, UnknownRuntimeError
 
 PRECISION_HINTS = ("f32", "bf16", "f16")
+
+
+@dataclass
+class Binding:
+    """Buffers bound to the runtime once, for repeated calls at one input shape: write the next input into
+    `input`, call `run()`, read the logits from `output` (a view, overwritten by the next run: copy to keep).
+    `run` allocates nothing and converts nothing, so a timer around it measures what the runtime's own
+    benchmark loop measures. `reported_ms`, where the runtime times its calls itself (OpenVINO), returns its
+    figure for the last run."""
+
+    input: np.ndarray
+    output: np.ndarray
+    run: Callable[[], object]
+    reported_ms: Optional[Callable[[], float]] = None
+    keep: tuple = ()   # runtime objects the buffers belong to (kept alive with the binding)
 
 
 class Runner:
@@ -78,6 +94,26 @@ class Runner:
                 "Check the preprocessing spec against the model's input.")
         return self._infer_impl(x)
 
+    def bind(self, shape: tuple[int, ...]) -> Binding:
+        """Pre-allocated, pre-bound input and output for calls at `shape` (see Binding)."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} runner is not active: use it inside a `with` block")
+        shape = tuple(int(d) for d in shape)
+        fixed = [d for d in self.input_shape]
+        if len(shape) != len(fixed) or any(f is not None and f != d for f, d in zip(fixed, shape)):
+            raise IncompatibleArtifactError(
+                f"{self.path.name} takes input of shape {fixed}; cannot bind {list(shape)}.",
+                "Bind the model's own shape (None marks a free dimension).")
+        return self._bind_impl(shape)
+
+    def layer_profile(self, x: np.ndarray, runs: int = 200) -> dict:
+        """The runtime's own per-layer timing over `runs` calls on `x` (ONNX Runtime session profiling,
+        OpenVINO performance counters, TensorRT's layer profiler), from a separate profiling instance so the
+        latency measurement stays unprofiled. See device_tests.layers for the format."""
+        if not self.is_active:
+            raise RuntimeError(f"{self.name} runner is not active: use it inside a `with` block")
+        return self._layer_profile_impl(np.ascontiguousarray(x, dtype=np.float32), max(int(runs), 1))
+
     def predict(self, x: np.ndarray, rule=None) -> np.ndarray:
         """Top-1 class per input, or -1 (unknown) where the artifact's OOD rule (device_tests.ood.Rule,
         from its artifacts.json entry) rejects it."""
@@ -115,6 +151,18 @@ class Runner:
 
     def _describe_impl(self) -> dict:
         return {}
+
+    def _bind_impl(self, shape: tuple[int, ...]) -> Binding:
+        """Fallback for runtimes without buffer binding: the call converts, the copy into `output` is timed."""
+        x = np.zeros(shape, np.float32)
+        output = np.array(self._infer_impl(x), copy=True)
+
+        def run():
+            output[...] = self._infer_impl(x)
+        return Binding(x, output, run)
+
+    def _layer_profile_impl(self, x: np.ndarray, runs: int) -> dict:
+        raise DeviceTestError(f"The {self.name} runner has no per-layer profiler.", "Profile this artifact with another runtime.")
 
 
 RUNNERS: dict[str, type[Runner]] = {}

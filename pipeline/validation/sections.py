@@ -8,6 +8,7 @@ from typing import Optional
 from ..ood.report import ood_section
 from .budgets import MIB, Verdict, fmt
 from .mcu import mcu_section
+from .layers import layer_latency_section, tool_section
 from .report import (Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot,
                      subplot_grid)
 from .suite import TargetRun
@@ -155,4 +156,5 @@ def validation_sections(runs: list[TargetRun], verdicts: list[Verdict], class_na
                 latency_distribution_section(runs), confusion_section(runs, class_names), environment_section(runs)]
     sections.insert(-1, ood_section(runs))  # pipeline/ood/report.py; None without the unknown answer
     sections.insert(2, mcu_section(runs, verdicts))  # None without a TFLite Micro artifact
+    sections[2:2] = [tool_section(runs), layer_latency_section(runs)]  # pipeline/validation/layers.py
     return [s for s in sections if s is not None]

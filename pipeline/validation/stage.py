@@ -10,6 +10,7 @@ from pathlib import Path
 from ..errors import BudgetError
 from ..runner import Stage, StageContext, StageRecord, register_stage
 from .budgets import Verdict, check, table
+from .layers import bundle_layer_error, layer_error_section
 from .report import write_report
 from .sections import validation_sections
 from .suite import TargetRun, run_target
@@ -36,6 +37,8 @@ class ValidateStage(Stage):
                 task.advance(1, target=spec)
         verdicts = check(runs, cfg.budgets)
         explain, extra_sections = self._explain(ctx, cfg)
+        layer_error = _layer_error(ctx, bundle)  # issue 16: INT8 vs FP32 per layer (pipeline/validation/layers.py)
+        extra_sections = [s for s in [layer_error_section(layer_error)] if s] + list(extra_sections)
         report_error = self._report(ctx, bundle, cfg, runs, verdicts, extra_sections)
         missed = [v for v in verdicts if not v.ok]
         ctx.log(f"validate: {len(verdicts) - len(missed)}/{len(verdicts)} checks met (report.html in the validate folder)")
@@ -44,7 +47,7 @@ class ValidateStage(Stage):
         return {"passed": not missed, "complete": all(r.error is None for r in runs), "checks": len(verdicts),
                 "missed": len(missed),
                 "budgets": [v.to_dict() for v in verdicts], "targets": [r.summary() for r in runs],
-                "artifacts": _summary(runs), "report_error": report_error, **explain}
+                "artifacts": _summary(runs), "report_error": report_error, "layer_error": layer_error, **explain}
 
     def _explain(self, ctx: StageContext, cfg) -> tuple[dict, list]:
         """Heatmap agreement (validate.explain). Like the report, a failure here must not lose the device results:
@@ -89,6 +92,15 @@ class ValidateStage(Stage):
                 f"Validation missed {len(missed)} of {len(verdicts)} checks; all results are kept in {record.dir} "
                 "(results-*.json, report.html).",
                 f"Improve the model, fix the target, or relax validate.budgets, then rebuild.\n\n{table(missed)}")
+
+
+def _layer_error(ctx: StageContext, bundle: Path) -> dict | None:
+    """Like the report, an analysis failure must not lose the device results: logged, recorded as the error."""
+    try:
+        return bundle_layer_error(bundle)
+    except Exception as exc:  # noqa: BLE001
+        ctx.log(f"[red]validate: per-layer INT8 error failed: {exc!r}[/]")
+        return {"error": repr(exc)}
 
 
 def _class_names(bundle: Path) -> list[str]:

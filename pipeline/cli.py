@@ -140,7 +140,10 @@ def main() -> None:
     from . import distributed
 
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's exit code (typer.Exit(1)) instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EdgesmithError as exc:
         distributed.record_failure(exc)      # under torchrun: the message the launcher reports for this rank
         console.print(f"[bold red]error{_rank_tag()}:[/] {exc.message}", highlight=False, soft_wrap=True)

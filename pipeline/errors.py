@@ -16,7 +16,8 @@ class EdgesmithError(Exception):
 
     @property
     def message(self) -> str:
-        return f"{self.problem} {self.fix}".strip()
+        # A problem that ends in a list of bullets gets its fix on a line of its own, not glued to the last one.
+        return f"{self.problem}{chr(10) if chr(10) in self.problem else ' '}{self.fix}".strip()
 
 
 class ConfigError(EdgesmithError):

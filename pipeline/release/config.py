@@ -22,3 +22,7 @@ class ReleaseConfig(Section):
     intended_use: Optional[str] = Field(
         None, description="one paragraph for the model card; unset: generated from the subtask classes",
     )
+    allow_failed_validation: bool = Field(
+        False, description="cut the release even though validation missed a check; the model card's first line "
+                           "then says so (default: a failed validation fails the build and no release is cut)",
+    )

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Optional
 from ..cache import BuildCache, package_versions, sha256_file
 from ..config import EdgesmithConfig
 from ..runner import Stage, StageContext, StageRecord, register_stage
-from .bundle import ReleaseInfo, ReleaseSources, assemble_release
+from .bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from .manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
 from .tarball import source_date_epoch
 
@@ -39,6 +39,7 @@ class ReleaseStage(Stage):
         return ("distill", "export", *optional)
 
     def run(self, ctx: StageContext) -> dict:
+        refuse_failed_validation(ctx.config, ctx.inputs.get("validate"))
         info = release_info(ctx.config, ctx.inputs.values())
         validate = ctx.inputs.get("validate")
         sources = ReleaseSources(export_dir=ctx.inputs["export"].dir, validate_dir=validate.dir if validate else None,
@@ -56,6 +57,19 @@ class ReleaseStage(Stage):
         link = refresh_release_link(record.dir)
         if ctx is not None and link is not None:
             ctx.log(f"  release: {link}/{record.metrics.get('tarball', '')}")
+
+
+def refuse_failed_validation(cfg: EdgesmithConfig, validate: Optional[StageRecord]) -> None:
+    """No bundle from a failed validation unless the config says so on purpose."""
+    if validate is None or cfg.section("release").allow_failed_validation:
+        return
+    metrics = validate.metrics
+    if metrics.get("passed", True) is False or metrics.get("complete", True) is False:
+        raise ReleaseError(
+            f"The validation this release would ship ({validate.dir}) failed: {metrics.get('missed', '?')} of "
+            f"{metrics.get('checks', '?')} checks missed; no release is cut from it.",
+            "Fix the model or the target and rebuild, or set release.allow_failed_validation: true to ship it "
+            "anyway (the model card then says so in its first line).")
 
 
 def release_info(cfg: EdgesmithConfig, records: Iterable[StageRecord]) -> ReleaseInfo:

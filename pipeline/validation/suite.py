@@ -107,3 +107,5 @@ def run_target(target: Target, bundle: Path, cfg: ValidateConfig, results: Path)
         return run_ssh(target, bundle, cfg, results)
     except EdgesmithError as exc:  # unreachable, host key, missing runtime: recorded, the build fails later
         return TargetRun(target.spec, load_results(results), exc.message)
+    except Exception as exc:  # noqa: BLE001 (one target's unexpected failure must not lose the others' results)
+        return TargetRun(target.spec, load_results(results), f"unexpected error on this target: {exc!r}")

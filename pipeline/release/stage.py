@@ -16,6 +16,7 @@ from ..config import EdgesmithConfig
 from ..runner import Stage, StageContext, StageRecord, register_stage
 from .bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from .manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
+from .signing import sign_bundle
 from .tarball import source_date_epoch
 
 # The manifest records the full resolved config, so every section is part of the release's key.
@@ -45,13 +46,15 @@ class ReleaseStage(Stage):
         sources = ReleaseSources(export_dir=ctx.inputs["export"].dir, validate_dir=validate.dir if validate else None,
                                  device_tests_dir=device_tests_dir(),
                                  include_eval_set=ctx.config.section("release").include_eval_set)
-        out = assemble_release(ctx.out, sources, info)
+        sign = ctx.config.section("release").sign
+        out = assemble_release(ctx.out, sources, info, sign=(lambda bundle: sign_bundle(
+            bundle, sign.private_key, sign.password_env)) if sign is not None else None)
         for item in out.missing:
             ctx.log(f"  release: not in the bundle (not produced upstream): {item}")
         return {"tarball": out.tarball.name, "tarball_sha256": sha256_file(out.tarball),
                 "tarball_bytes": out.tarball.stat().st_size, "content_sha256": out.manifest.content_sha256,
                 "files": len(out.manifest.files), "missing": out.missing,
-                "budget_verdict": out.manifest.budget_verdict}
+                "budget_verdict": out.manifest.budget_verdict, "signed": sign is not None}
 
     def after_commit(self, record: StageRecord, ctx: Optional[StageContext]) -> None:
         link = refresh_release_link(record.dir)

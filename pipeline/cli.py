@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import sys
@@ -165,6 +166,10 @@ def main() -> None:
                           f"({type(exc).__name__}).", highlight=False)
             sys.exit(1)
         distributed.record_failure(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            console.print(f"[bold red]error{_rank_tag()}:[/] the disk is full ({exc}). Nothing half-written was kept "
+                          "in the cache; free some space and run the same command again.", highlight=False)
+            sys.exit(1)
         raise
 
 

@@ -48,3 +48,9 @@ class BudgetError(EdgesmithError):
 
 class DistributedError(EdgesmithError):
     """A multi-process build cannot run as launched (e.g. a cache folder the other nodes cannot see)."""
+
+
+class DiskFullError(EdgesmithError):
+    """The disk holding the build folder filled up while a stage was writing; nothing half-written was kept."""
+
+    exit_code = 1

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from . import distributed
 from .cache import CODE_PACKAGES, BuildCache, DigestCache, code_digest, package_versions, stage_key
 from .config import EdgesmithConfig
-from .errors import ConfigError, DeviceError, EdgesmithError
+from .errors import ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
 
@@ -225,6 +225,22 @@ class Build:
         return locked()
 
     @contextmanager
+    def _disk_full_is_clear(self, stage: str):
+        """A full disk shows up as OSError(ENOSPC) or as a library's own error (torch.save raises RuntimeError):
+        whatever the stage raised, if the build folder's disk has no room left, say that."""
+        try:
+            yield
+        except Exception as exc:
+            if not _disk_full(self.cache.root, exc):
+                raise
+            raise DiskFullError(
+                f"The disk holding {self.cache.root} is full: stage '{stage}' could not write its output "
+                f"({type(exc).__name__}: {str(exc)[:200]}). Nothing half-written was kept; the stages committed "
+                "before it are intact.",
+                "Free some space (or set build.output to a larger disk), then run the same build again: it goes on "
+                "from the last committed stage.") from None
+
+    @contextmanager
     def _workspace(self, stage: str, key: str):
         # Only rank 0 stages into the cache; other processes of a distributed stage write into a private scratch
         # folder that is thrown away (same stage code everywhere, one writer of the cache).
@@ -252,7 +268,7 @@ class Build:
         start = time.perf_counter()
         final, ctx = self.cache.path(stage.name, planned.key), None
         if stage.distributed or distributed.is_main():
-            with self._workspace(stage.name, planned.key) as tmp:
+            with self._disk_full_is_clear(stage.name), self._workspace(stage.name, planned.key) as tmp:
                 ctx = StageContext(self.cfg, tmp, inputs, progress, planned.key, device)
                 metrics = stage.run(ctx) or {}
                 meta = {"stage": stage.name, "key": planned.key, "inputs": planned.inputs, "config": planned.sections,
@@ -268,6 +284,19 @@ class Build:
         meta = distributed.broadcast_object(meta if distributed.is_main() else None)
         progress.log(f"[green]✓[/] {stage.name:<10} done in {meta['wall_time_s']:.1f} s  {final}")
         return StageRecord(stage.name, planned.key, final, meta), False, ctx, retry
+
+
+def _disk_full(root: Path, exc: BaseException) -> bool:
+    import errno
+    import os
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)  # under 1 MiB left: the error was the disk's
 
 
 def content_digests(cfg: EdgesmithConfig, sections: tuple[str, ...], digests: DigestCache) -> dict[str, str]:

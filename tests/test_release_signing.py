@@ -86,11 +86,21 @@ def test_one_changed_byte_of_conftest_re_manifested_fails_only_the_signature(tmp
     check_bundle(bundle)                          # the manifest alone cannot tell: it was rewritten to match
     plain = edgesmith("verify", bundle)
     assert plain.returncode == 0 and "not who made the bundle" in plain.stdout
-    with pytest.raises(SignatureError, match="does not verify"):
+    with pytest.raises(SignatureError, match="does not verify.*changed since signing: device_tests/conftest.py"):
         check_signature(bundle, public)
     proc = edgesmith("verify", bundle, "--public-key", public)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "does not verify" in proc.stdout and "Do not deploy" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_an_added_file_re_manifested_fails_the_signature(tmp_path, signed, keys):
+    (_, public), _ = keys
+    bundle = Path(shutil.copytree(signed.bundle_dir, tmp_path / "bundle"))
+    (bundle / "device_tests" / "conftest_extra.py").write_text("import os\n")
+    remanifest(bundle)
+    check_bundle(bundle)
+    with pytest.raises(SignatureError, match="added since signing: .*conftest_extra.py"):
+        check_signature(bundle, public)
 
 
 def test_another_key_or_no_signature_fails(tmp_path, signed, keys):

@@ -10,6 +10,7 @@ rewrite the bundle can regenerate (see docs/release.md).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -83,9 +84,23 @@ def verify_signature(bundle_root: Path, public_key: str | os.PathLike) -> None:
         ms.verifying.Config().use_elliptic_key_verifier(public_key=key).verify(bundle_root, signature)
     except Exception as exc:  # noqa: BLE001 (model_signing raises ValueError, JSON/protobuf and crypto errors)
         raise SignatureError(
-            f"The signature of the bundle does not verify with {key}: {str(exc).strip() or type(exc).__name__}",
+            f"The signature of the bundle does not verify with {key}: {_reason(exc)}.",
             "\nDo not deploy it: its files are not the ones the key's holder signed (or it was signed with "
             "another key).") from None
+
+
+def _reason(exc: Exception) -> str:
+    """model_signing's mismatch text carries raw digest bytes: keep the file names it lists."""
+    text = str(exc).strip() or type(exc).__name__
+    changed = sorted(set(re.findall(r"mismatch for '([^']+)'", text)))
+    added = re.findall(r"Extra files found in model '[^']*': ([^\"]+)\"", text)
+    removed = re.findall(r"Missing files in model '[^']*': ([^\"]+)\"", text)
+    if changed or added or removed:
+        parts = [f"changed since signing: {', '.join(changed)}"] if changed else []
+        parts += [f"added since signing: {', '.join(added)}"] if added else []
+        parts += [f"removed since signing: {', '.join(removed)}"] if removed else []
+        return "; ".join(parts)
+    return text[:400]
 
 
 def verify_tarball_signature(bundle, public_key: str | os.PathLike) -> None:

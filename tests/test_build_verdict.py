@@ -75,3 +75,35 @@ def test_an_unreachable_target_is_tried_again_on_the_next_build(folder):
     assert second.returncode == 1 and "Cannot reach 127.0.0.1" in output(second)
     assert "validate   cached" not in second.stdout
     assert "records a failure to retry: running again" in second.stdout, second.stdout[-3000:]
+
+
+def test_the_release_stage_itself_refuses_a_failed_validation(tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.progress import ProgressDisplay
+    from pipeline.release.bundle import ReleaseError
+    from pipeline.release.stage import ReleaseStage
+    from pipeline.runner import StageContext, StageRecord
+    from .test_release import BUDGETS, release_config
+    from .test_release_stage import upstream
+
+    failed = [{**BUDGETS[0], "ok": False}, *BUDGETS[1:]]
+    for allow in (False, True):
+        raw = release_config()
+        raw["release"]["allow_failed_validation"] = allow
+        cfg = parse_config(raw)
+        root = tmp_path / f"allow{allow}"
+        inputs = upstream(root, tmp_path / f"scratch{allow}")
+        v = inputs["validate"]
+        inputs["validate"] = StageRecord("validate", v.key, v.dir, {**v.meta, "metrics": {
+            **v.metrics, "budgets": failed, "passed": False, "checks": len(failed), "missed": 1}})
+        out = root / "release-out"
+        out.mkdir()
+        ctx = StageContext(cfg, out, inputs, ProgressDisplay(enabled=False), "r" * 64)
+        if not allow:
+            with pytest.raises(ReleaseError, match="1 of .* checks missed; no release is cut"):
+                ReleaseStage().run(ctx)
+            assert not (out / "bundle").exists()
+        else:
+            ReleaseStage().run(ctx)
+            first = (out / "bundle" / "MODEL_CARD.md").read_text().splitlines()[0]
+            assert first.startswith("**WARNING: this release FAILED validation (1 of")

@@ -124,3 +124,27 @@ def test_signing_with_a_missing_or_wrong_key_is_a_config_error(tmp_path, keys):
     with pytest.raises(ConfigError, match="Cannot sign"):
         sign_bundle(bundle, public)           # a public key is not a private key
     assert not (bundle / SIGNATURE_NAME).exists()
+
+
+def test_the_release_stage_signs_when_the_config_says_so(tmp_path, keys):
+    from pipeline.cache import BuildCache
+    from pipeline.config import parse_config
+    from pipeline.progress import ProgressDisplay
+    from pipeline.release.stage import ReleaseStage
+    from pipeline.runner import StageContext
+    from .test_release import release_config
+    from .test_release_stage import upstream
+
+    (private, public), _ = keys
+    raw = release_config()
+    raw["release"]["sign"] = {"private_key": str(private)}
+    cfg = parse_config(raw)
+    cache = BuildCache(tmp_path / "builds" / cfg.build.name)
+    inputs = upstream(cache.root, tmp_path / "scratch")
+    with cache.staging("release", "r" * 64) as tmp:
+        metrics = ReleaseStage().run(StageContext(cfg, tmp, inputs, ProgressDisplay(enabled=False), "r" * 64))
+        tarball = tmp / metrics["tarball"]
+        assert metrics["signed"] is True and (tmp / "bundle" / SIGNATURE_NAME).is_file()
+        for path in (tmp / "bundle", tarball):
+            check_bundle(path)
+            check_signature(path, public)

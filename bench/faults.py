@@ -311,6 +311,8 @@ def main(argv=None) -> None:
     p.add_argument("--kills", type=int, default=30, help="random kill moments, spread over the stages")
     p.add_argument("--renames", type=int, default=6, help="kills between the renames of a commit")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new trial after this many seconds (the report says how many ran)")
     p.add_argument("--work", type=Path, default=Path("/tmp/edgesmith-faults"))
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
     args = p.parse_args(argv)
@@ -339,9 +341,15 @@ def main(argv=None) -> None:
     rename_stages = [s for s in ("distill", "export", "release", "qat", "teacher", "validate") if s in spans]
     trials += [Trial(rename_stages[i % len(rename_stages)], RENAME_STEPS[i % len(RENAME_STEPS)], 0.0)
                for i in range(args.renames)]
+    rng.shuffle(trials)  # interleaved: a run cut short by --budget-s still covers every stage
     config = write_config(args.work / "trial", args.work / "trial" / "builds")
     build_dir = args.work / "trial" / "builds" / BUILD
-    for i, trial in enumerate(trials, 1):
+    planned = len(trials)
+    for i, trial in enumerate(list(trials), 1):
+        if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+            trials = trials[:i - 1]
+            print(f"time budget reached: {len(trials)} of {planned} trials ran")
+            break
         run_trial(trial, config, reference, build_dir, deterministic, spans)
         print(f"[{i}/{len(trials)}] {trial.stage:<9} {trial.kind:<15} +{trial.delay_s:5.2f} s  landed {trial.landed!s:<5} "
               f"rebuild {trial.rebuild_exit}  corrupt {len(trial.corrupt_after_kill) + len(trial.corrupt_after_rebuild)}  "
@@ -367,7 +375,7 @@ def main(argv=None) -> None:
     result = {"config": tiny_config("<work>"), "reference_s": round(total, 1),
               "stage_spans_s": {s: [round(b, 2), round(e, 2)] for s, (b, e) in spans.items()},
               "deterministic_files": len(deterministic), "measurement_files": measurements,
-              "trials": [asdict(t) for t in trials], "concurrent": together, "full_disk": disk,
+              "trials_planned": planned, "trials": [asdict(t) for t in trials], "concurrent": together, "full_disk": disk,
               "summary": {"kills": len(trials), "landed": sum(t.landed for t in trials),
                           "rebuilds_ok": sum(t.rebuild_exit == 0 for t in trials),
                           "corrupt_entries": sum(len(t.corrupt_after_kill) + len(t.corrupt_after_rebuild) for t in trials),

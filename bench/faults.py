@@ -188,12 +188,24 @@ class Trial:
     kind: str                    # "random" (a moment inside the stage) or a commit step (rename)
     delay_s: float
     landed: bool = False
+    killed_in: str = ""          # the stage actually running when the kill landed, from the build's own log
     corrupt_after_kill: list[str] = field(default_factory=list)
     rebuild_exit: int | None = None
     corrupt_after_rebuild: list[str] = field(default_factory=list)
     identical: bool = False
     differing: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+def running_stage(lines: list[str]) -> str:
+    current = "startup"
+    for line in lines:
+        for stage in STAGES:
+            if f"▶ {stage} " in line:
+                current = stage
+            elif f"✓ {stage} " in line:
+                current = f"after {stage}"
+    return current
 
 
 def prepare(reference: Path, work: Path, drop_from: str | None) -> Path:
@@ -216,6 +228,8 @@ def run_trial(trial: Trial, config: Path, reference: Path, build_dir: Path, dete
         if build.wait_for(f"▶ {trial.stage} ", timeout=300) is not None:
             time.sleep(trial.delay_s)
         trial.landed = build.kill()
+        time.sleep(0.1)
+        trial.killed_in = running_stage(build.output) if trial.landed else "(build had ended)"
     else:
         # Kill between the renames of a commit: --force over an existing folder of the same key, paused there.
         prepare(reference, build_dir, None)
@@ -230,6 +244,7 @@ def run_trial(trial: Trial, config: Path, reference: Path, build_dir: Path, dete
                 break
             time.sleep(0.02)
         trial.landed = build.kill()
+        trial.killed_in = f"{trial.stage} commit" if trial.landed else "(build had ended)"
         hook.unlink(missing_ok=True)
     trial.corrupt_after_kill = corrupt_entries(build_dir)
     rebuild = BuildProcess(config)
@@ -290,15 +305,19 @@ def full_disk(folder: Path, reference_bytes: int) -> dict:
 # -- report ----------------------------------------------------------------------------------------------
 
 def table(trials: list[Trial]) -> str:
-    rows = [("stage / kill point", "kills", "landed", "rebuilds ok", "corrupt entries", "artifacts identical")]
+    rows = [("stage / kill point", "kills", "landed", "landed inside", "rebuilds ok", "corrupt entries",
+             "artifacts identical")]
     groups: dict[str, list[Trial]] = {}
     for t in trials:
         groups.setdefault(t.stage if t.kind == "random" else f"{t.stage} @ {t.kind}", []).append(t)
     for name, ts in groups.items():
-        rows.append((name, str(len(ts)), str(sum(t.landed for t in ts)), str(sum(t.rebuild_exit == 0 for t in ts)),
+        inside = sum(t.killed_in == t.stage or t.killed_in == f"{t.stage} commit" for t in ts)
+        rows.append((name, str(len(ts)), str(sum(t.landed for t in ts)), str(inside),
+                     str(sum(t.rebuild_exit == 0 for t in ts)),
                      str(sum(len(t.corrupt_after_kill) + len(t.corrupt_after_rebuild) for t in ts)),
                      f"{sum(t.identical for t in ts)}/{len(ts)}"))
     rows.append(("total", str(len(trials)), str(sum(t.landed for t in trials)),
+                 str(sum(t.killed_in in (t.stage, f"{t.stage} commit") for t in trials)),
                  str(sum(t.rebuild_exit == 0 for t in trials)),
                  str(sum(len(t.corrupt_after_kill) + len(t.corrupt_after_rebuild) for t in trials)),
                  f"{sum(t.identical for t in trials)}/{len(trials)}"))
@@ -352,6 +371,7 @@ def main(argv=None) -> None:
             break
         run_trial(trial, config, reference, build_dir, deterministic, spans)
         print(f"[{i}/{len(trials)}] {trial.stage:<9} {trial.kind:<15} +{trial.delay_s:5.2f} s  landed {trial.landed!s:<5} "
+              f"in {trial.killed_in:<16} "
               f"rebuild {trial.rebuild_exit}  corrupt {len(trial.corrupt_after_kill) + len(trial.corrupt_after_rebuild)}  "
               f"identical {trial.identical}  ({trial.wall_s} s)", flush=True)
 

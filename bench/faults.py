@@ -39,6 +39,10 @@ from pipeline.cache import BuildCache, sha256_file  # noqa: E402
 BUILD = "faults"
 STAGES = ("teacher", "adapt", "distill", "qat", "export", "validate", "release")
 RENAME_STEPS = ("before-rename", "old-moved-aside")
+# NNCF compiles a C++ extension on first use into TORCH_EXTENSIONS_DIR; a private folder keeps other venvs on this
+# machine from invalidating it, and no load timeout lets the first compile finish on a loaded machine.
+BUILD_ENV = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NNCF_EXTENSION_LOAD_TIMEOUT": "0",
+             "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))}
 
 
 def tiny_config(output: Path) -> dict:
@@ -73,7 +77,7 @@ class BuildProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", str(config), *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      start_new_session=True,
-                                     env={**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", **(env or {})})
+                                     env={**os.environ, **BUILD_ENV, **(env or {})})
         self.lines: "queue.Queue[tuple[float, str]]" = queue.Queue()
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()

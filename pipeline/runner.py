@@ -212,7 +212,6 @@ class Build:
                         planned.stage.after_commit(record, ctx)
         return summary
 
-
     def _lock(self, wait: bool, progress: ProgressDisplay):
         """Rank 0 holds the cache lock and sweeps; the other processes only check they see the same folder."""
         @contextmanager

@@ -61,9 +61,11 @@ def tiny_config(output: Path) -> dict:
 
 
 def write_config(folder: Path, output: Path) -> Path:
+    """The config in folder; builds run with folder as working directory and a RELATIVE build.output, because
+    build.output is part of the keys: every copy of the cache must be keyed like the reference."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "faults.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(output)))
+    path.write_text(yaml.safe_dump(tiny_config(os.path.relpath(output, folder))))
     return path
 
 
@@ -74,7 +76,8 @@ class BuildProcess:
 
     def __init__(self, config: Path, *args: str, env: dict | None = None):
         self.start = time.monotonic()
-        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", str(config), *args], cwd=ROOT,
+        self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", str(config), *args],
+                                     cwd=config.parent,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      start_new_session=True,
                                      env={**os.environ, **BUILD_ENV, **(env or {})})

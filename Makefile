@@ -16,7 +16,7 @@ venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,mobile]"
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,mobile,sign]"
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps $(MOBILE_NODEPS)
 	@touch $(STAMP)
 

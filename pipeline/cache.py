@@ -1,4 +1,10 @@
-"""Content-addressed stage outputs: keys, atomic commits, and the build lock."""
+"""Content-addressed stage outputs: keys, crash-safe commits, and the build lock.
+
+A committed stage folder `<root>/<stage>-<key16>/` holds the stage's files and stage.json, which lists every
+file with its size and sha256. A commit writes and fsyncs everything in a temporary folder, moves any old
+folder of that key out of sight (into .tmp/, swept later), then renames the new one in and fsyncs the parent:
+after a crash at any point a key's folder is either absent or complete. A lookup serves a folder only if every
+listed file is there with its size (and, with build.verify_cache, its sha256)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -63,6 +70,57 @@ def stage_key(stage: str, sections: dict, inputs: dict[str, str], code: str, ver
                                     "versions": versions}))
 
 
+def file_list(root: Path, skip: tuple[str, ...] = ()) -> list[dict]:
+    """Every regular file under root (relative POSIX path, size, sha256), sorted: what stage.json promises."""
+    entries = []
+    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and not p.is_symlink()):
+        rel = path.relative_to(root).as_posix()
+        if rel not in skip:
+            entries.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return entries
+
+
+def write_durable(path: Path, text: str) -> None:
+    with open(path, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root (files first), so a rename never publishes unwritten data."""
+    for top, dirs, files in os.walk(root, topdown=False):
+        for name in files:
+            path = os.path.join(top, name)
+            if os.path.islink(path):
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(top))
+
+
+def _fault_point(step: str, final: Path) -> None:
+    """Test hook for bench/faults.py: with EDGESMITH_FAULT_HOOK=<file>, note each commit step there and pause
+    EDGESMITH_FAULT_PAUSE_S seconds, so a kill can land exactly between the renames. Inert when unset."""
+    hook = os.environ.get("EDGESMITH_FAULT_HOOK")
+    if not hook:
+        return
+    with open(hook, "a") as fh:
+        fh.write(f"{step} {final.name}\n")
+    time.sleep(float(os.environ.get("EDGESMITH_FAULT_PAUSE_S", "0")))
+
+
 class BuildCache:
     """`<output>/<build>/<stage>-<key>/` folders, each complete or absent."""
 
@@ -75,15 +133,31 @@ class BuildCache:
     def path(self, stage: str, key: str) -> Path:
         return self.root / f"{stage}-{key[:16]}"
 
-    def lookup(self, stage: str, key: str) -> dict | None:
-        meta_file = self.path(stage, key) / self.STAGE_FILE
-        if not meta_file.is_file():
-            return None
+    def lookup(self, stage: str, key: str, verify: bool = False) -> dict | None:
+        """The stage.json of a complete folder for this key, else None (absent, torn, or files that differ from
+        the list in stage.json: a miss, so the stage runs again rather than serving a damaged result)."""
+        folder = self.path(stage, key)
         try:
-            meta = json.loads(meta_file.read_text())
-        except (OSError, json.JSONDecodeError):
+            meta = json.loads((folder / self.STAGE_FILE).read_text())
+        except (OSError, ValueError):
             return None
-        return meta if meta.get("key") == key else None
+        if not isinstance(meta, dict) or meta.get("key") != key or not isinstance(meta.get("files"), list):
+            return None
+        return meta if not self.damaged(folder, meta["files"], verify) else None
+
+    @staticmethod
+    def damaged(folder: Path, files: list, verify: bool = False) -> str | None:
+        """The first listed file that is missing or differs in size (or sha256, with verify), else None."""
+        for entry in files:
+            try:
+                path = folder / entry["path"]
+                if path.stat().st_size != entry["size"]:
+                    return entry["path"]
+                if verify and sha256_file(path) != entry["sha256"]:
+                    return entry["path"]
+            except (OSError, KeyError, TypeError):
+                return str(entry)
+        return None
 
     def entries(self) -> list[Path]:
         return sorted(p for p in self.root.glob("*-*") if (p / self.STAGE_FILE).is_file())
@@ -102,17 +176,26 @@ class BuildCache:
             raise
 
     def commit(self, tmp: Path, stage: str, key: str, meta: dict) -> Path:
-        # stage.json is written last inside the temporary folder, then the folder is renamed into place:
-        # a reader sees either no folder or a complete one.
-        (tmp / self.STAGE_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        """Make tmp the folder of (stage, key): crash-safe at every step (see the module docstring)."""
+        meta = {**meta, "files": file_list(tmp, skip=(self.STAGE_FILE,))}
+        write_durable(tmp / self.STAGE_FILE, json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        fsync_tree(tmp)
         final = self.path(stage, key)
-        if final.exists():
-            shutil.rmtree(final)
+        _fault_point("before-rename", final)
+        if final.exists() or final.is_symlink():
+            # Out of sight first, in one rename: never a half-deleted folder under the key's name.
+            aside = self.tmp_root / f"old-{final.name}-{os.getpid()}-{time.monotonic_ns()}"
+            os.rename(final, aside)
+            fsync_dir(self.root)
+            _fault_point("old-moved-aside", final)
+            shutil.rmtree(aside, ignore_errors=True)
         os.rename(tmp, final)
+        fsync_dir(self.root)
+        _fault_point("after-rename", final)
         return final
 
     def sweep_stale(self) -> None:
-        """Remove temporary folders of builds that died (only called under the lock)."""
+        """Remove temporary folders of builds that died, and old folders moved aside (only under the lock)."""
         shutil.rmtree(self.tmp_root, ignore_errors=True)
 
     @contextmanager
@@ -142,3 +225,63 @@ class BuildCache:
                 yield
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+class DigestCache:
+    """sha256 of input files (teacher weights, dataset folders), re-read only when a file's size, mtime or inode
+    changed: a path names an input, its content is what the key depends on. Kept in <root>/.digests.json;
+    losing it costs a re-hash, never a wrong key (a stale entry cannot match a changed file's stat)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._entries: dict | None = None
+        self._dirty = False
+
+    def _load(self) -> dict:
+        if self._entries is None:
+            try:
+                entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                entries = {}
+            self._entries = entries if isinstance(entries, dict) else {}
+        return self._entries
+
+    def file(self, path: Path) -> str:
+        st = path.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
+        entries = self._load()
+        known = entries.get(str(path))
+        if isinstance(known, dict) and known.get("stat") == stamp and isinstance(known.get("sha256"), str):
+            return known["sha256"]
+        digest = sha256_file(path)
+        entries[str(path)] = {"stat": stamp, "sha256": digest}
+        self._dirty = True
+        return digest
+
+    def tree(self, root: Path) -> str:
+        """A folder's digest: every regular file's relative path, size and sha256, in sorted order."""
+        digest = hashlib.sha256()
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            digest.update(f"{path.relative_to(root).as_posix()}\0{path.stat().st_size}\0{self.file(path)}\n".encode())
+        return digest.hexdigest()
+
+    def of(self, path: Path) -> str | None:
+        """Digest of a file or folder; None if it does not exist (the stage reports that itself)."""
+        path = Path(path).expanduser().resolve()
+        if path.is_file():
+            return self.file(path)
+        if path.is_dir():
+            return self.tree(path)
+        return None
+
+    def save(self) -> None:
+        if not self._dirty:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            write_durable(tmp, json.dumps(self._entries, sort_keys=True))
+            os.replace(tmp, self.path)  # two builds writing at once: the last complete file wins
+        except OSError:
+            pass  # only a speed-up: a build must not fail because it could not be written
+        self._dirty = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import sys
@@ -140,7 +141,10 @@ def main() -> None:
     from . import distributed
 
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns a command's exit code (typer.Exit(1)) instead of exiting.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except EdgesmithError as exc:
         distributed.record_failure(exc)      # under torchrun: the message the launcher reports for this rank
         console.print(f"[bold red]error{_rank_tag()}:[/] {exc.message}", highlight=False, soft_wrap=True)
@@ -162,6 +166,10 @@ def main() -> None:
                           f"({type(exc).__name__}).", highlight=False)
             sys.exit(1)
         distributed.record_failure(exc)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            console.print(f"[bold red]error{_rank_tag()}:[/] the disk is full ({exc}). Nothing half-written was kept "
+                          "in the cache; free some space and run the same command again.", highlight=False)
+            sys.exit(1)
         raise
 
 

@@ -29,6 +29,8 @@ class BuildConfig(Section):
     output: str = Field("builds", description="cache root; stage outputs go to <output>/<name>/<stage>-<key>/")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when available, else cpu")
     threads: int = Field(0, ge=0, description="torch CPU threads for training (0: all cores)")
+    verify_cache: bool = Field(
+        False, description="on every cache hit, check the sha256 of each file the stage wrote (default: sizes only)")
 
 
 class SpuriousConfig(Section):
@@ -208,10 +210,21 @@ def parse_config(raw: Any, source: str = "<config>") -> EdgesmithConfig:
 
 def load_config(path: str | os.PathLike) -> EdgesmithConfig:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder, not a config file.",
+                          "Pass the path of a YAML config inside it, e.g. configs/fashion_tops.yaml.")
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.", "Pass the path of a YAML config, e.g. configs/fashion_tops.yaml.")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not a text file (byte {exc.start} is not UTF-8): it cannot be a YAML config.",
+                          "Pass the YAML config itself, saved as UTF-8 text.") from None
+    except OSError as exc:
+        raise ConfigError(f"{path} cannot be read ({exc.strerror or exc}).",
+                          "Check the file's permissions, or pass another config.") from None
+    try:
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}", "Fix the YAML syntax at the line shown.") from None
     return parse_config(raw, str(path))

@@ -16,7 +16,8 @@ class EdgesmithError(Exception):
 
     @property
     def message(self) -> str:
-        return f"{self.problem} {self.fix}".strip()
+        # A problem that ends in a list of bullets gets its fix on a line of its own, not glued to the last one.
+        return f"{self.problem}{chr(10) if chr(10) in self.problem else ' '}{self.fix}".strip()
 
 
 class ConfigError(EdgesmithError):
@@ -47,3 +48,9 @@ class BudgetError(EdgesmithError):
 
 class DistributedError(EdgesmithError):
     """A multi-process build cannot run as launched (e.g. a cache folder the other nodes cannot see)."""
+
+
+class DiskFullError(EdgesmithError):
+    """The disk holding the build folder filled up while a stage was writing; nothing half-written was kept."""
+
+    exit_code = 1

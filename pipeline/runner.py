@@ -11,14 +11,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from . import distributed
-from .cache import CODE_PACKAGES, BuildCache, code_digest, package_versions, stage_key
+from .cache import CODE_PACKAGES, BuildCache, DigestCache, code_digest, package_versions, stage_key
 from .config import EdgesmithConfig
-from .errors import ConfigError, DeviceError
+from .errors import ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
 
 STAGE_ORDER = ("teacher", "adapt", "subspaces", "distill", "qat", "export", "validate", "release")
 STAGES: Registry[type["Stage"]] = Registry("stage")
+# Config values that name files whose CONTENT a stage depends on: section -> fields. Their digests join the key
+# of every stage that hashes the section, so replacing a checkpoint or a dataset at the same path re-runs them.
+CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlabelled")}
 
 
 @dataclass(frozen=True)
@@ -79,8 +82,15 @@ class Stage:
     def run(self, ctx: StageContext) -> dict:
         raise NotImplementedError
 
+    def reusable(self, meta: dict) -> bool:
+        """Whether a committed result may be served from the cache. A stage says no for a result that records a
+        failure of the world rather than of the build (a target that could not be reached): the next build
+        tries again instead of replaying the failure."""
+        return True
+
     def after_commit(self, record: StageRecord, ctx: StageContext) -> None:
-        """Checks that may fail the build once the result is safely recorded (e.g. budgets)."""
+        """The verdict of a result, on every build that uses it, whether it ran now or came from the cache:
+        checks that may fail the build (budgets) are a property of the build, not of one stage run."""
 
 
 def register_stage(cls: type[Stage]) -> type[Stage]:
@@ -146,6 +156,7 @@ class Build:
     def plan(self, until: str | None = None) -> list[PlannedStage]:
         keys: dict[str, str] = {}
         plan = []
+        digests = DigestCache(self.cache.root / ".digests.json")
         for stage in self.stages(until):
             missing = [n for n in stage.inputs(self.cfg) if n not in keys]
             if missing:
@@ -153,15 +164,23 @@ class Build:
                                   "Add the missing config sections.")
             inputs = {n: keys[n] for n in stage.inputs(self.cfg)}
             sections = stage.key_sections(self.cfg)
+            contents = content_digests(self.cfg, stage.sections, digests)
+            if contents:
+                sections = {**sections, "content": contents}
             versions = package_versions(stage.packages)
             code = code_digest(stage.code)
             key = stage_key(stage.name, sections, inputs, code, versions)
             keys[stage.name] = key
             plan.append(PlannedStage(stage, key, inputs, sections, versions, code))
+        digests.save()
         return plan
 
     def status(self) -> list[tuple[str, str, bool]]:
-        return [(p.stage.name, p.key[:16], self.cache.lookup(p.stage.name, p.key) is not None) for p in self.plan()]
+        rows = []
+        for p in self.plan():
+            meta = self.cache.lookup(p.stage.name, p.key, verify=self.cfg.build.verify_cache)
+            rows.append((p.stage.name, p.key[:16], meta is not None and p.stage.reusable(meta)))
+        return rows
 
     def run(self, progress: ProgressDisplay, force: tuple[str, ...] = (), until: str | None = None,
             wait: bool = True) -> list[dict]:
@@ -173,14 +192,23 @@ class Build:
         timeout = self.cfg.distributed.timeout_min if self.cfg.distributed else None
         with distributed.session(device, timeout), self._lock(wait, progress):
             records: dict[str, StageRecord] = {}
+            # Stages re-run because their cached result recorded a failure to retry: what reads them runs again
+            # too (same key, new content). --force alone does not propagate (the README promises that).
+            retried: set[str] = set()
             with progress.live():
                 for planned in plan:
-                    record, cached, ctx = self._run_one(planned, records, progress, device, force)
+                    retry = any(n in retried for n in planned.inputs)
+                    record, cached, ctx, retry = self._run_one(planned, records, progress, device,
+                                                               planned.stage.name in force, retry)
+                    if retry:
+                        retried.add(planned.stage.name)
                     records[planned.stage.name] = record
                     summary.append({"stage": planned.stage.name, "key": planned.key[:16], "cached": cached,
                                     "wall_s": record.meta.get("wall_time_s", 0.0), "metrics": record.metrics,
                                     "dir": str(record.dir)})
-                    if not cached and ctx is not None and distributed.is_main():
+                    if distributed.is_main():
+                        ctx = ctx or StageContext(self.cfg, record.dir, {n: records[n] for n in planned.inputs},
+                                                  progress, planned.key, device)
                         planned.stage.after_commit(record, ctx)
         return summary
 
@@ -196,6 +224,22 @@ class Build:
         return locked()
 
     @contextmanager
+    def _disk_full_is_clear(self, stage: str):
+        """A full disk shows up as OSError(ENOSPC) or as a library's own error (torch.save raises RuntimeError):
+        whatever the stage raised, if the build folder's disk has no room left, say that."""
+        try:
+            yield
+        except Exception as exc:
+            if not _disk_full(self.cache.root, exc):
+                raise
+            raise DiskFullError(
+                f"The disk holding {self.cache.root} is full: stage '{stage}' could not write its output "
+                f"({type(exc).__name__}: {str(exc)[:200]}). Nothing half-written was kept; the stages committed "
+                "before it are intact.",
+                "Free some space (or set build.output to a larger disk), then run the same build again: it goes on "
+                "from the last committed stage.") from None
+
+    @contextmanager
     def _workspace(self, stage: str, key: str):
         # Only rank 0 stages into the cache; other processes of a distributed stage write into a private scratch
         # folder that is thrown away (same stage code everywhere, one writer of the cache).
@@ -206,20 +250,24 @@ class Build:
             with tempfile.TemporaryDirectory(prefix=f"edgesmith-{stage}-rank{distributed.world().rank}-") as tmp:
                 yield Path(tmp)
 
-    def _run_one(self, planned: PlannedStage, records, progress, device, force):
+    def _run_one(self, planned: PlannedStage, records, progress, device, forced: bool, retry: bool):
         stage = planned.stage
-        meta = None if stage.name in force else self.cache.lookup(stage.name, planned.key)
+        meta = None if forced else self.cache.lookup(stage.name, planned.key, verify=self.cfg.build.verify_cache)
+        if meta is not None and not retry and not stage.reusable(meta):
+            progress.log(f"[yellow]↻[/] {stage.name:<10} its cached result records a failure to retry: running again")
+            retry = True
+        meta = None if retry else meta
         meta = distributed.broadcast_object(meta)        # rank 0's view of the cache decides for every process
         inputs = {n: records[n] for n in planned.inputs}
         if meta is not None:
             progress.log(f"[green]✓[/] {stage.name:<10} cached  {self.cache.path(stage.name, planned.key)}")
-            return StageRecord(stage.name, planned.key, self.cache.path(stage.name, planned.key), meta), True, None
+            return StageRecord(stage.name, planned.key, self.cache.path(stage.name, planned.key), meta), True, None, False
         progress.log(f"[cyan]▶[/] {stage.name:<10} running (key {planned.key[:16]})")
         seed_everything(self.cfg.build.seed, self.cfg.build.threads)
         start = time.perf_counter()
         final, ctx = self.cache.path(stage.name, planned.key), None
         if stage.distributed or distributed.is_main():
-            with self._workspace(stage.name, planned.key) as tmp:
+            with self._disk_full_is_clear(stage.name), self._workspace(stage.name, planned.key) as tmp:
                 ctx = StageContext(self.cfg, tmp, inputs, progress, planned.key, device)
                 metrics = stage.run(ctx) or {}
                 meta = {"stage": stage.name, "key": planned.key, "inputs": planned.inputs, "config": planned.sections,
@@ -234,7 +282,48 @@ class Build:
         # The other processes wait here for rank 0's committed result (a failure anywhere stops them all).
         meta = distributed.broadcast_object(meta if distributed.is_main() else None)
         progress.log(f"[green]✓[/] {stage.name:<10} done in {meta['wall_time_s']:.1f} s  {final}")
-        return StageRecord(stage.name, planned.key, final, meta), False, ctx
+        return StageRecord(stage.name, planned.key, final, meta), False, ctx, retry
+
+
+def _disk_full(root: Path, exc: BaseException) -> bool:
+    import errno
+    import os
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < (1 << 20)  # under 1 MiB left: the error was the disk's
+
+
+def content_digests(cfg: EdgesmithConfig, sections: tuple[str, ...], digests: DigestCache) -> dict[str, str]:
+    """{"teacher.weights": sha256, "data.root": sha256, ...} for the input files and folders a stage's sections
+    name and that exist (a missing one is the stage's own error to report)."""
+    found = {}
+    for name in sections:
+        section = cfg.section(name)
+        for field_name in CONTENT_INPUTS.get(name, ()):
+            value = getattr(section, field_name, None)
+            if not isinstance(value, str) or not value:
+                continue
+            path = _input_path(name, field_name, value)
+            digest = digests.of(path) if path is not None else None
+            if digest is not None:
+                found[f"{name}.{field_name}"] = digest
+    return found
+
+
+def _input_path(section: str, field_name: str, value: str) -> Path | None:
+    if section == "teacher" and field_name == "weights":
+        from .models.teachers import resolve_weights_path
+
+        try:
+            return resolve_weights_path(value)
+        except EdgesmithError:
+            return None
+    return Path(value)
 
 
 def _dump(section: Any) -> Any:

@@ -104,3 +104,33 @@ def test_remote_commands_are_argument_lists(server, tmp_path):
         code, out = session.run(["printf", "%s|", "a b", "$(touch pwned)", "x;y"], timeout=10)
     assert code == 0 and out == "a b|$(touch pwned)|x;y|"
     assert not (Path.home() / "pwned").exists()
+
+
+def test_a_failure_after_connecting_is_a_failed_row_not_a_crash(server, tmp_path):
+    # /proc refuses new folders even to root: the upload fails once the session is up (sftp raises OSError).
+    cfg = cfg_for(server, tmp_path, workdir="/proc/edgesmith-cannot-write-here")
+    run = run_target(parse_target(server.target), shared_bundle(), cfg, tmp_path / "r.json")
+    assert not run.ok and "failed after connecting, while copying the bundle" in run.error, run.error
+    assert "validate.ssh.workdir" in run.error
+
+
+@pytest.mark.slow
+def test_one_target_failing_after_connecting_keeps_the_other_targets_results(server, tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.progress import ProgressDisplay
+    from pipeline.runner import StageContext, StageRecord
+    from pipeline.validation.stage import ValidateStage
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(tmp_path / "builds")
+    raw["validate"] = {"targets": [server.target, "local"], "latency": TINY_LATENCY,
+                       "ssh": {**cfg_for(server, tmp_path).ssh.model_dump(), "workdir": "/proc/edgesmith-x"}}
+    out = tmp_path / "validate"
+    out.mkdir()
+    ctx = StageContext(parse_config(raw), out, {"export": StageRecord("export", "k" * 64, shared_bundle(), {})},
+                       ProgressDisplay(enabled=False), "v" * 64)
+    metrics = ValidateStage().run(ctx)
+    assert metrics["complete"] is False and not metrics["passed"]
+    errors = {t["target"]: t["error"] for t in metrics["targets"]}
+    assert "failed after connecting" in errors[server.target] and errors["local"] is None
+    assert (out / "results-local.json").is_file() and {a["target"] for a in metrics["artifacts"]} == {"local"}

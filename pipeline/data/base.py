@@ -50,7 +50,8 @@ class Dataset:
             elif isinstance(c, str) and c in self.class_names:
                 ids.append(self.class_names.index(c))
             else:
-                unknown.append(f"'{c}'{did_you_mean(str(c), list(self.class_names))}")
+                hint = did_you_mean(str(c), list(self.class_names)).strip()
+                unknown.append(f"'{c}'" + (f" ({hint[0].lower()}{hint[1:]})" if hint else ""))
         if unknown:
             raise ConfigError(
                 f"subtask.classes: {', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not a class of "

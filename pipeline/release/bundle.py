@@ -9,7 +9,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from ..cache import sha256_file
 from ..errors import EdgesmithError
@@ -67,8 +67,10 @@ class ReleaseOutput:
     missing: list[str] = field(default_factory=list)
 
 
-def assemble_release(out: Path, sources: ReleaseSources, info: ReleaseInfo) -> ReleaseOutput:
-    """Write `out/bundle/` and `out/<build>-<version>.tar.gz`; the same inputs give the same bytes."""
+def assemble_release(out: Path, sources: ReleaseSources, info: ReleaseInfo,
+                     sign: Optional[Callable[[Path], Any]] = None) -> ReleaseOutput:
+    """Write `out/bundle/` and `out/<build>-<version>.tar.gz`; the same inputs give the same bytes (except a
+    signature, `sign(bundle)` after the manifest: ECDSA signatures differ from one signing to the next)."""
     bundle = out / BUNDLE_DIR
     bundle.mkdir(parents=True, exist_ok=False)
     missing = copy_payload(bundle, sources)
@@ -79,6 +81,8 @@ def assemble_release(out: Path, sources: ReleaseSources, info: ReleaseInfo) -> R
                       render_model_card(_card_facts(info, artifacts_index, missing, conditions)))
     manifest = build_manifest(bundle, info, missing, conditions)
     write_manifest(bundle, manifest)
+    if sign is not None:
+        sign(bundle)
     name = f"{info.build}-{info.version}"
     tarball = write_tarball(bundle, out / f"{name}.tar.gz", name, info.source_date_epoch)
     return ReleaseOutput(bundle, tarball, manifest, missing)

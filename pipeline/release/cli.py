@@ -8,16 +8,27 @@ from typing import Optional
 import typer
 
 from .diff import diff_bundles, render_diff
-from .verify import check_bundle
+from .signing import SIGNATURE_NAME
+from .verify import check_bundle, check_signature, is_signed
 
 
-def verify(bundle: Path = typer.Argument(..., help="release bundle folder or .tar.gz")) -> None:
-    """Check every file of a release bundle against its manifest, and that it is safe to unpack."""
+def verify(
+    bundle: Path = typer.Argument(..., help="release bundle folder or .tar.gz"),
+    public_key: Optional[Path] = typer.Option(None, "--public-key",
+                                              help="PEM public key of the signer: also check bundle.sig"),
+) -> None:
+    """Check every file of a release bundle against its manifest, that it is safe to unpack, and with
+    --public-key that it is signed by that key's holder."""
     result = check_bundle(bundle)  # raises VerifyError listing every problem
     manifest = result.manifest
-    typer.echo(f"OK {bundle}: {result.files_checked} files match manifest.json "
-               f"({manifest.build} {manifest.version}, content {manifest.content_sha256[:16]}, "
-               f"budgets: {manifest.budget_verdict})")
+    summary = (f"{result.files_checked} files match manifest.json ({manifest.build} {manifest.version}, "
+               f"content {manifest.content_sha256[:16]}, budgets: {manifest.budget_verdict})")
+    if public_key is not None:
+        check_signature(bundle, public_key)  # raises SignatureError
+        typer.echo(f"OK {bundle}: {summary}; signature {SIGNATURE_NAME} verifies with {public_key}")
+        return
+    note = ("signed, but the signature was not checked: pass --public-key" if is_signed(bundle) else "unsigned")
+    typer.echo(f"OK {bundle}: {summary}. {note} (the manifest proves integrity, not who made the bundle)")
 
 
 def diff(

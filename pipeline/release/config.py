@@ -6,10 +6,20 @@ from typing import Optional
 
 from pydantic import Field
 
-from ..schema import Section
+from ..schema import OmitNoneOptions, Section
 
 
-class ReleaseConfig(Section):
+class SignConfig(Section):
+    """OpenSSF model signing of the bundle (the `sign` extra), with a local elliptic-curve key: offline."""
+
+    private_key: str = Field(description="PEM elliptic-curve private key (P-256/384/521) that signs bundle.sig")
+    password_env: Optional[str] = Field(None, description="environment variable holding the key's passphrase, "
+                                                          "if it is encrypted")
+
+
+class ReleaseConfig(OmitNoneOptions):
+    omit_when_none = ("sign",)
+
     version: str = Field(
         "0.1.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$",
         description="release version; the tarball is <build>-<version>.tar.gz",
@@ -21,4 +31,12 @@ class ReleaseConfig(Section):
     include_eval_set: bool = Field(True, description="ship eval.npz so the device tests can measure accuracy")
     intended_use: Optional[str] = Field(
         None, description="one paragraph for the model card; unset: generated from the subtask classes",
+    )
+    allow_failed_validation: bool = Field(
+        False, description="cut the release even though validation missed a check; the model card's first line "
+                           "then says so (default: a failed validation fails the build and no release is cut)",
+    )
+    sign: Optional[SignConfig] = Field(
+        None, description="sign the bundle (bundle.sig, OpenSSF model signing); check it with `edgesmith verify "
+                          "BUNDLE --public-key K`",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
-from .manifest import StageEntry
+from .manifest import StageEntry, budget_passed
 
 METRIC_STAGES = ("teacher", "adapt", "distill", "qat", "export", "validate")
 # The card shows these; artifacts.json has the rest (sidecars, op counts, runtime options).
@@ -33,6 +33,7 @@ class CardFacts:
 
 def render_model_card(facts: CardFacts) -> str:
     sections = [
+        _failed_validation_warning(facts),
         f"# Model card: {facts.build} {facts.version}\n",
         _intended_use(facts),
         _origin(facts),
@@ -42,6 +43,15 @@ def render_model_card(facts: CardFacts) -> str:
         _limits(facts),
     ]
     return "\n".join(s for s in sections if s).rstrip("\n") + "\n"
+
+
+def _failed_validation_warning(facts: CardFacts) -> str:
+    """The card's first line when the build shipped a failed validation (release.allow_failed_validation)."""
+    if facts.verdict != "fail":
+        return ""
+    missed = sum(1 for b in facts.budgets if budget_passed(b) is False)
+    return (f"**WARNING: this release FAILED validation ({missed} of {len(facts.budgets)} checks missed); it was cut "
+            "only because release.allow_failed_validation is true. Do not deploy it as a validated model.**\n")
 
 
 def _intended_use(facts: CardFacts) -> str:

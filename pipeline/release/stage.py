@@ -14,8 +14,9 @@ from typing import Any, Iterable, Optional
 from ..cache import BuildCache, package_versions, sha256_file
 from ..config import EdgesmithConfig
 from ..runner import Stage, StageContext, StageRecord, register_stage
-from .bundle import ReleaseInfo, ReleaseSources, assemble_release
+from .bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from .manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
+from .signing import sign_bundle
 from .tarball import source_date_epoch
 
 # The manifest records the full resolved config, so every section is part of the release's key.
@@ -39,23 +40,39 @@ class ReleaseStage(Stage):
         return ("distill", "export", *optional)
 
     def run(self, ctx: StageContext) -> dict:
+        refuse_failed_validation(ctx.config, ctx.inputs.get("validate"))
         info = release_info(ctx.config, ctx.inputs.values())
         validate = ctx.inputs.get("validate")
         sources = ReleaseSources(export_dir=ctx.inputs["export"].dir, validate_dir=validate.dir if validate else None,
                                  device_tests_dir=device_tests_dir(),
                                  include_eval_set=ctx.config.section("release").include_eval_set)
-        out = assemble_release(ctx.out, sources, info)
+        sign = ctx.config.section("release").sign
+        out = assemble_release(ctx.out, sources, info, sign=(lambda bundle: sign_bundle(
+            bundle, sign.private_key, sign.password_env)) if sign is not None else None)
         for item in out.missing:
             ctx.log(f"  release: not in the bundle (not produced upstream): {item}")
         return {"tarball": out.tarball.name, "tarball_sha256": sha256_file(out.tarball),
                 "tarball_bytes": out.tarball.stat().st_size, "content_sha256": out.manifest.content_sha256,
                 "files": len(out.manifest.files), "missing": out.missing,
-                "budget_verdict": out.manifest.budget_verdict}
+                "budget_verdict": out.manifest.budget_verdict, "signed": sign is not None}
 
     def after_commit(self, record: StageRecord, ctx: Optional[StageContext]) -> None:
         link = refresh_release_link(record.dir)
         if ctx is not None and link is not None:
             ctx.log(f"  release: {link}/{record.metrics.get('tarball', '')}")
+
+
+def refuse_failed_validation(cfg: EdgesmithConfig, validate: Optional[StageRecord]) -> None:
+    """No bundle from a failed validation unless the config says so on purpose."""
+    if validate is None or cfg.section("release").allow_failed_validation:
+        return
+    metrics = validate.metrics
+    if metrics.get("passed", True) is False or metrics.get("complete", True) is False:
+        raise ReleaseError(
+            f"The validation this release would ship ({validate.dir}) failed: {metrics.get('missed', '?')} of "
+            f"{metrics.get('checks', '?')} checks missed; no release is cut from it.",
+            "Fix the model or the target and rebuild, or set release.allow_failed_validation: true to ship it "
+            "anyway (the model card then says so in its first line).")
 
 
 def release_info(cfg: EdgesmithConfig, records: Iterable[StageRecord]) -> ReleaseInfo:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import lzma
 import os
 import posixpath
 import stat
@@ -147,17 +148,21 @@ class UnreadableArchive(Exception):
     """The file is not a readable gzip-compressed tar."""
 
 
+ARCHIVE_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError)
+
+
 @contextmanager
 def open_tarball(path: Path) -> Iterator[TarBundle]:
     try:
         tar = tarfile.open(path, mode="r:*")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
-        raise UnreadableArchive(str(exc)) from None
+    except ARCHIVE_ERRORS as exc:
+        raise UnreadableArchive(str(exc) or type(exc).__name__) from None
     with tar:
         try:
             yield _inspect(tar)
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
-            raise UnreadableArchive(str(exc)) from None
+        except ARCHIVE_ERRORS as exc:
+            # A corrupt stream shows only when read: gzip, xz (LZMAError) and bz2 (OSError) each fail their way.
+            raise UnreadableArchive(str(exc) or type(exc).__name__) from None
 
 
 def _inspect(tar: tarfile.TarFile) -> TarBundle:

@@ -12,6 +12,7 @@ from typing import Iterator, Optional, Union
 
 from ..cache import sha256_file
 from ..errors import EdgesmithError
+from .signing import SIGNATURE_NAME, verify_signature, verify_tarball_signature
 from .manifest import MANIFEST_NAME, Manifest, config_sha256, content_digest, parse_manifest, schema_problems
 from .tarball import TarBundle, UnreadableArchive, open_tarball, resolve_link, unsafe_name
 
@@ -106,6 +107,21 @@ class VerifyResult:
         return not self.problems
 
 
+def check_signature(path: Path, public_key: Path) -> None:
+    """SignatureError unless the bundle (folder or tarball, already checked by check_bundle) carries a signature
+    by public_key's private half over exactly its files."""
+    with open_bundle(path) as bundle:
+        if isinstance(bundle, FolderBundle):
+            verify_signature(bundle.root, public_key)
+        else:
+            verify_tarball_signature(bundle, public_key)
+
+
+def is_signed(path: Path) -> bool:
+    with open_bundle(path) as bundle:
+        return bundle.kinds.get(SIGNATURE_NAME) == "file"
+
+
 def verify_bundle(path: Path) -> VerifyResult:
     """Every problem with the bundle at `path`: unsafe entries, schema errors, missing/extra/changed files."""
     with open_bundle(path) as bundle:
@@ -194,7 +210,7 @@ def _file_problems(bundle: Bundle, manifest: Manifest) -> tuple[list[str], int]:
             checked += 1
             problems += _hash_problems(bundle, entry.path, entry.sha256, entry.size)
     extra = sorted(rel for rel, kind in bundle.kinds.items()
-                   if kind == "file" and rel not in listed and rel != MANIFEST_NAME)
+                   if kind == "file" and rel not in listed and rel not in (MANIFEST_NAME, SIGNATURE_NAME))
     problems += [f"{rel}: not listed in the manifest (added after the release was built)" for rel in extra]
     return problems, checked
 

@@ -147,18 +147,37 @@ def run_profile(model: Path, runtime: Optional[str], target: str, eval_set: Opti
         out = Path(tmp) / "profile.json"
         if parsed.kind == "local":
             local = [a.replace("@/", "", 1) if a.startswith("@/") else a for a in _localise(args, files)]
-            subprocess.run([sys.executable, "-m", "device_tests.measure", *local, "--out", str(out)],
-                           cwd=PROJECT_ROOT, capture_output=True, text=True)
+            log = _run_local_measure([sys.executable, "-m", "device_tests.measure", *local, "--out", str(out)],
+                                     cfg.ssh.command_timeout_s)
         else:
             from .ssh import run_measure_ssh
 
-            run_measure_ssh(parsed, cfg, files, args, runtime, out)
-        result = json.loads(out.read_text()) if out.is_file() else {"status": "error", "message": "no result written"}
+            log = run_measure_ssh(parsed, cfg, files, args, runtime, out)[1]
+        result = _read_result(out, log)
     if result.get("status") != "passed":
         raise DeviceError(f"Profiling {model.name} with {runtime} on {target} failed: {result.get('message')}",
                           "See the message above; `--runtime` picks another runtime.")
     result["target"] = target
     return result
+
+
+def _run_local_measure(args: list[str], timeout: float) -> str:
+    """The measurement subprocess, bounded in time; its output is kept for the error message."""
+    try:
+        proc = subprocess.run(args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise DeviceError(f"The measurement did not finish within {timeout:.0f} s.",
+                          "Lower --queries / --duration, or check that the runtime does not hang on this model.") from None
+    return proc.stdout + proc.stderr
+
+
+def _read_result(out: Path, log: str) -> dict:
+    try:
+        result = json.loads(out.read_text())
+    except (OSError, ValueError):
+        tail = " | ".join(line for line in log.strip().splitlines()[-8:] if line.strip())
+        return {"status": "error", "message": f"no result written ({tail or 'no output'})"}
+    return result if isinstance(result, dict) else {"status": "error", "message": "the result is not a JSON object"}
 
 
 def _model_files(model: Path, fmt: str) -> list[tuple[Path, PurePosixPath]]:
@@ -175,7 +194,15 @@ def _spec_near(model: Path, eval_set: Optional[Path]) -> Optional[str]:
     for folder in (eval_set.parent, model.parent, model.parent.parent):
         meta = folder / "artifacts.json"
         if meta.is_file():
-            data = json.loads(meta.read_text())
+            try:
+                data = json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"{meta} (next to the model or the eval set) is not valid JSON ({exc}).",
+                                  "Restore it from the bundle (`edgesmith verify` finds damaged files), or move "
+                                  "the model and eval.npz out of that folder.") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{meta} (next to the model or the eval set) is not a JSON object.",
+                                  "Restore it from the bundle, or move the model and eval.npz out of that folder.")
             spec = next((data[k] for k in ("preprocessing", "preprocess", "input") if isinstance(data.get(k), dict)), None)
             if spec:
                 return json.dumps(spec)

@@ -10,6 +10,7 @@ import os
 import shlex
 import socket
 import time
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Optional
 
@@ -79,11 +80,28 @@ class SshSession:
         self._client = client
 
     def close(self) -> None:
-        if self._sftp is not None:
-            self._sftp.close()
-        if self._client is not None:
-            self._client.close()
+        try:
+            if self._sftp is not None:
+                self._sftp.close()
+            if self._client is not None:
+                self._client.close()
+        except Exception:  # noqa: BLE001 (a dead connection cannot be closed cleanly)
+            pass
         self._client = self._sftp = None
+
+    @contextmanager
+    def step(self, what: str):
+        """Turn a failure of the connection or of the target's filesystem while doing `what` into a DeviceError
+        naming the target and the step (paramiko raises SSHException, sftp OSError/IOError, a lost link EOFError)."""
+        import paramiko
+
+        try:
+            yield
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            detail = str(exc) or type(exc).__name__
+            raise DeviceError(f"SSH to {self.target.spec} failed after connecting, while {what}: {detail}.",
+                              "Check the target's disk space and the permissions of validate.ssh.workdir, and that "
+                              "the connection stays up; the other targets' results are kept.") from None
 
     @property
     def sftp(self):
@@ -191,12 +209,15 @@ def stage_files(session: SshSession, cfg: ValidateConfig, files: list[tuple[Path
                 python: str, requires: list[str]) -> tuple[PurePosixPath, dict]:
     """Upload files (plus device_tests/) into a run folder named by their content; prepare the venv."""
     base = PurePosixPath(cfg.ssh.workdir)
-    base = base if base.is_absolute() else session.home() / base
+    with session.step("finding the home folder"):
+        base = base if base.is_absolute() else session.home() / base
     devices = [(f, PurePosixPath("device_tests", *f.relative_to(DEVICE_TESTS).parts)) for f in device_files()]
     run_dir = base / "runs" / _digest([local for local, _ in files + devices])
-    session.upload([(local, run_dir / rel) for local, rel in files + devices])
+    with session.step(f"copying the bundle and device_tests to {run_dir}"):
+        session.upload([(local, run_dir / rel) for local, rel in files + devices])
     venv_dir = base / f"venv-{hashlib.sha256(python.encode()).hexdigest()[:8]}"  # one per interpreter
-    return run_dir, prepare(session, python, requires, run_dir, venv_dir)
+    with session.step(f"preparing the virtual environment {venv_dir}"):
+        return run_dir, prepare(session, python, requires, run_dir, venv_dir)
 
 
 def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) -> TargetRun:
@@ -208,9 +229,11 @@ def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) ->
         remote_results = run_dir / "results.json"
         args = suite_args(info["venv_python"], str(run_dir / "device_tests"), str(run_dir / "bundle"),
                           str(remote_results), cfg)
-        session.remove(remote_results)  # never fetch the results of an earlier run
-        code, out = session.run(args, timeout=cfg.ssh.command_timeout_s)
-        fetched = session.download(remote_results, results)
+        with session.step("running the device suite"):
+            session.remove(remote_results)  # never fetch the results of an earlier run
+            code, out = session.run(args, timeout=cfg.ssh.command_timeout_s)
+        with session.step(f"fetching {remote_results}"):
+            fetched = session.download(remote_results, results)
     run = _finish(target.spec, code, out, load_results(results) if fetched else None)
     run.setup = {"python": python, "venv_python": info["venv_python"], "versions": info["versions"], "run_dir": str(run_dir)}
     return run
@@ -225,11 +248,15 @@ def run_measure_ssh(target: Target, cfg: ValidateConfig, files: list[tuple[Path,
         run_dir, info = stage_files(session, cfg, files, python, ["numpy", runtime])
         remote_out = run_dir / "profile.json"
         args = [str(run_dir / a[2:]) if a.startswith("@/") else a for a in measure_args]
-        session.remove(remote_out)
-        # `env PYTHONPATH=...` instead of `cd dir && ...`: still an argument list, no shell syntax.
-        code, log = session.run(["env", f"PYTHONPATH={run_dir}", info["venv_python"], "-m", "device_tests.measure",
-                                 *args, "--out", str(remote_out)], timeout=cfg.ssh.command_timeout_s)
-        if not session.download(remote_out, out):
+        with session.step("running the measurement"):
+            session.remove(remote_out)
+            # `env PYTHONPATH=...` instead of `cd dir && ...`: still an argument list, no shell syntax.
+            code, log = session.run(["env", f"PYTHONPATH={run_dir}", info["venv_python"], "-m",
+                                     "device_tests.measure", *args, "--out", str(remote_out)],
+                                    timeout=cfg.ssh.command_timeout_s)
+        with session.step(f"fetching {remote_out}"):
+            fetched = session.download(remote_out, out)
+        if not fetched:
             raise DeviceError(f"The measurement on {target.spec} wrote no result (exit {code}): {log.strip()[-800:]}",
                               "Run the same command by hand on the target to see what fails.")
         return code, log

@@ -76,7 +76,8 @@ def load_results(path: Path) -> Optional[dict]:
 
 
 def run_local(bundle: Path, cfg: ValidateConfig, results: Path) -> TargetRun:
-    args = suite_args(sys.executable, str(DEVICE_TESTS), str(bundle), str(results), cfg)
+    # Absolute paths: the suite runs in the project folder, the build (and a relative build.output) anywhere.
+    args = suite_args(sys.executable, str(DEVICE_TESTS), str(Path(bundle).resolve()), str(Path(results).resolve()), cfg)
     timeout = cfg.ssh.command_timeout_s
     try:
         proc = subprocess.run(args, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=timeout)
@@ -107,3 +108,5 @@ def run_target(target: Target, bundle: Path, cfg: ValidateConfig, results: Path)
         return run_ssh(target, bundle, cfg, results)
     except EdgesmithError as exc:  # unreachable, host key, missing runtime: recorded, the build fails later
         return TargetRun(target.spec, load_results(results), exc.message)
+    except Exception as exc:  # noqa: BLE001 (one target's unexpected failure must not lose the others' results)
+        return TargetRun(target.spec, load_results(results), f"unexpected error on this target: {exc!r}")

@@ -36,6 +36,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the batch's labelled images (pool images carry a negative label); 0 without any."""
+    labelled = labels >= 0
+    if bool(labelled.all()):
+        return F.cross_entropy(logits, labels)
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0      # keeps the graph (and DDP's gradient hooks) intact
+    return F.cross_entropy(logits[labelled], labels[labelled])
+
+
 class DistillMethod(nn.Module):
     """Base: KD (+ optional label cross-entropy). Subclasses add a layer term and own its trainable parts
     (projections, orthogonal matrices), which the optimizer trains together with the student."""
@@ -62,7 +72,7 @@ class DistillMethod(nn.Module):
         if self.uses_kd:
             losses["kd"] = kd_loss(out.student_logits, out.teacher_logits, self.cfg.temperature)
         if self.cfg.label_weight or not self.uses_kd:
-            losses["ce"] = F.cross_entropy(out.student_logits, out.labels)
+            losses["ce"] = label_loss(out.student_logits, out.labels)
         layers = self.layer_losses(out)
         losses.update(layers)
         total = losses.get("kd", 0.0) + (self.cfg.label_weight or (0.0 if self.uses_kd else 1.0)) * losses.get("ce", 0.0)

@@ -39,19 +39,34 @@ class DistillStage(Stage):
         method = self.prepare_method(ctx, models)
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
-        result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress, outliers=outliers, precomputed=self.known_outputs(ctx, models, method, data, known),
+        train = self.transfer_set(ctx, method, data)
+        result = distill(models, method, train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
+                         ctx.device, ctx.progress, outliers=outliers, precomputed=self.known_outputs(ctx, models, method, train, known),
                          micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
         self.save(ctx, models, data)
-        return {**self.measure(ctx, models, data, known), **result}
+        return {**self.measure(ctx, models, data, known), **self.budget(data, train), **result}
 
-    def known_outputs(self, ctx: StageContext, models: Models, method, data, known):
+    def transfer_set(self, ctx: StageContext, method, data):
+        """Labelled images + the unlabelled pool (labels only where they exist); a method without a teacher has
+        nothing to learn from the pool."""
+        if not method.uses_kd or data.pool is None:
+            return data.train
+        ctx.log(f"  transfer set: {len(data.train)} labelled + {len(data.pool)} unlabelled images ({data.budget})")
+        return data.transfer
+
+    def budget(self, data, train) -> dict:
+        if data.labels_per_class is None and data.pool is None:
+            return {}
+        return {"labels_per_class": data.labels_per_class, "label_budget": data.budget,
+                "labelled_train_images": len(data.train), "val_images": len(data.val), "transfer_images": len(train)}
+
+    def known_outputs(self, ctx: StageContext, models: Models, method, train, known):
         """The teacher's subtask logits on the training images from the adapt stage's table, when the method needs
         nothing else from the teacher (no layer targets) and the images are not augmented."""
         cfg = ctx.config
         if known is None or method.pairs or cfg.data.augment or not cfg.distill.cache_teacher:
             return None
-        logits = teacher_logits(models.teacher, models.teacher_view, data.train.images, ctx.device,
+        logits = teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device,
                                 models.teacher_ids, known)
         return logits, {}
 

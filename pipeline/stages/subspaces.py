@@ -35,7 +35,7 @@ class SubspacesStage(Stage):
         data = subtask_data(cfg)
         models = DistillStage().prepare_models(ctx, data)
         pairs = layer_pairs(cfg.distill.layers, models, ctx.log)
-        images = self.choose_images(data.train.images, cfg.subspaces.max_images, cfg.build.seed)
+        images = self.choose_images(data.transfer.images, cfg.subspaces.max_images, cfg.build.seed)
         start = time.perf_counter()
         moments = self.accumulate(ctx, models, pairs, images)
         subspaces = [Subspace.from_moments(m, p.student_channels, cfg.subspaces.basis, cfg.build.seed + i)

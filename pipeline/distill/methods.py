@@ -189,9 +189,15 @@ class SubDistill(LayerMethod):
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         # Pooling commutes with the affine projection, so pool first: fewer positions to project.
-        centred = teacher_map - getattr(self, f"mean{index}").view(1, -1, 1, 1)
-        projected = F.conv2d(centred, getattr(self, f"basis{index}").T[:, :, None, None])   # U_k^T per position
-        return projected / getattr(self, f"scale{index}")
+        from .targets import project
+
+        projected = project(teacher_map, getattr(self, f"basis{index}"), getattr(self, f"mean{index}"))
+        return self.from_projection(index, projected)
+
+    def from_projection(self, index: int, projected: torch.Tensor) -> torch.Tensor:
+        """The target from U_k^T (t - mu) (what pipeline.distill.targets caches, maybe float16)."""
+        projected = projected.float()
+        return projected / getattr(self, f"scale{index}") if self.unit_targets else projected
 
     def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # ||V (s - m) - t~||^2 = ||(s - m) - V^T t~||^2 = ||s - m||^2 - 2 <V, sum (s - m) t~^T> + ||t~||^2, as V is

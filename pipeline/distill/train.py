@@ -40,11 +40,14 @@ class TeacherOutputs:
     training image skips the teacher entirely: several methods or seeds can share one teacher pass."""
 
     def __init__(self, models: Models, method: DistillMethod, images: torch.Tensor, device, cached: bool,
-                 progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None):
+                 progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
+                 projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None):
         self.models, self.method, self.device = models, method, device
         self.teacher_layers = [p.teacher for p in method.pairs]
-        self.cached = None
-        if precomputed is not None:
+        self.cached, self.projected = None, projected is not None
+        if projected is not None:      # SubDistill's targets from the subspaces stage (pipeline.distill.targets)
+            self.cached = projected
+        elif precomputed is not None:
             self.cached = self._targets_of(*precomputed)
         elif cached:
             self.cached = self._compute_all(images, progress)
@@ -87,6 +90,9 @@ class TeacherOutputs:
         if self.cached is None:
             return self.compute(raw)
         logits, targets = self.cached
+        if self.projected:
+            return logits[idx].to(self.device), {i: self.method.from_projection(i, t[idx].to(self.device))
+                                                 for i, t in targets.items()}
         return logits[idx].to(self.device), {i: t[idx].to(self.device) for i, t in targets.items()}
 
 
@@ -125,7 +131,8 @@ def split_accuracy(model: nn.Module, view: View, split, device) -> float:
 
 def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
             progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-            micro_batch: int | None = None, outliers=None) -> dict:
+            micro_batch: int | None = None, outliers=None,
+            projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None) -> dict:
     """Train the student; returns history and the best epoch, and leaves the best weights in the student.
     Under torchrun every process draws the same global batches and trains on its share of each (DDP);
     `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
@@ -137,7 +144,8 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
     step = distributed.wrap_ddp(TrainStep(models, method, outliers).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     teacher_out = TeacherOutputs(models, method, images, device, cached=cfg.cache_teacher and not augment,
-                                 progress=progress, precomputed=None if augment else precomputed)
+                                 progress=progress, precomputed=None if augment else precomputed,
+                                 projected=None if augment else projected)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)

@@ -42,7 +42,8 @@ class DistillStage(Stage):
         train = self.transfer_set(ctx, method, data)
         result = distill(models, method, train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
                          ctx.device, ctx.progress, outliers=outliers, precomputed=self.known_outputs(ctx, models, method, train, known),
-                         micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
+                         micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
+                         projected=self.projected_targets(ctx, method, train))
         self.save(ctx, models, data)
         return {**self.measure(ctx, models, data, known), **self.budget(data, train), **result}
 
@@ -69,6 +70,17 @@ class DistillStage(Stage):
         logits = teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device,
                                 models.teacher_ids, known)
         return logits, {}
+
+    def projected_targets(self, ctx: StageContext, method, train):
+        """SubDistill's layer targets and the teacher's logits as the subspaces stage cached them, if it did."""
+        if "subspaces" not in ctx.inputs or ctx.config.data.augment or not ctx.config.distill.cache_teacher:
+            return None
+        from ..distill.targets import load_targets
+
+        cached = load_targets(ctx.inputs["subspaces"].dir, train.images, len(method.pairs))
+        if cached is not None:
+            ctx.log(f"  teacher targets: cached by the subspaces stage ({len(train.images)} images, float16)")
+        return cached
 
     def prepare_models(self, ctx: StageContext, data) -> Models:
         cfg = ctx.config

@@ -45,7 +45,7 @@ class SpuriousConfig(Section):
 
 class DataConfig(OmitNoneOptions):
     # The label-budget keys are left out of the dump while unset: configs without a budget keep their keys.
-    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images")
+    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images", "views")
 
     dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar100 or image_folder (the dataset registry)")
     root: Optional[str] = Field(None, description="image_folder: folder with train/<class>/ and test/<class>/")
@@ -65,6 +65,10 @@ class DataConfig(OmitNoneOptions):
         "image of the dataset, all classes), none, or a folder of images (searched recursively); None: rest "
         "under a label budget, else none")
     unlabelled_max_images: Optional[int] = Field(None, ge=1, description="seeded cap on the unlabelled pool")
+    views: Optional[int] = Field(
+        None, ge=1, le=64, description="view bank (with augment: true): K seeded augmented views of every training "
+        "image whose teacher outputs are computed once; epoch e shows image i as its view (e + i) mod K. None: a "
+        "fresh augmentation every step (the teacher then runs every step)")
 
     @field_validator("labels_per_class")
     @classmethod
@@ -73,6 +77,13 @@ class DataConfig(OmitNoneOptions):
             raise ValueError(f"labels_per_class {v} leaves no labelled image to adapt the teacher on and one to "
                              "validate with; use at least 2 (null keeps every label)")
         return v
+
+    @model_validator(mode="after")
+    def _views_need_augment(self):
+        if self.views is not None and not self.augment:
+            raise ValueError("views (the view bank) holds augmented views, but augment is false; set "
+                             "data.augment: true, or remove data.views")
+        return self
 
     @field_validator("unlabelled")
     @classmethod

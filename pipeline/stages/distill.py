@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import View
+from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
 from ..distill.train import Models, distill, layer_pairs
 from ..models import count_macs, count_params, create_model, load_teacher, save_model
@@ -40,12 +41,15 @@ class DistillStage(Stage):
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
         train = self.transfer_set(ctx, method, data)
+        bank = self.view_bank(ctx, train)
         result = distill(models, method, train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress, outliers=outliers, precomputed=self.known_outputs(ctx, models, method, train, known),
+                         ctx.device, ctx.progress, outliers=outliers,
+                         precomputed=self.known_outputs(ctx, models, method, train, known, bank),
                          micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
-                         projected=self.projected_targets(ctx, method, train))
+                         projected=self.projected_targets(ctx, method, train), bank=bank)
         self.save(ctx, models, data)
-        return {**self.measure(ctx, models, data, known), **self.budget(data, train), **result}
+        views = {"view_bank_images": len(bank.images)} if bank is not None else {}
+        return {**self.measure(ctx, models, data, known), **self.budget(data, train), **views, **result}
 
     def transfer_set(self, ctx: StageContext, method, data):
         """Labelled images + the unlabelled pool (labels only where they exist); a method without a teacher has
@@ -61,14 +65,29 @@ class DistillStage(Stage):
         return {"labels_per_class": data.labels_per_class, "label_budget": data.budget,
                 "labelled_train_images": len(data.train), "val_images": len(data.val), "transfer_images": len(train)}
 
-    def known_outputs(self, ctx: StageContext, models: Models, method, train, known):
-        """The teacher's subtask logits on the training images from the adapt stage's table, when the method needs
-        nothing else from the teacher (no layer targets) and the images are not augmented."""
+    def view_bank(self, ctx: StageContext, train):
+        """data.views: K seeded augmented views of every training image, the teacher's outputs on them computed once."""
         cfg = ctx.config
-        if known is None or method.pairs or cfg.data.augment or not cfg.distill.cache_teacher:
+        if not (cfg.data.augment and cfg.data.views and cfg.distill.cache_teacher):
             return None
-        logits = teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device,
-                                models.teacher_ids, known)
+        bank = ViewBank.build(as_tensor(train.images), cfg.data.views, cfg.build.seed)
+        ctx.log(f"  view bank: {cfg.data.views} augmented views of {len(train)} images ({len(bank.images)} teacher inputs)")
+        return bank
+
+    def known_outputs(self, ctx: StageContext, models: Models, method, train, known, bank=None):
+        """The teacher's subtask logits on the training images (looked up in the adapt stage's table where it has
+        them), or on the view bank's images, when the method needs nothing else from the teacher (no layer targets)
+        and the teacher's inputs are fixed (no augmentation, or a view bank)."""
+        cfg = ctx.config
+        if method.pairs or (cfg.data.augment and bank is None) or not cfg.distill.cache_teacher:
+            return None
+        if bank is not None:
+            images = bank.images.numpy()
+        elif known is None:
+            return None
+        else:
+            images = train.images
+        logits = teacher_logits(models.teacher, models.teacher_view, images, ctx.device, models.teacher_ids, known)
         return logits, {}
 
     def projected_targets(self, ctx: StageContext, method, train):

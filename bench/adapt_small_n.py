@@ -62,7 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--weight-decays", type=float, nargs="+", default=[1e-4, 0.05])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--test-per-class", type=int, default=None)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1: on a shared 2-core machine 2 threads can be much slower)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
@@ -166,7 +167,12 @@ def run_one(args, n: int, seed: int) -> dict:
     feats = {name: features_at_cuts(model, view, s.images, args.cuts) for name, s in splits.items()}
     labels = {name: s.labels for name, s in splits.items()}
     prefix_s = time.perf_counter() - start
-    results = [fit_setting(model, s, feats, labels, args.batch_size, seed) for s in grid(args)]
+    results = []
+    for setting in grid(args):
+        results.append(fit_setting(model, setting, feats, labels, args.batch_size, seed))
+        r = results[-1]
+        print(f"  N={n} seed={seed} {r['train_from']:<10} ep {r['epochs']:>3} lr {r['lr']:g} wd {r['weight_decay']:g}: "
+              f"val {r['val_acc'] * 100:5.1f} test {r['test_acc'] * 100:5.2f} ({r['fit_s']} s)", flush=True)
     chosen = choose(results, [c for c in CUTS if c in args.cuts] + [c for c in args.cuts if c not in CUTS])
     best_test = max(results, key=lambda r: r["test_acc"])
     return {"labels_per_class": n, "seed": seed, "train_images": len(data.train), "val_images": len(data.val),

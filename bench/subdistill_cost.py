@@ -25,6 +25,10 @@ import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
+# Run as a script, bench/ is first on sys.path and its quantize.py would shadow the package: drop it, so that
+# PYTHONPATH alone decides which checkout's code is measured.
+if sys.path and Path(sys.path[0]).resolve() == HERE:
+    sys.path.pop(0)
 DEFAULT_CONFIG = HERE.parent / "configs" / "fashion_tops.yaml"
 RESULTS = HERE / "results" / "subdistill_cost.json"
 

@@ -66,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--pool-methods", nargs="*", default=POOL_METHODS)
     p.add_argument("--no-pool-methods", nargs="*", default=NO_POOL_METHODS)
     p.add_argument("--probe", default="classifier:100:0.01:0.0001", help="linear probe train_from:epochs:lr:wd")
-    p.add_argument("--finetune", default="blocks.6:30:0.001:0.05", help="finetune train_from:epochs:lr:wd")
+    p.add_argument("--finetune", default="blocks.5:10:0.001:0.05", help="finetune train_from:epochs:lr:wd")
     p.add_argument("--cnn-epochs", type=int, default=30, help="from-scratch CNN teacher: epochs on the N labels")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_efficiency"), help="cache root")

@@ -65,12 +65,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine 2 threads can be much slower)")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.quick:
         args.labels, args.seeds, args.cuts, args.epochs, args.probe_epochs = [8], [0], ["classifier", "blocks.6"], [1], [2]
         args.lrs, args.probe_lrs, args.weight_decays, args.test_per_class = [1e-3], [1e-2], [1e-4], 75
-        args.out = args.out.with_name("adapt_small_n_quick.json")
+    if args.out is None:
+        args.out = RESULTS.with_name("adapt_small_n_quick.json") if args.quick else RESULTS
     return args
 
 

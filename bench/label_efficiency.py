@@ -71,14 +71,15 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_efficiency"), help="cache root")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 subtask, N = 8, 1 seed, 1 epoch, tiny pool")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None, help=f"default {RESULTS.relative_to(ROOT)} (--quick: *_quick.json)")
     args = p.parse_args(argv)
     if args.quick:
         args.labels, args.all_labels, args.subtasks, args.seeds, args.seeds_at_50 = [8], False, 1, 1, 1
         args.pool_cap, args.epochs, args.test_per_class, args.student = 64, 1, 25, "cnn_tiny"
         args.pool_methods, args.no_pool_methods = ["kd", "subdistill"], ["kd"]
         args.probe, args.finetune, args.cnn_epochs = "classifier:2:0.01:0.0001", "blocks.6:1:0.001:0.05", 1
-        args.out = args.out.with_name("label_efficiency_quick.json")
+    if args.out is None:
+        args.out = RESULTS.with_name("label_efficiency_quick.json") if args.quick else RESULTS
     return args
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from exporters.config import ExportConfig
 from quantize.config import QATConfig
@@ -46,7 +46,8 @@ class SpuriousConfig(Section):
 
 
 class DataConfig(OmitNoneOptions):
-    omit_when_none = ("spurious",)
+    # The label-budget keys are left out of the dump while unset: configs without a budget keep their keys.
+    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images", "views")
 
     dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar100 or image_folder (the dataset registry)")
     root: Optional[str] = Field(None, description="image_folder: folder with train/<class>/ and test/<class>/")
@@ -58,6 +59,40 @@ class DataConfig(OmitNoneOptions):
     allow_download: bool = Field(False, description="let a dataset source download its files (never by default)")
     spurious: Optional[SpuriousConfig] = Field(
         None, description="stress test: paste a class-correlated marker on training images, a random one on test images")
+    labels_per_class: Optional[int] = Field(
+        None, description="label budget: labels are kept for this many seeded training images per subtask class "
+        "(a quarter of them at most, round(val_fraction x N), hold out for model selection); None: every label")
+    unlabelled: Optional[str] = Field(
+        None, description="the unlabelled transfer pool distillation also trains on: rest (every other training "
+        "image of the dataset, all classes), none, or a folder of images (searched recursively); None: rest "
+        "under a label budget, else none")
+    unlabelled_max_images: Optional[int] = Field(None, ge=1, description="seeded cap on the unlabelled pool")
+    views: Optional[int] = Field(
+        None, ge=1, le=64, description="view bank (with augment: true): K seeded augmented views of every training "
+        "image whose teacher outputs are computed once; epoch e shows image i as its view (e + i) mod K. None: a "
+        "fresh augmentation every step (the teacher then runs every step)")
+
+    @field_validator("labels_per_class")
+    @classmethod
+    def _at_least_two_labels(cls, v):
+        if v is not None and v < 2:
+            raise ValueError(f"labels_per_class {v} leaves no labelled image to adapt the teacher on and one to "
+                             "validate with; use at least 2 (null keeps every label)")
+        return v
+
+    @model_validator(mode="after")
+    def _views_need_augment(self):
+        if self.views is not None and not self.augment:
+            raise ValueError("views (the view bank) holds augmented views, but augment is false; set "
+                             "data.augment: true, or remove data.views")
+        return self
+
+    @field_validator("unlabelled")
+    @classmethod
+    def _pool_given(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("unlabelled is empty; use rest, none or the path of a folder of images")
+        return v
 
 
 class SubtaskConfig(Section):
@@ -149,6 +184,15 @@ class EdgesmithConfig(Section):
     distributed: Optional[DistributedConfig] = None
     ood: Optional[OODConfig] = None  # unknown answer for inputs outside the subtask (pipeline/ood, docs/ood.md)
 
+    @model_validator(mode="after")
+    def _no_label_peeking(self):
+        if self.data.labels_per_class is not None and self.ood is not None and self.ood.outlier_exposure:
+            raise ValueError(
+                "ood.outlier_exposure trains on the images known to lie outside the subtask, i.e. on the other "
+                "classes' labels, which a label budget (data.labels_per_class) says you do not have; set "
+                "ood.outlier_exposure: false (the unlabelled pool already holds such images, without labels)")
+        return self
+
     def section(self, name: str) -> Any:
         return getattr(self, "validate_" if name == "validate" else name)
 
@@ -191,6 +235,8 @@ def _describe(err: dict) -> str:
         return f"{path}: unknown key.{did_you_mean(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}."
     if err["type"] == "missing":
         return f"{path}: required key is missing."
+    if not loc:   # a check across sections: its input is the whole config, not worth echoing
+        return f"{path}: {err['msg'].removeprefix('Value error, ')}."
     return f"{path}: {err['msg']} (got {err.get('input')!r})."
 
 

@@ -30,6 +30,23 @@ class SubtaskData:
     train: ImageSet                 # labels remapped to 0..k-1
     val: ImageSet
     test: ImageSet
+    labels_per_class: int | None = None   # the label budget (None: every label)
+    pool: ImageSet | None = None          # unlabelled transfer images (labels UNLABELLED), or None
+    pool_kind: str | None = None          # rest, or the folder they came from
+
+    @property
+    def transfer(self) -> ImageSet:
+        """What distillation trains on: the labelled training images, then the pool (labels -1)."""
+        if self.pool is None or not len(self.pool):
+            return self.train
+        return ImageSet(np.concatenate([self.train.images, self.pool.images]),
+                        np.concatenate([self.train.labels, self.pool.labels]))
+
+    @property
+    def budget(self) -> str:
+        from .budget import describe
+
+        return describe(self.labels_per_class, self.pool, self.pool_kind)
 
     @property
     def class_names(self) -> list[str]:
@@ -52,7 +69,24 @@ def full_split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[ImageS
     return dataset.train.take(train_idx), dataset.train.take(val_idx)
 
 
-def make_subtask(dataset: Dataset, classes: list, val_fraction: float, seed: int) -> SubtaskData:
+def make_subtask(dataset: Dataset, classes: list, val_fraction: float, seed: int, labels_per_class: int | None = None,
+                 unlabelled: str | None = None, pool_cap: int | None = None, capped: bool = False) -> SubtaskData:
+    """Without a label budget: the subtask's images of the seeded 80/20 split (every label kept) and, only if
+    `unlabelled` names one, a pool. With `labels_per_class` N: N labelled images per class (train + a small val,
+    pipeline.data.budget) and the pool (`unlabelled`, default rest)."""
+    from .budget import choose_labelled, unlabelled_pool
+
     ids = dataset.class_ids(classes)
-    train, val = full_split(dataset, val_fraction, seed)
-    return SubtaskData(dataset, tuple(ids), _restrict(train, ids), _restrict(val, ids), _restrict(dataset.test, ids))
+    test = _restrict(dataset.test, ids)
+    kind = unlabelled or ("rest" if labels_per_class else "none")
+    if labels_per_class is None:
+        train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
+        # rest without a budget: the other classes' images (the subtask's own are all labelled already)
+        in_subtask = np.flatnonzero(np.isin(dataset.train.labels, ids))
+    else:
+        train_idx, val_idx = choose_labelled(dataset, ids, labels_per_class, val_fraction, seed, capped)
+        in_subtask = np.concatenate([train_idx, val_idx])
+    pool = unlabelled_pool(dataset, kind, in_subtask, pool_cap, seed)
+    return SubtaskData(dataset, tuple(ids), _restrict(dataset.train.take(train_idx), ids),
+                       _restrict(dataset.train.take(val_idx), ids), test, labels_per_class, pool,
+                       None if pool is None else kind)

@@ -36,6 +36,16 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperat
     return F.kl_div(log_p_student, log_p_teacher, log_target=True, reduction="batchmean") * temperature ** 2
 
 
+def label_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over the batch's labelled images (pool images carry a negative label); 0 without any."""
+    labelled = labels >= 0
+    if bool(labelled.all()):
+        return F.cross_entropy(logits, labels)
+    if not bool(labelled.any()):
+        return logits.sum() * 0.0      # keeps the graph (and DDP's gradient hooks) intact
+    return F.cross_entropy(logits[labelled], labels[labelled])
+
+
 class DistillMethod(nn.Module):
     """Base: KD (+ optional label cross-entropy). Subclasses add a layer term and own its trainable parts
     (projections, orthogonal matrices), which the optimizer trains together with the student."""
@@ -62,7 +72,7 @@ class DistillMethod(nn.Module):
         if self.uses_kd:
             losses["kd"] = kd_loss(out.student_logits, out.teacher_logits, self.cfg.temperature)
         if self.cfg.label_weight or not self.uses_kd:
-            losses["ce"] = F.cross_entropy(out.student_logits, out.labels)
+            losses["ce"] = label_loss(out.student_logits, out.labels)
         layers = self.layer_losses(out)
         losses.update(layers)
         total = losses.get("kd", 0.0) + (self.cfg.label_weight or (0.0 if self.uses_kd else 1.0)) * losses.get("ce", 0.0)
@@ -179,9 +189,15 @@ class SubDistill(LayerMethod):
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         # Pooling commutes with the affine projection, so pool first: fewer positions to project.
-        centred = teacher_map - getattr(self, f"mean{index}").view(1, -1, 1, 1)
-        projected = F.conv2d(centred, getattr(self, f"basis{index}").T[:, :, None, None])   # U_k^T per position
-        return projected / getattr(self, f"scale{index}")
+        from .targets import project
+
+        projected = project(teacher_map, getattr(self, f"basis{index}"), getattr(self, f"mean{index}"))
+        return self.from_projection(index, projected)
+
+    def from_projection(self, index: int, projected: torch.Tensor) -> torch.Tensor:
+        """The target from U_k^T (t - mu) (what pipeline.distill.targets caches, maybe float16)."""
+        projected = projected.float()
+        return projected / getattr(self, f"scale{index}") if self.unit_targets else projected
 
     def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # ||V (s - m) - t~||^2 = ||(s - m) - V^T t~||^2 = ||s - m||^2 - 2 <V, sum (s - m) t~^T> + ||t~||^2, as V is

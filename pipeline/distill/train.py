@@ -40,11 +40,14 @@ class TeacherOutputs:
     training image skips the teacher entirely: several methods or seeds can share one teacher pass."""
 
     def __init__(self, models: Models, method: DistillMethod, images: torch.Tensor, device, cached: bool,
-                 progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None):
+                 progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
+                 projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None):
         self.models, self.method, self.device = models, method, device
         self.teacher_layers = [p.teacher for p in method.pairs]
-        self.cached = None
-        if precomputed is not None:
+        self.cached, self.projected = None, projected is not None
+        if projected is not None:      # SubDistill's targets from the subspaces stage (pipeline.distill.targets)
+            self.cached = projected
+        elif precomputed is not None:
             self.cached = self._targets_of(*precomputed)
         elif cached:
             self.cached = self._compute_all(images, progress)
@@ -87,6 +90,9 @@ class TeacherOutputs:
         if self.cached is None:
             return self.compute(raw)
         logits, targets = self.cached
+        if self.projected:
+            return logits[idx].to(self.device), {i: self.method.from_projection(i, t[idx].to(self.device))
+                                                 for i, t in targets.items()}
         return logits[idx].to(self.device), {i: t[idx].to(self.device) for i, t in targets.items()}
 
 
@@ -125,8 +131,12 @@ def split_accuracy(model: nn.Module, view: View, split, device) -> float:
 
 def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
             progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-            micro_batch: int | None = None, outliers=None) -> dict:
+            micro_batch: int | None = None, outliers=None,
+            projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None, bank=None) -> dict:
     """Train the student; returns history and the best epoch, and leaves the best weights in the student.
+    `bank` (pipeline.data.views.ViewBank of the training images) replaces the fresh augmentation of every step:
+    in epoch e image i shows its view (e + i) mod K, and the teacher's outputs on all views are computed once
+    (`precomputed`, if given, is then over the bank's rows).
     Under torchrun every process draws the same global batches and trains on its share of each (DDP);
     `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
@@ -136,8 +146,11 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
     method.to(device)
     step = distributed.wrap_ddp(TrainStep(models, method, outliers).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
-    teacher_out = TeacherOutputs(models, method, images, device, cached=cfg.cache_teacher and not augment,
-                                 progress=progress, precomputed=None if augment else precomputed)
+    fixed = not augment or bank is not None          # the teacher sees a finite set of inputs: cache them
+    teacher_out = TeacherOutputs(models, method, images if bank is None else bank.images, device,
+                                 cached=cfg.cache_teacher and fixed, progress=progress,
+                                 precomputed=precomputed if fixed else None,
+                                 projected=projected if fixed and bank is None else None)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
@@ -156,12 +169,17 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
                 distributed.fault_point("distill")
                 # The whole global batch is drawn (and augmented) on every process, which keeps the generator in
                 # step; each process then trains on its share, in micro-batches.
-                raw = augment_batch(images[idx], generator) if augment else images[idx]
+                if bank is not None:
+                    rows = bank.rows(idx, epoch)
+                    raw = bank.images[rows]
+                else:
+                    rows = idx
+                    raw = augment_batch(images[idx], generator) if augment else images[idx]
                 optimizer.zero_grad(set_to_none=True)
                 chunks = distributed.local_chunks(torch.arange(len(idx)), micro_batch)
                 for j, (pos, weight) in enumerate(chunks):
-                    losses = _accumulate(step, teacher_out, idx[pos], raw[pos], labels, weight, scaler, device,
-                                         last=j == len(chunks) - 1)
+                    losses = _accumulate(step, teacher_out, rows[pos], raw[pos], labels[idx[pos]], weight, scaler,
+                                         device, last=j == len(chunks) - 1)
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * len(pos) * (weight > 0)
                 scaler.step(optimizer)
@@ -185,14 +203,15 @@ def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, a
             "train_images_per_s": images_seen / max(train_time, 1e-9)}
 
 
-def _accumulate(step: nn.Module, teacher_out: TeacherOutputs, idx: torch.Tensor, raw: torch.Tensor, labels, weight: float,
+def _accumulate(step: nn.Module, teacher_out: TeacherOutputs, rows: torch.Tensor, raw: torch.Tensor, labels, weight: float,
                 scaler, device, last: bool) -> dict[str, torch.Tensor]:
-    """Forward and backward of one micro-batch; DDP all-reduces the gradients at the last one."""
-    t_logits, t_targets = teacher_out.for_batch(idx, raw)
+    """Forward and backward of one micro-batch (`rows` of the teacher's cache, `labels` of its images); DDP
+    all-reduces the gradients at the last one."""
+    t_logits, t_targets = teacher_out.for_batch(rows, raw)
     autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
     with distributed.sync_unless_last(step, last):
         with autocast:
-            losses = step(raw.to(device), t_logits, labels[idx].to(device), t_targets)
+            losses = step(raw.to(device), t_logits, labels.to(device), t_targets)
         total = losses["total"] if weight == 1.0 else losses["total"] * weight
         scaler.scale(total).backward()
     return losses

@@ -79,10 +79,25 @@ def _origin(facts: CardFacts) -> str:
         f"- Data: `{data.get('dataset', 'unknown')}`, restricted to the subtask classes; validation fraction "
         f"{data.get('val_fraction', 'n/a')}, training images per class: {data.get('train_per_class') or 'all'}, "
         f"test images per class: {data.get('test_per_class') or 'all'}.",
+        *_label_budget(data),
         f"- Seed: {(facts.config.get('build', {}) or {}).get('seed', 'n/a')}. The full resolved config is in "
         "manifest.json (`config`, hash `config_sha256`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _label_budget(data: dict) -> list[str]:
+    """A line only for builds with a label budget or a pool (every other card stays as it was)."""
+    if data.get("labels_per_class") is None and data.get("unlabelled") is None:
+        return []
+    n = data.get("labels_per_class")
+    labels = (f"{n} labelled training images per subtask class (of which a small share held out for model "
+              "selection; no other label was used)" if n is not None else "every training label")
+    pool = data.get("unlabelled") or ("rest" if n is not None else "none")
+    pool_text = {"rest": "the dataset's other training images, without labels", "none": "none"}.get(
+        pool, f"the images in `{pool}`, without labels")
+    cap = f" (at most {data['unlabelled_max_images']})" if data.get("unlabelled_max_images") else ""
+    return [f"- Label budget: {labels}; unlabelled transfer pool: {pool_text}{cap}."]
 
 
 def _artifacts(facts: CardFacts) -> str:

@@ -18,7 +18,8 @@ def subtask_data(cfg) -> SubtaskData:
 
 @lru_cache(maxsize=4)
 def _subtask_data(data_cfg, classes: tuple, seed: int) -> SubtaskData:
-    data = make_subtask(load_dataset(data_cfg), list(classes), data_cfg.val_fraction, seed)
+    data = make_subtask(load_dataset(data_cfg), list(classes), data_cfg.val_fraction, seed, data_cfg.labels_per_class,
+                        data_cfg.unlabelled, data_cfg.unlabelled_max_images, data_cfg.train_per_class is not None)
     if data_cfg.spurious is not None:
         # Only the subtask splits get markers: the teacher trains/adapts on data.dataset, which stays clean.
         from ..data.spurious import add_markers

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import View
+from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
 from ..distill.train import Models, distill, layer_pairs
 from ..models import count_macs, count_params, create_model, load_teacher, save_model
@@ -39,21 +40,66 @@ class DistillStage(Stage):
         method = self.prepare_method(ctx, models)
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
-        result = distill(models, method, data.train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress, outliers=outliers, precomputed=self.known_outputs(ctx, models, method, data, known),
-                         micro_batch=cfg.distributed.micro_batch if cfg.distributed else None)
+        train = self.transfer_set(ctx, method, data)
+        bank = self.view_bank(ctx, train)
+        result = distill(models, method, train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
+                         ctx.device, ctx.progress, outliers=outliers,
+                         precomputed=self.known_outputs(ctx, models, method, train, known, bank),
+                         micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
+                         projected=self.projected_targets(ctx, method, train), bank=bank)
         self.save(ctx, models, data)
-        return {**self.measure(ctx, models, data, known), **result}
+        views = {"view_bank_images": len(bank.images)} if bank is not None else {}
+        return {**self.measure(ctx, models, data, known), **self.budget(data, train), **views, **result}
 
-    def known_outputs(self, ctx: StageContext, models: Models, method, data, known):
-        """The teacher's subtask logits on the training images from the adapt stage's table, when the method needs
-        nothing else from the teacher (no layer targets) and the images are not augmented."""
+    def transfer_set(self, ctx: StageContext, method, data):
+        """Labelled images + the unlabelled pool (labels only where they exist); a method without a teacher has
+        nothing to learn from the pool."""
+        if not method.uses_kd or data.pool is None:
+            return data.train
+        ctx.log(f"  transfer set: {len(data.train)} labelled + {len(data.pool)} unlabelled images ({data.budget})")
+        return data.transfer
+
+    def budget(self, data, train) -> dict:
+        if data.labels_per_class is None and data.pool is None:
+            return {}
+        return {"labels_per_class": data.labels_per_class, "label_budget": data.budget,
+                "labelled_train_images": len(data.train), "val_images": len(data.val), "transfer_images": len(train)}
+
+    def view_bank(self, ctx: StageContext, train):
+        """data.views: K seeded augmented views of every training image, the teacher's outputs on them computed once."""
         cfg = ctx.config
-        if known is None or method.pairs or cfg.data.augment or not cfg.distill.cache_teacher:
+        if not (cfg.data.augment and cfg.data.views and cfg.distill.cache_teacher):
             return None
-        logits = teacher_logits(models.teacher, models.teacher_view, data.train.images, ctx.device,
-                                models.teacher_ids, known)
+        bank = ViewBank.build(as_tensor(train.images), cfg.data.views, cfg.build.seed)
+        ctx.log(f"  view bank: {cfg.data.views} augmented views of {len(train)} images ({len(bank.images)} teacher inputs)")
+        return bank
+
+    def known_outputs(self, ctx: StageContext, models: Models, method, train, known, bank=None):
+        """The teacher's subtask logits on the training images (looked up in the adapt stage's table where it has
+        them), or on the view bank's images, when the method needs nothing else from the teacher (no layer targets)
+        and the teacher's inputs are fixed (no augmentation, or a view bank)."""
+        cfg = ctx.config
+        if method.pairs or (cfg.data.augment and bank is None) or not cfg.distill.cache_teacher:
+            return None
+        if bank is not None:
+            images = bank.images.numpy()
+        elif known is None:
+            return None
+        else:
+            images = train.images
+        logits = teacher_logits(models.teacher, models.teacher_view, images, ctx.device, models.teacher_ids, known)
         return logits, {}
+
+    def projected_targets(self, ctx: StageContext, method, train):
+        """SubDistill's layer targets and the teacher's logits as the subspaces stage cached them, if it did."""
+        if "subspaces" not in ctx.inputs or ctx.config.data.augment or not ctx.config.distill.cache_teacher:
+            return None
+        from ..distill.targets import load_targets
+
+        cached = load_targets(ctx.inputs["subspaces"].dir, train.images, len(method.pairs))
+        if cached is not None:
+            ctx.log(f"  teacher targets: cached by the subspaces stage ({len(train.images)} images, float16)")
+        return cached
 
     def prepare_models(self, ctx: StageContext, data) -> Models:
         cfg = ctx.config

@@ -10,7 +10,8 @@ import torch
 from ..data.views import as_tensor, batches
 from ..distill.methods import METHODS
 from .. import distributed
-from ..distill.subspace import Elsewhere, Subspace, accumulate, save_subspaces
+from ..distill.subspace import Elsewhere, Subspace, accumulate, load_subspaces, save_subspaces
+from ..distill.targets import compute_targets, save_targets
 from ..distill.train import Models, layer_pairs
 from ..runner import Stage, StageContext, register_stage
 from .common import subtask_data
@@ -20,9 +21,15 @@ from .distill import DistillStage
 @register_stage
 class SubspacesStage(Stage):
     name = "subspaces"
-    sections = ("subspaces", "distill", "student", "subtask", "data", "build")
+    sections = ("subspaces", "student", "subtask", "data", "build")
     packages = ("torch", "timm")
     distributed = True        # under torchrun the teacher batches are dealt out, the float64 sums all-reduced
+
+    def key_sections(self, cfg) -> dict:
+        # Of the distill section only what the subspaces and targets depend on: changing the training settings
+        # (epochs, lambda, lr, ...) reuses them.
+        return {**super().key_sections(cfg), "distill.layers": _dump_layers(cfg.distill.layers),
+                "distill.cache_teacher": cfg.distill.cache_teacher}
 
     def enabled(self, cfg) -> bool:
         return METHODS.get(cfg.distill.method).needs_subspaces
@@ -35,7 +42,7 @@ class SubspacesStage(Stage):
         data = subtask_data(cfg)
         models = DistillStage().prepare_models(ctx, data)
         pairs = layer_pairs(cfg.distill.layers, models, ctx.log)
-        images = self.choose_images(data.train.images, cfg.subspaces.max_images, cfg.build.seed)
+        images = self.choose_images(data.transfer.images, cfg.subspaces.max_images, cfg.build.seed)
         start = time.perf_counter()
         moments = self.accumulate(ctx, models, pairs, images)
         subspaces = [Subspace.from_moments(m, p.student_channels, cfg.subspaces.basis, cfg.build.seed + i)
@@ -43,7 +50,23 @@ class SubspacesStage(Stage):
         seconds = time.perf_counter() - start
         save_subspaces(ctx.out, pairs, subspaces, {"basis": cfg.subspaces.basis, "images": len(images),
                                                    "positions_per_image": cfg.subspaces.positions_per_image})
-        return self.measure(pairs, subspaces, len(images), seconds)
+        return {**self.measure(pairs, subspaces, len(images), seconds), **self.cache_targets(ctx, models, pairs, data)}
+
+    def cache_targets(self, ctx: StageContext, models: Models, pairs, data) -> dict:
+        """The projected layer targets and logits of the frozen teacher on the whole transfer set, once, so that
+        distill never runs the teacher (pipeline.distill.targets). Not when the images change every epoch."""
+        cfg = ctx.config
+        if cfg.data.augment or not cfg.distill.cache_teacher:
+            return {}
+        _, layers = load_subspaces(ctx.out)
+        images = data.transfer.images
+        start = time.perf_counter()
+        with ctx.progress.task("subspaces (projected teacher targets)", len(images)) as bar:
+            logits, targets = compute_targets(models.teacher, models.teacher_view, images, pairs, layers,
+                                              models.teacher_ids, ctx.device, on_batch=bar.advance)
+        size = save_targets(ctx.out, images, logits, targets)
+        return {"targets_images": len(images), "targets_s": round(time.perf_counter() - start, 2),
+                "targets_mib": round(size / 2**20, 1), "targets_dtype": "float16"}
 
     def choose_images(self, images, cap: int | None, seed: int) -> torch.Tensor:
         """A seeded subset (kept in dataset order) when the training split is larger than the cap."""
@@ -71,3 +94,7 @@ class SubspacesStage(Stage):
                         "energy_fraction_in_subspace": round(s.spectrum["energy_fraction_in_subspace"], 4)}
                        for p, s in zip(pairs, subspaces)],
         }
+
+
+def _dump_layers(layers):
+    return layers if isinstance(layers, str) else [pair.model_dump(mode="json") for pair in layers]

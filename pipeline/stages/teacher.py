@@ -34,9 +34,9 @@ def teacher_view(cfg, model: nn.Module, dataset) -> View:
                         default_mean=data_cfg.get("mean"), default_std=data_cfg.get("std"))
 
 
-def head_class_names(cfg, num_classes: int, dataset) -> list[str]:
+def head_class_names(cfg, num_classes: int, data) -> list[str]:
     if cfg.teacher.source == "train":
-        return list(dataset.class_names)
+        return labelled_classes(data)
     if num_classes == 1000 and cfg.teacher.class_names in (None, "imagenet"):
         import timm.data
 
@@ -59,17 +59,18 @@ class TeacherStage(Stage):
         else:
             model = TEACHER_SOURCES.get(cfg.teacher.source)(cfg, in_chans=(cfg.teacher.input.channels or 3))
             view, metrics = teacher_view(cfg, model, data.dataset), {}
-        names = head_class_names(cfg, _num_outputs(model), data.dataset)
+        names = head_class_names(cfg, _num_outputs(model), data)
         save_model(model, ctx.out, "teacher", {"arch": _arch(cfg), "num_classes": len(names), "input": view.to_dict(),
                                                "class_names": names})
         return {**metrics, "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}
 
     def train_from_scratch(self, ctx: StageContext, data):
-        """For users without a foundation model: a small CNN trained on ALL classes of the dataset."""
+        """For users without a foundation model: a small CNN trained on ALL classes of the dataset (under a label
+        budget: on the subtask's labelled images only)."""
         cfg, dataset = ctx.config, data.dataset
-        model = create_model(cfg.teacher.train.arch, len(dataset.class_names), cfg.teacher.input.channels or dataset.channels)
+        train, val = labelled_split(cfg, data)
+        model = create_model(cfg.teacher.train.arch, len(labelled_classes(data)), cfg.teacher.input.channels or dataset.channels)
         view = View.resolve(cfg.teacher.input, dataset.size, dataset.channels)
-        train, val = _full_split(cfg, dataset)
         settings = FitSettings(cfg.teacher.train.epochs, cfg.teacher.train.lr, 1e-4, cfg.teacher.train.batch_size,
                                cfg.build.seed)
         result = _fit_on_images(ctx, model.to(ctx.device), view, train, val, settings, "teacher (from scratch)")
@@ -95,7 +96,7 @@ class AdaptStage(Stage):
         fit_metrics, names, known = {}, spec["class_names"], None
         if method != "none":
             fit_metrics, known = self.fit_new_head(ctx, model, view, data)
-            names = list(data.dataset.class_names)
+            names = labelled_classes(data)
         save_model(model, ctx.out, "teacher", {**spec, "num_classes": len(names), "class_names": names})
         metrics, test_logits = self.measure(ctx, model, view, data, names)
         if known is not None:
@@ -107,11 +108,11 @@ class AdaptStage(Stage):
     def fit_new_head(self, ctx: StageContext, model: nn.Module, view: View, data) -> tuple[dict, tuple | None]:
         """Returns the fit's metrics and, when the tail was trained on a cached prefix, (images, logits) of the
         finished teacher on every image it saw (saved for later stages: pipeline.models.known_logits)."""
-        adapt, dataset = ctx.config.teacher.adapt, data.dataset
-        model.reset_classifier(len(dataset.class_names))
+        adapt = ctx.config.teacher.adapt
+        model.reset_classifier(len(labelled_classes(data)))
         model.to(ctx.device)
         first_trainable = adapt.train_from or (_classifier_name(model) if adapt.method == "linear_probe" else None)
-        train, val = _full_split(ctx.config, dataset)
+        train, val = labelled_split(ctx.config, data)
         if adapt.max_images and adapt.max_images < len(train):
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.config.build.seed))
             train = train.take(keep[: adapt.max_images].sort().values.numpy())
@@ -120,11 +121,14 @@ class AdaptStage(Stage):
         if first_trainable is None:
             result = _fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})")
         else:
-            result = _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable)
-            known = (np.concatenate([train.images, val.images]), result.pop("logits"))
+            result = _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool)
+            seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
+            known = (np.concatenate(seen), result.pop("logits"))
         model.cpu().eval()
+        budget = {} if data.labels_per_class is None else {"labels_per_class": data.labels_per_class,
+                                                           "adapt_val_images": len(val), "label_budget": data.budget}
         return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
-                "adapt_history": result["history"], "adapt_train_images": len(train)}, known
+                "adapt_history": result["history"], "adapt_train_images": len(train), **budget}, known
 
     def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str]) -> tuple[dict, torch.Tensor]:
         ids = teacher_class_ids(names, data)
@@ -150,10 +154,20 @@ def teacher_class_ids(head_names: list[str], data) -> list[int]:
     return [head_names.index(n) for n in data.class_names]
 
 
-def _full_split(cfg, dataset):
+def labelled_split(cfg, data):
+    """What the teacher may learn its head from: every labelled training image of the dataset (all classes, the
+    seeded 80/20 split) -- or, under a label budget (data.labels_per_class), only the subtask's labelled images,
+    with the budget's own small validation split. Labels are head columns (labelled_classes)."""
+    if data.labels_per_class is not None:
+        return data.train, data.val
     from ..data.subtask import full_split
 
-    return full_split(dataset, cfg.data.val_fraction, cfg.build.seed)
+    return full_split(data.dataset, cfg.data.val_fraction, cfg.build.seed)
+
+
+def labelled_classes(data) -> list[str]:
+    """The new head's classes: the dataset's, or only the subtask's under a label budget (no other labels exist)."""
+    return data.class_names if data.labels_per_class is not None else list(data.dataset.class_names)
 
 
 def _arch(cfg) -> str:
@@ -186,9 +200,10 @@ def _fit_on_images(ctx, model, view, train, val, settings, description) -> dict:
     return fit_classifier(model, len(train), train_batch, validate, settings, ctx.progress, description)
 
 
-def _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable) -> dict:
+def _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, pool=None) -> dict:
     """Run the frozen prefix once over the images, then train only the tail on its cached output. The result also
-    holds the finished teacher's logits on train + val (one tail pass over the cache)."""
+    holds the finished teacher's logits on train + val (+ the unlabelled pool: distillation needs them, and the
+    frozen prefix costs the same here as later)."""
     example = view(as_tensor(train.images[:2]).to(ctx.device))
     prefix, tail = split_at(model, first_trainable, example)
     for p in prefix.parameters():
@@ -213,7 +228,22 @@ def _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable)
         result = fit_classifier(tail, len(train), train_batch, lambda: accuracy(tail_logits(cached_val), val.labels),
                                 settings, ctx.progress, f"adapt (from {first_trainable})")
         result["logits"] = torch.cat([tail_logits(cached_train), tail_logits(cached_val)])
+        if pool is not None and len(pool):
+            result["logits"] = torch.cat([result["logits"], _pool_logits(ctx, prefix, tail, view, pool.images)])
     return result
+
+
+@torch.inference_mode()
+def _pool_logits(ctx, prefix: nn.Module, tail: nn.Module, view: View, images, batch: int = 128) -> torch.Tensor:
+    """The finished teacher on the pool, prefix and tail chunk by chunk (no cache of the prefix's output)."""
+    source, out = as_tensor(images), []
+    tail.eval()
+    with channels_last_model(prefix), ctx.progress.task("teacher logits (unlabelled pool)", len(source)) as bar:
+        for start in range(0, len(source), batch):
+            x = channels_last(view(source[start:start + batch].to(ctx.device)))
+            out.append(tail(channels_last(prefix(x))).float().cpu())
+            bar.advance(len(out[-1]))
+    return torch.cat(out)
 
 
 @torch.no_grad()  # not inference_mode: the cache is fed to autograd later

@@ -13,7 +13,7 @@ from ..errors import BudgetError
 from ..runner import Stage, StageContext, StageRecord, register_stage
 from .budgets import Verdict, check, table
 from .layers import bundle_layer_error, layer_error_section
-from .report import write_report
+from .report import label_budget_sections, write_report
 from .sections import validation_sections
 from .suite import TargetRun, run_target
 from .targets import parse_target
@@ -70,7 +70,8 @@ class ValidateStage(Stage):
         logged and recorded, and the results are committed all the same."""
         try:
             write_report(ctx.out, f"Validation of {ctx.config.build.name}",
-                         validation_sections(runs, verdicts, _class_names(bundle)) + list(extra_sections),
+                         label_budget_sections(ctx.config) + validation_sections(runs, verdicts, _class_names(bundle))
+                         + list(extra_sections),
                          subtitle=f"bundle {bundle.name}, {len(cfg.targets)} target(s), runtimes {', '.join(cfg.runtimes)}")
         except Exception as exc:  # noqa: BLE001 (any plotting error; the results matter more)
             ctx.log(f"[red]validate: the report could not be written: {exc!r}[/]")

@@ -1,0 +1,8 @@
+"""BN folding, NNCF PTQ/QAT, accuracy-bounded quantization, per-layer INT8 error."""
+
+import os
+
+# NNCF compiles (or loads) a C++ extension on first use and gives up after 60 s by default. On a loaded 2-core
+# machine a cold compile takes longer than that and the qat stage failed with ExtensionLoaderTimeoutException
+# (measured this session: the cold demo lost its qat stage that way). A user's own setting still wins.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")

@@ -64,7 +64,7 @@ def test_runner_lifecycle_is_checked(bundle, inputs):
 
 
 def test_unknown_runtime_suggests_the_right_name():
-    with pytest.raises(UnknownRuntimeError, match="Did you mean 'openvino'.*Valid runtimes: onnxruntime, openvino, tensorrt"):
+    with pytest.raises(UnknownRuntimeError, match="Did you mean 'openvino'.*Valid runtimes: executorch, litert, onnxruntime, openvino, tensorrt, tflm"):
         get_runner("openvin")
 
 

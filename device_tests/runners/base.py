@@ -34,6 +34,7 @@ class Runner:
     name: ClassVar[str]
     formats: ClassVar[tuple[str, ...]]          # artifact formats it can load
     bundle_formats: ClassVar[tuple[str, ...]]   # formats it runs when validating a bundle
+    distribution: ClassVar[str | None] = None   # PyPI distribution version() reports, for runtimes without one
 
     def __init__(self, path: Path, fmt: str, threads: int = 1, precision_hint: str = "f32", max_batch: int = 64):
         if fmt not in self.formats:
@@ -138,7 +139,11 @@ class Runner:
 
     @classmethod
     def version(cls) -> str:
-        raise NotImplementedError
+        if cls.distribution is None:
+            raise NotImplementedError
+        from importlib.metadata import version
+
+        return version(cls.distribution)
 
     def _activate_impl(self) -> None:
         raise NotImplementedError

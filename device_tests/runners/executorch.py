@@ -19,16 +19,11 @@ class ExecuTorchRunner(Runner):
     name = "executorch"
     formats = ("executorch",)
     bundle_formats = ("executorch",)
+    distribution = "executorch"
 
     @classmethod
     def available(cls) -> None:
         _et()
-
-    @classmethod
-    def version(cls) -> str:
-        from importlib.metadata import version
-
-        return version("executorch")
 
     def _activate_impl(self) -> None:
         runtime = _et().Runtime.get()

@@ -18,16 +18,11 @@ class LiteRtRunner(Runner):
     name = "litert"
     formats = ("litert", "tflm")   # a TFLite Micro model is a .tflite too
     bundle_formats = ("litert",)
+    distribution = "ai-edge-litert"
 
     @classmethod
     def available(cls) -> None:
         _litert()
-
-    @classmethod
-    def version(cls) -> str:
-        from importlib.metadata import version
-
-        return version("ai-edge-litert")
 
     def _activate_impl(self) -> None:
         self._interpreter = _litert().Interpreter(model_path=str(self.path), num_threads=self.threads or None)

@@ -26,16 +26,11 @@ class TflmRunner(Runner):
     name = "tflm"
     formats = ("tflm", "litert")
     bundle_formats = ("tflm",)
+    distribution = "tflite-micro"
 
     @classmethod
     def available(cls) -> None:
         _tflm()
-
-    @classmethod
-    def version(cls) -> str:
-        from importlib.metadata import version
-
-        return version("tflite-micro")
 
     def _activate_impl(self) -> None:
         self._interpreter = _tflm().Interpreter.from_file(str(self.path), arena_size=ARENA_BYTES)

@@ -8,8 +8,9 @@ stages (edgesmith's Build, cached under --output, so a rerun only does what is m
   student rows   student_only (the N labels alone); kd / subdistill / fitnet / attention with the unlabelled pool
                  (data.unlabelled: rest, capped); kd and subdistill without the pool; kd with every label (N = all)
 Each student distils from the fine-tuned foundation teacher; model selection uses only the budget's labelled
-validation split; test accuracy is on the subtask's official test split. (The view bank rows of issue 13 are not
-here: the view bank is not built yet.)
+validation split; test accuracy is on the subtask's official test split.
+  view bank rows kd and subdistill with the pool and data.views: K (augment: true: flips and small shifts, K seeded
+                 views per image whose teacher targets are computed once), at N in --views-at (default 50)
 
     flock /work/heavy.lock .venv/bin/python bench/label_efficiency.py          # full scale (see the docstring of
                                                                                   # the committed results for time)
@@ -49,6 +50,7 @@ SUBTASKS = [                                    # the first three of bench/disti
 ]
 POOL_METHODS = ["kd", "subdistill", "fitnet", "attention"]
 NO_POOL_METHODS = ["kd", "subdistill"]
+VIEW_METHODS = ["kd", "subdistill"]
 TEACHER_ROWS = ["teacher: foundation, linear probe", "teacher: foundation, finetune", "teacher: CNN from scratch"]
 
 
@@ -65,6 +67,11 @@ def parse_args(argv=None):
     p.add_argument("--test-per-class", type=int, default=None)
     p.add_argument("--pool-methods", nargs="*", default=POOL_METHODS)
     p.add_argument("--no-pool-methods", nargs="*", default=NO_POOL_METHODS)
+    p.add_argument("--view-methods", nargs="*", default=VIEW_METHODS)
+    p.add_argument("--views", type=int, nargs="*", default=[4], help="view bank sizes K (data.views)")
+    p.add_argument("--views-at", type=int, nargs="*", default=[50], help="labels per class N with view bank rows")
+    p.add_argument("--views-seeds", type=int, default=1, help="seeds with view bank rows (each K costs K teacher "
+                   "passes over the pool)")
     p.add_argument("--probe", default="classifier:100:0.01:0.0001", help="linear probe train_from:epochs:lr:wd")
     p.add_argument("--finetune", default="blocks.5:10:0.001:0.05", help="finetune train_from:epochs:lr:wd")
     p.add_argument("--cnn-epochs", type=int, default=30, help="from-scratch CNN teacher: epochs on the N labels")
@@ -77,6 +84,7 @@ def parse_args(argv=None):
         args.labels, args.all_labels, args.subtasks, args.seeds, args.seeds_at_50 = [8], False, 1, 1, 1
         args.pool_cap, args.epochs, args.test_per_class, args.student = 64, 1, 25, "cnn_tiny"
         args.pool_methods, args.no_pool_methods = ["kd", "subdistill"], ["kd"]
+        args.view_methods, args.views, args.views_at = ["kd"], [2], [8]
         args.probe, args.finetune, args.cnn_epochs = "classifier:2:0.01:0.0001", "blocks.6:1:0.001:0.05", 1
     if args.out is None:
         args.out = RESULTS.with_name("label_efficiency_quick.json") if args.quick else RESULTS
@@ -91,13 +99,15 @@ def adapt_settings(text: str) -> dict:
 
 
 def config(args, classes: list[str], n: int | None, seed: int, adapt: dict | None = None, method: str = "kd",
-           pool: bool = True, cnn_teacher: bool = False):
+           pool: bool = True, cnn_teacher: bool = False, views: int | None = None):
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
     raw["build"].update({"name": f"le_{name}", "seed": seed, "output": args.output, "threads": args.threads})
     raw["subtask"] = {"classes": classes}
     raw["data"].update({"labels_per_class": n, "unlabelled": "rest" if pool else "none",
                         "unlabelled_max_images": args.pool_cap if pool else None})
+    if views is not None:
+        raw["data"].update({"augment": True, "views": views})
     if n is None and not pool:
         raw["data"].update({"unlabelled": None, "unlabelled_max_images": None})
     if args.test_per_class:
@@ -144,6 +154,10 @@ def run_cell(args, classes: list[str], n: int | None, seed: int) -> list[dict]:
     for method in args.no_pool_methods:
         rows.append({**base, "row": f"{method} (no pool)",
                      **student_metrics(build(config(args, classes, n, seed, finetune, method, pool=False), "distill"))})
+    for k in args.views if n in args.views_at and seed < args.views_seeds else []:
+        for method in args.view_methods:
+            cfg = config(args, classes, n, seed, finetune, method, pool=True, views=k)
+            rows.append({**base, "row": f"{method} + pool + views K={k}", **student_metrics(build(cfg, "distill"))})
     return rows
 
 
@@ -179,7 +193,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 def row_order(row: str) -> int:
     order = TEACHER_ROWS + ["student_only (labels alone)"] + [f"{m} + pool" for m in POOL_METHODS] + \
-        [f"{m} (no pool)" for m in NO_POOL_METHODS] + ["kd (every label)"]
+        [f"{m} (no pool)" for m in NO_POOL_METHODS] + \
+        [f"{m} + pool + views K={k}" for k in (1, 2, 4, 8, 16) for m in VIEW_METHODS] + ["kd (every label)"]
     return order.index(row) if row in order else len(order)
 
 
@@ -235,26 +250,35 @@ def plot(summary: list[dict], path: Path) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start, rows = time.perf_counter(), []
+    partial = args.out.with_suffix(".partial.jsonl")      # rows so far: an interrupted run keeps what it measured
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_text("")
     for classes in SUBTASKS[:args.subtasks]:
         for n in args.labels:
             for seed in range(args.seeds_at_50 if n == 50 else args.seeds):
-                rows += run_cell(args, classes, n, seed)
+                rows += _saved(partial, run_cell(args, classes, n, seed))
                 print(f"[{time.perf_counter() - start:6.0f} s] {classes} N={n} seed={seed} done", flush=True)
         if args.all_labels:
             for seed in range(args.seeds):
-                rows += run_cell(args, classes, None, seed)
+                rows += _saved(partial, run_cell(args, classes, None, seed))
     summary = summarise(rows)
     text = table(summary)
     print(text)
     result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "environment": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
-              "wall_s": round(time.perf_counter() - start, 1), "summary": summary, "runs": rows,
-              "not_measured": "view bank rows (the view bank is not built yet)"}
+              "wall_s": round(time.perf_counter() - start, 1), "summary": summary, "runs": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.out.with_suffix(".txt").write_text(text + "\n")
     plot(summary, args.out.with_suffix(".png"))
+    partial.unlink()
     return result
+
+
+def _saved(path: Path, rows: list[dict]) -> list[dict]:
+    with path.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return rows
 
 
 if __name__ == "__main__":

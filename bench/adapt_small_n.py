@@ -41,7 +41,8 @@ from pipeline.models.layout import channels_last, channels_last_model  # noqa: E
 from pipeline.models.split import sequential_parts  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import Build  # noqa: E402
-from pipeline.stages.common import accuracy, subtask_data  # noqa: E402
+from pipeline.data.for_config import subtask_data  # noqa: E402
+from pipeline.models.predict import accuracy  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "adapt_small_n.json"

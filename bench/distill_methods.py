@@ -56,7 +56,8 @@ from pipeline.distill.train import Models, distill, layer_pairs  # noqa: E402
 from pipeline.models import create_model, load_teacher  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import Build, StageContext, StageRecord  # noqa: E402
-from pipeline.stages.common import accuracy, predict_logits, subtask_data  # noqa: E402
+from pipeline.data.for_config import subtask_data  # noqa: E402
+from pipeline.models.predict import accuracy, predict_logits  # noqa: E402
 from pipeline.stages.distill import DistillStage  # noqa: E402
 from pipeline.stages.subspaces import SubspacesStage  # noqa: E402
 from pipeline.stages.teacher import teacher_class_ids  # noqa: E402

@@ -54,7 +54,8 @@ from pipeline.ood.exposure import OutlierExposure  # noqa: E402
 from pipeline.ood.features import Mahalanobis, penultimate  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import Build  # noqa: E402
-from pipeline.stages.common import predict_logits, subtask_data  # noqa: E402
+from pipeline.data.for_config import subtask_data  # noqa: E402
+from pipeline.models.predict import predict_logits  # noqa: E402
 from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"

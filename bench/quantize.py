@@ -42,7 +42,7 @@ from pipeline.data import View, batches  # noqa: E402
 from pipeline.data.views import as_tensor  # noqa: E402
 from pipeline.distill.config import DistillConfig  # noqa: E402
 from pipeline.models import count_params, create_model  # noqa: E402
-from pipeline.stages.common import subtask_data  # noqa: E402
+from pipeline.data.for_config import subtask_data  # noqa: E402
 from quantize.config import QATConfig  # noqa: E402
 from quantize.fold import fold_batchnorm  # noqa: E402
 from quantize.nncf_ops import calibration_batches  # noqa: E402

@@ -50,7 +50,7 @@ def run(args) -> list[dict]:
 
     from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
-    from pipeline.runner import StageContext, StageRecord
+    from pipeline.stage import StageContext, StageRecord
     from pipeline.stages.distill import DistillStage
     from pipeline.stages.subspaces import SubspacesStage
 

@@ -49,7 +49,8 @@ import distill_methods as dm  # noqa: E402
 from pipeline.config import SpuriousConfig, parse_config  # noqa: E402
 from pipeline.data.spurious import add_markers  # noqa: E402
 from pipeline.models import create_model, load_teacher  # noqa: E402
-from pipeline.stages.common import accuracy, predict_logits, subtask_data  # noqa: E402
+from pipeline.data.for_config import subtask_data  # noqa: E402
+from pipeline.models.predict import accuracy, predict_logits  # noqa: E402
 from pipeline.xai.config import ExplainConfig  # noqa: E402
 from pipeline.xai.explain import explain_pair  # noqa: E402
 

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pipeline.errors import ConfigError
+
 from .errors import ExportError
 
 EXTRA = "mobile"
@@ -135,3 +137,13 @@ def _guarded(fmt: str, model: nn.Module, example: torch.Tensor, work: Callable):
         raise
     except Exception as exc:  # noqa: BLE001 (converters raise anything; the user needs the op and the format)
         raise unsupported(fmt, model, example, exc) from None
+
+
+def check_mobile_extra(formats: list[str]) -> None:
+    """Refuse a config that asks for a mobile format without the extra, before any stage runs."""
+    missing = missing_extra(formats)
+    if missing:
+        raise ConfigError(f"export.formats asks for {', '.join(missing)}, but the `{EXTRA}` extra (litert-torch, "
+                          "ai-edge-litert, tflite-micro, executorch) is not installed in this Python.",
+                          f"Install it with `pip install -c constraints.txt -e '.[{EXTRA}]'` (`make venv` does), "
+                          f"or remove {', '.join(missing)} from export.formats.")

@@ -55,7 +55,7 @@ def build(
     from .preflight import check_names
     from .progress import ProgressDisplay
     from .runner import Build
-    from .stages.common import subtask_data
+    from .data.for_config import subtask_data
 
     cfg = load_config(config)
     check_names(cfg)

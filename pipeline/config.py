@@ -203,6 +203,12 @@ class EdgesmithConfig(Section):
         return hashlib.sha256(json.dumps(self.dump(), sort_keys=True).encode()).hexdigest()
 
 
+# The config's sections by their YAML names; the optional ones (left out: None) switch their stages off.
+SECTIONS = tuple(f.alias or name for name, f in EdgesmithConfig.model_fields.items())
+OPTIONAL_SECTIONS = tuple(f.alias or name for name, f in EdgesmithConfig.model_fields.items()
+                          if not f.is_required() and f.default is None)
+
+
 def _fields_at(model: type, loc: tuple) -> list[str]:
     """Names of the fields valid at a key path, for did-you-mean on unknown keys."""
     for part in loc:

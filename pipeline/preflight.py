@@ -39,7 +39,7 @@ def _check_arch(arch: str, own: list[str]) -> None:
 def check_data(cfg) -> tuple[object | None, str]:
     """The subtask data, or (None, why) when the dataset is not on this machine and the classes can still be
     checked against the teacher's own class names (an ImageNet teacher used without adaptation)."""
-    from .stages.common import subtask_data
+    from .data.for_config import subtask_data
 
     try:
         return subtask_data(cfg), ""

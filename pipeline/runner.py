@@ -1,4 +1,4 @@
-"""The stage runner: declares the chain, keys each stage by what it depends on, reuses or rebuilds."""
+"""The runner: plans the chain (pipeline.stages.CHAIN), keys each stage by what it depends on, reuses or rebuilds."""
 
 from __future__ import annotations
 
@@ -6,101 +6,26 @@ import random
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 from . import distributed
-from .cache import CODE_PACKAGES, BuildCache, DigestCache, code_digest, package_versions, stage_key
+from .cache import BuildCache, DigestCache, code_digest, package_versions, stage_key
 from .config import EdgesmithConfig
 from .errors import ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
+from .stage import Stage, StageContext, StageRecord
+from .stages import CHAIN
 
-STAGE_ORDER = ("teacher", "adapt", "subspaces", "distill", "qat", "export", "validate", "release")
-STAGES: Registry[type["Stage"]] = Registry("stage")
+STAGE_ORDER = tuple(stage.name for stage in CHAIN)
+STAGES: Registry[type[Stage]] = Registry("stage")
+for _stage in CHAIN:
+    STAGES.register(_stage.name)(_stage)
+
 # Config values that name files whose CONTENT a stage depends on: section -> fields. Their digests join the key
 # of every stage that hashes the section, so replacing a checkpoint or a dataset at the same path re-runs them.
 CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlabelled")}
-
-
-@dataclass(frozen=True)
-class StageRecord:
-    """A committed stage output: its folder and its stage.json."""
-
-    name: str
-    key: str
-    dir: Path
-    meta: dict
-
-    @property
-    def metrics(self) -> dict:
-        return self.meta.get("metrics", {})
-
-
-@dataclass
-class StageContext:
-    config: EdgesmithConfig
-    out: Path
-    inputs: dict[str, StageRecord]
-    progress: ProgressDisplay
-    key: str
-    device_name: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def device(self):
-        import torch
-
-        return torch.device(self.device_name)
-
-    def log(self, message: str) -> None:
-        self.progress.log(message)
-
-
-class Stage:
-    """One step of the chain. Subclasses set `name`, the config `sections` in their key, and implement run()."""
-
-    name: ClassVar[str]
-    sections: ClassVar[tuple[str, ...]] = ()
-    packages: ClassVar[tuple[str, ...]] = ("torch",)
-    code: ClassVar[tuple[str, ...]] = CODE_PACKAGES
-    # Under torchrun: True runs the stage in every process (it shares its work out with pipeline.distributed);
-    # False runs it in rank 0 alone while the others wait for its committed result.
-    distributed: ClassVar[bool] = False
-
-    def enabled(self, cfg: EdgesmithConfig) -> bool:
-        return all(cfg.section(s) is not None for s in self.sections if s in ("qat", "export", "validate", "release"))
-
-    def inputs(self, cfg: EdgesmithConfig) -> tuple[str, ...]:
-        return ()
-
-    def key_sections(self, cfg: EdgesmithConfig) -> dict:
-        """The config hashed into the key: `sections`; a stage may add optional parts only when they are set."""
-        return {s: _dump(cfg.section(s)) for s in self.sections}
-
-    def run(self, ctx: StageContext) -> dict:
-        raise NotImplementedError
-
-    def reusable(self, meta: dict) -> bool:
-        """Whether a committed result may be served from the cache. A stage says no for a result that records a
-        failure of the world rather than of the build (a target that could not be reached): the next build
-        tries again instead of replaying the failure."""
-        return True
-
-    def after_commit(self, record: StageRecord, ctx: StageContext) -> None:
-        """The verdict of a result, on every build that uses it, whether it ran now or came from the cache:
-        checks that may fail the build (budgets) are a property of the build, not of one stage run."""
-
-
-def register_stage(cls: type[Stage]) -> type[Stage]:
-    assert cls.name in STAGE_ORDER, f"stage {cls.name} is not in STAGE_ORDER"
-    return STAGES.register(cls.name)(cls)
-
-
-def _load_stage_modules() -> None:
-    # Importing the modules fills the registry; heavy libraries are imported inside run().
-    from .stages import teacher, subspaces, distill, later  # noqa: F401
 
 
 def resolve_device(requested: str) -> str:
@@ -138,7 +63,6 @@ class PlannedStage:
 
 class Build:
     def __init__(self, cfg: EdgesmithConfig):
-        _load_stage_modules()
         self.cfg = cfg
         self.cache = BuildCache(Path(cfg.build.output) / cfg.build.name)
 
@@ -326,5 +250,3 @@ def _input_path(section: str, field_name: str, value: str) -> Path | None:
     return Path(value)
 
 
-def _dump(section: Any) -> Any:
-    return section.model_dump(mode="json") if hasattr(section, "model_dump") else section

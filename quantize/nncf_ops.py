@@ -94,3 +94,13 @@ def load_quantized(folder: Path, make_float_model: Callable[[], nn.Module]) -> n
 def calibration_batches(inputs: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """One image per item: NNCF counts subset_size in dataset items, and per-sample statistics stay exact."""
     return [x.unsqueeze(0) for batch in inputs for x in batch]
+
+
+def calibration_images(images, view, size: int, seed: int) -> list:
+    """The qat stage's calibration set: `size` seeded training images through the student's view, batched for
+    NNCF. The export stage calibrates the mobile formats' PT2E INT8 on the same images."""
+    import numpy as np
+    import torch
+
+    pick = np.sort(np.random.default_rng(seed).permutation(len(images))[:size])
+    return calibration_batches([view(torch.as_tensor(images[pick]))])

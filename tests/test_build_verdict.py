@@ -81,8 +81,8 @@ def test_the_release_stage_itself_refuses_a_failed_validation(tmp_path):
     from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
     from pipeline.release.bundle import ReleaseError
-    from pipeline.release.stage import ReleaseStage
-    from pipeline.runner import StageContext, StageRecord
+    from pipeline.stages.release import ReleaseStage
+    from pipeline.stage import StageContext, StageRecord
     from .test_release import BUDGETS, release_config
     from .test_release_stage import upstream
 

@@ -18,8 +18,8 @@ from pipeline.data.views import as_tensor
 from pipeline.errors import ConfigError
 from pipeline.models import create_model, save_model
 from pipeline.progress import ProgressDisplay
-from pipeline.runner import StageContext, StageRecord
-from pipeline.stages.common import subtask_data
+from pipeline.stage import StageContext, StageRecord
+from pipeline.data.for_config import subtask_data
 
 CLASSES = ["T-shirt/top", "Pullover", "Shirt", "Coat"]
 VIEW = View(28, 1, (0.5,), (0.5,))
@@ -84,7 +84,7 @@ def upstream(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qat_run(upstream):
-    from quantize.stage import QATStage
+    from pipeline.stages.qat import QATStage
 
     root, inputs = upstream
     cfg = tiny_config()
@@ -95,7 +95,7 @@ def qat_run(upstream):
 
 @pytest.fixture(scope="module")
 def export_run(upstream, qat_run):
-    from exporters.stage import ExportStage
+    from pipeline.stages.export import ExportStage
 
     root, inputs = upstream
     cfg = tiny_config()
@@ -126,7 +126,7 @@ def test_qat_stage_writes_a_reloadable_quantized_model(qat_run, upstream):
 
 
 def test_ptq_mode_skips_finetuning(upstream, tmp_path):
-    from quantize.stage import QATStage
+    from pipeline.stages.qat import QATStage
 
     _, inputs = upstream
     cfg = tiny_config(qat={"mode": "ptq", "calibration_size": 32})
@@ -219,7 +219,7 @@ def test_tensorrt_records_an_on_device_build(export_run):
 
 
 def test_tensorrt_alone_still_ships_the_onnx_it_builds_from(upstream, qat_run, tmp_path):
-    from exporters.stage import ExportStage
+    from pipeline.stages.export import ExportStage
 
     _, inputs = upstream
     cfg = tiny_config(export={"formats": ["tensorrt"], "parity_limit": 50, "eval_images": 20,
@@ -232,7 +232,7 @@ def test_tensorrt_alone_still_ships_the_onnx_it_builds_from(upstream, qat_run, t
 
 
 def test_reexport_gives_identical_bytes(upstream, qat_run, export_run, tmp_path):
-    from exporters.stage import ExportStage
+    from pipeline.stages.export import ExportStage
 
     _, inputs = upstream
     first, _, listing = export_run
@@ -253,7 +253,7 @@ def test_config_hash_ignores_sections_read_after_export():
 
 
 def test_int8_format_without_qat_section_is_a_config_error():
-    from exporters.stage import ExportStage
+    from pipeline.stages.export import ExportStage
 
     raw = tiny_config().dump()
     raw["qat"] = None

@@ -14,7 +14,8 @@ from pipeline.data import View
 from pipeline.models import create_model, load_teacher
 from pipeline.models.known_logits import KnownLogits, image_digests, save_known_logits, teacher_logits
 from pipeline.models.layout import channels_last, channels_last_model
-from pipeline.stages.common import predict_logits, subtask_data
+from pipeline.data.for_config import subtask_data
+from pipeline.models.predict import predict_logits
 
 from .conftest import run_cli
 

@@ -17,7 +17,8 @@ from pipeline.distill.methods import label_loss
 from pipeline.models import load_teacher
 from pipeline.models.known_logits import KnownLogits
 from pipeline.release.model_card import CardFacts, render_model_card
-from pipeline.stages.common import predict_logits, subtask_data
+from pipeline.data.for_config import subtask_data
+from pipeline.models.predict import predict_logits
 from pipeline.data import View, load_dataset
 
 from .conftest import REPO, run_cli, tiny_config_dict

@@ -148,7 +148,7 @@ def test_unsupported_op_is_named_with_the_format(tmp_path, fmt):
 
 
 def test_missing_extra_is_a_config_error_naming_the_extra(monkeypatch):
-    from exporters.stage import check_mobile_extra
+    from exporters.mobile import check_mobile_extra
     from pipeline.errors import ConfigError
 
     monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if litert-torch were not installed

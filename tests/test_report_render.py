@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pipeline.cache import PROJECT_ROOT
-from pipeline.validation.report import Section, esc, figure_html, html_table, md_table, write_report
+from pipeline.report import Section, esc, figure_html, html_table, md_table, write_report
 
 
 def demo_sections() -> list[Section]:

@@ -12,7 +12,7 @@ import pytest
 from pipeline.errors import DeviceError
 from pipeline.validation.config import ValidateConfig
 from pipeline.validation.ssh import SshSession
-from pipeline.validation.suite import run_target
+from pipeline.validation.run import run_target
 from pipeline.validation.targets import parse_target
 from pipeline.validation.testing import SSHD, TINY_LATENCY, SshServer, free_port, keygen, shared_bundle
 
@@ -118,8 +118,8 @@ def test_a_failure_after_connecting_is_a_failed_row_not_a_crash(server, tmp_path
 def test_one_target_failing_after_connecting_keeps_the_other_targets_results(server, tmp_path):
     from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
-    from pipeline.runner import StageContext, StageRecord
-    from pipeline.validation.stage import ValidateStage
+    from pipeline.stage import StageContext, StageRecord
+    from pipeline.stages.validate import ValidateStage
     from tests.conftest import tiny_config_dict
 
     raw = tiny_config_dict(tmp_path / "builds")

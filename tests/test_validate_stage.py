@@ -10,10 +10,10 @@ import pytest
 from pipeline.config import parse_config
 from pipeline.errors import BudgetError, ConfigError
 from pipeline.progress import ProgressDisplay
-from pipeline.runner import StageContext, StageRecord
+from pipeline.stage import StageContext, StageRecord
 from pipeline.validation.budgets import check
 from pipeline.validation.config import Budgets
-from pipeline.validation.stage import ValidateStage
+from pipeline.stages.validate import ValidateStage
 from pipeline.validation.suite import TargetRun
 from pipeline.validation.testing import TINY_LATENCY, free_port, shared_bundle
 from tests.conftest import tiny_config_dict

@@ -12,7 +12,7 @@ from pipeline.config import parse_config
 from pipeline.data import View
 from pipeline.data.spurious import glyph, marker_box
 from pipeline.models import create_model
-from pipeline.stages.common import subtask_data
+from pipeline.data.for_config import subtask_data
 from pipeline.xai.agreement import agreement, pixel_flipping, to_size
 from pipeline.xai.config import ExplainConfig
 from pipeline.xai.explain import explain_pair

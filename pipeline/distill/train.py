@@ -14,7 +14,7 @@ from .. import distributed
 from ..data import View
 from ..data.views import as_tensor, augment_batch, batches
 from ..models.layout import channels_last
-from ..stages.common import accuracy, predict_logits
+from ..models.predict import accuracy, predict_logits
 from .features import PairSpec, resolve_pairs, tap_features
 from .methods import DistillMethod, Outputs
 
@@ -26,6 +26,24 @@ class Models:
     teacher_view: View
     student_view: View
     teacher_ids: list[int]          # the subtask's columns in the teacher's head
+
+
+def student_view(cfg, dataset) -> View:
+    """The student takes the device's native input unless student.input says otherwise."""
+    return View.resolve(cfg.student.input, default_size=dataset.size, default_channels=dataset.channels)
+
+
+def load_models(cfg, adapt_dir, data) -> Models:
+    """The frozen adapted teacher (from the adapt stage's folder) and a fresh student for the subtask."""
+    from ..models import create_model, load_teacher
+    from ..models.adapt import teacher_class_ids
+
+    teacher, spec = load_teacher(adapt_dir)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    view = student_view(cfg, data.dataset)
+    student = create_model(cfg.student.arch, data.num_classes, view.channels, cfg.student.pretrained)
+    return Models(teacher, student, View.from_dict(spec["input"]), view, teacher_class_ids(spec["class_names"], data))
 
 
 def layer_pairs(layers, models: Models, say=lambda _msg: None) -> list[PairSpec]:

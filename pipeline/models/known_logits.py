@@ -59,7 +59,7 @@ def teacher_logits(teacher: nn.Module, view: View, images: np.ndarray, device: t
                    columns: list[int] | None = None, known: KnownLogits | None = None) -> torch.Tensor:
     """The teacher's logits (optionally only some columns) for uint8 images, in order: looked up where known,
     computed (channels_last, batches of 128: fastest on the CPU) for the rest."""
-    from ..stages.common import predict_logits
+    from .predict import predict_logits
 
     rows = known.rows(images) if known is not None and len(images) else np.full(len(images), -1)
     missing, found = np.flatnonzero(rows < 0), np.flatnonzero(rows >= 0)

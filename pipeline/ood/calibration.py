@@ -20,7 +20,7 @@ def make_rule(val_logits: np.ndarray, cfg: OODConfig) -> Rule:
 def logits_of(model, view, images: np.ndarray, device=None, columns=None) -> np.ndarray:
     import torch
 
-    from ..stages.common import predict_logits
+    from ..models.predict import predict_logits
 
     return predict_logits(model, view, images, device or torch.device("cpu"), columns=columns).numpy()
 

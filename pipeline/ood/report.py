@@ -6,7 +6,7 @@ from __future__ import annotations
 from html import escape
 from typing import Optional
 
-from ..validation.report import (Section, figure_html, html_table, md_table, once_per_artifact, passed_runs,
+from ..report import (Section, figure_html, html_table, md_table, once_per_artifact, passed_runs,
                                  pyplot, subplot_grid)
 
 HEADERS = ["target", "artifact", "runtime", "score", "T", "threshold", "AUROC", "FPR@95", "in kept", "outside accepted",

@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from ..data import View
+from ..data.for_config import subtask_data
 from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
-from ..distill.train import Models, distill, layer_pairs
-from ..models import count_macs, count_params, create_model, load_teacher, save_model
+from ..distill.train import Models, distill, layer_pairs, load_models
+from ..models import count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
+from ..models.predict import accuracy, predict_logits
 from ..ood.exposure import outlier_exposure
-from ..runner import Stage, StageContext, register_stage
-from .common import accuracy, predict_logits, subtask_data
-from .teacher import teacher_class_ids
+from ..stage import Stage, StageContext
 
 
-def student_view(cfg, dataset) -> View:
-    """The student takes the device's native input unless student.input says otherwise."""
-    return View.resolve(cfg.student.input, default_size=dataset.size, default_channels=dataset.channels)
-
-
-@register_stage
 class DistillStage(Stage):
     name = "distill"
     sections = ("distill", "student", "subtask", "data", "build")
@@ -36,7 +29,7 @@ class DistillStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.config
         data = subtask_data(cfg)
-        models = self.prepare_models(ctx, data)
+        models = load_models(cfg, ctx.inputs["adapt"].dir, data)
         method = self.prepare_method(ctx, models)
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
@@ -100,16 +93,6 @@ class DistillStage(Stage):
         if cached is not None:
             ctx.log(f"  teacher targets: cached by the subspaces stage ({len(train.images)} images, float16)")
         return cached
-
-    def prepare_models(self, ctx: StageContext, data) -> Models:
-        cfg = ctx.config
-        teacher, spec = load_teacher(ctx.inputs["adapt"].dir)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        view = student_view(cfg, data.dataset)
-        student = create_model(cfg.student.arch, data.num_classes, view.channels, cfg.student.pretrained)
-        return Models(teacher, student, View.from_dict(spec["input"]), view,
-                      teacher_class_ids(spec["class_names"], data))
 
     def prepare_method(self, ctx: StageContext, models: Models):
         cfg = ctx.config.distill

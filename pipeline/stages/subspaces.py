@@ -12,13 +12,11 @@ from ..distill.methods import METHODS
 from .. import distributed
 from ..distill.subspace import Elsewhere, Subspace, accumulate, load_subspaces, save_subspaces
 from ..distill.targets import compute_targets, save_targets
-from ..distill.train import Models, layer_pairs
-from ..runner import Stage, StageContext, register_stage
-from .common import subtask_data
-from .distill import DistillStage
+from ..distill.train import Models, layer_pairs, load_models
+from ..stage import Stage, StageContext
+from ..data.for_config import subtask_data
 
 
-@register_stage
 class SubspacesStage(Stage):
     name = "subspaces"
     sections = ("subspaces", "student", "subtask", "data", "build")
@@ -40,7 +38,7 @@ class SubspacesStage(Stage):
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.config
         data = subtask_data(cfg)
-        models = DistillStage().prepare_models(ctx, data)
+        models = load_models(ctx.config, ctx.inputs["adapt"].dir, data)
         pairs = layer_pairs(cfg.distill.layers, models, ctx.log)
         images = self.choose_images(data.transfer.images, cfg.subspaces.max_images, cfg.build.seed)
         start = time.perf_counter()

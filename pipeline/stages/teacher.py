@@ -1,50 +1,21 @@
-"""Stages `teacher` (obtain the foundation model) and `adapt` (give it a head over the dataset's classes)."""
+"""Stage `teacher`: obtain the foundation model (a named source) or train a small CNN from scratch."""
 
 from __future__ import annotations
 
-import numpy as np
-import torch
-from torch import nn
-
 from ..data import View
-from ..data.views import as_tensor, augment_batch
-from ..errors import ModelError
-from ..models import count_macs, count_params, create_model, load_teacher, save_model
-from ..models.fit import FitSettings, fit_classifier
-from ..models.known_logits import save_known_logits, teacher_logits
-from ..models.layout import channels_last, channels_last_model
-from ..models.split import split_at
-from ..models.teachers import TEACHER_SOURCES, head_classes
-from ..runner import Stage, StageContext, register_stage
-from .common import accuracy, predict_logits, subtask_data
+from ..data.for_config import subtask_data
+from ..models import count_macs, count_params, create_model, save_model
+from ..models.adapt import fit_on_images, head_class_names, labelled_classes, labelled_split, num_outputs, teacher_arch, teacher_view
+from ..models.fit import FitSettings
+from ..models.teachers import TEACHER_SOURCES
+from ..stage import Stage, StageContext
 
-TEACHER_CODE = ("pipeline/models", "pipeline/data", "pipeline/stages/teacher.py", "pipeline/stages/common.py",
-                "pipeline/runner.py", "pipeline/cache.py")
+# The teacher and adapt stages hash only the code they run, so that editing a later stage keeps the (slow) adapted
+# teacher cached.
+TEACHER_CODE = ("pipeline/models", "pipeline/data", "pipeline/stages/teacher.py", "pipeline/stages/adapt.py",
+                "pipeline/stage.py", "pipeline/runner.py", "pipeline/cache.py")
 
 
-def teacher_view(cfg, model: nn.Module, dataset) -> View:
-    """What the teacher expects (timm's data config), overridden by teacher.input."""
-    data_cfg = {}
-    if hasattr(model, "pretrained_cfg"):
-        import timm
-
-        data_cfg = timm.data.resolve_model_data_config(model)
-    size = data_cfg.get("input_size", (dataset.channels, dataset.size, dataset.size))
-    return View.resolve(cfg.teacher.input, default_size=size[-1], default_channels=size[0],
-                        default_mean=data_cfg.get("mean"), default_std=data_cfg.get("std"))
-
-
-def head_class_names(cfg, num_classes: int, data) -> list[str]:
-    if cfg.teacher.source == "train":
-        return labelled_classes(data)
-    if num_classes == 1000 and cfg.teacher.class_names in (None, "imagenet"):
-        import timm.data
-
-        return list(timm.data.ImageNetInfo().label_descriptions())
-    return [str(i) for i in range(num_classes)]
-
-
-@register_stage
 class TeacherStage(Stage):
     name = "teacher"
     sections = ("teacher", "data", "build")
@@ -59,8 +30,8 @@ class TeacherStage(Stage):
         else:
             model = TEACHER_SOURCES.get(cfg.teacher.source)(cfg, in_chans=(cfg.teacher.input.channels or 3))
             view, metrics = teacher_view(cfg, model, data.dataset), {}
-        names = head_class_names(cfg, _num_outputs(model), data)
-        save_model(model, ctx.out, "teacher", {"arch": _arch(cfg), "num_classes": len(names), "input": view.to_dict(),
+        names = head_class_names(cfg, num_outputs(model), data)
+        save_model(model, ctx.out, "teacher", {"arch": teacher_arch(cfg), "num_classes": len(names), "input": view.to_dict(),
                                                "class_names": names})
         return {**metrics, "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}
 
@@ -73,187 +44,5 @@ class TeacherStage(Stage):
         view = View.resolve(cfg.teacher.input, dataset.size, dataset.channels)
         settings = FitSettings(cfg.teacher.train.epochs, cfg.teacher.train.lr, 1e-4, cfg.teacher.train.batch_size,
                                cfg.build.seed)
-        result = _fit_on_images(ctx, model.to(ctx.device), view, train, val, settings, "teacher (from scratch)")
+        result = fit_on_images(ctx, model.to(ctx.device), view, train, val, settings, "teacher (from scratch)")
         return model.cpu(), view, {"train_best_val_acc": result["best_val_acc"], "train_best_epoch": result["best_epoch"]}
-
-
-@register_stage
-class AdaptStage(Stage):
-    name = "adapt"
-    sections = ("teacher", "data", "subtask", "build")
-    packages = ("torch", "timm")
-    code = TEACHER_CODE
-
-    def inputs(self, cfg):
-        return ("teacher",)
-
-    def run(self, ctx: StageContext) -> dict:
-        cfg = ctx.config
-        data = subtask_data(cfg)
-        model, spec = load_teacher(ctx.inputs["teacher"].dir)
-        view = View.from_dict(spec["input"])
-        method = cfg.teacher.adapt.method
-        fit_metrics, names, known = {}, spec["class_names"], None
-        if method != "none":
-            fit_metrics, known = self.fit_new_head(ctx, model, view, data)
-            names = labelled_classes(data)
-        save_model(model, ctx.out, "teacher", {**spec, "num_classes": len(names), "class_names": names})
-        metrics, test_logits = self.measure(ctx, model, view, data, names)
-        if known is not None:
-            images, logits = known
-            fit_metrics["known_logits"] = save_known_logits(ctx.out, np.concatenate([images, data.test.images]),
-                                                            torch.cat([logits, test_logits]))
-        return {**fit_metrics, **metrics}
-
-    def fit_new_head(self, ctx: StageContext, model: nn.Module, view: View, data) -> tuple[dict, tuple | None]:
-        """Returns the fit's metrics and, when the tail was trained on a cached prefix, (images, logits) of the
-        finished teacher on every image it saw (saved for later stages: pipeline.models.known_logits)."""
-        adapt = ctx.config.teacher.adapt
-        model.reset_classifier(len(labelled_classes(data)))
-        model.to(ctx.device)
-        first_trainable = adapt.train_from or (_classifier_name(model) if adapt.method == "linear_probe" else None)
-        train, val = labelled_split(ctx.config, data)
-        if adapt.max_images and adapt.max_images < len(train):
-            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.config.build.seed))
-            train = train.take(keep[: adapt.max_images].sort().values.numpy())
-        settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size, ctx.config.build.seed)
-        known = None
-        if first_trainable is None:
-            result = _fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})")
-        else:
-            result = _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool)
-            seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
-            known = (np.concatenate(seen), result.pop("logits"))
-        model.cpu().eval()
-        budget = {} if data.labels_per_class is None else {"labels_per_class": data.labels_per_class,
-                                                           "adapt_val_images": len(val), "label_budget": data.budget}
-        return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
-                "adapt_history": result["history"], "adapt_train_images": len(train), **budget}, known
-
-    def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str]) -> tuple[dict, torch.Tensor]:
-        ids = teacher_class_ids(names, data)
-        logits = teacher_logits(model, view, data.test.images, ctx.device)
-        model.cpu()
-        return {"teacher_subtask_test_acc": accuracy(logits[:, ids], data.test.labels), "teacher_subtask_ids": ids,
-                "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}, logits
-
-
-def teacher_class_ids(head_names: list[str], data) -> list[int]:
-    """Columns of the teacher's head that hold the subtask classes, matched by name (or ImageNet synset)."""
-    if len(head_names) == 1000 and not all(n in head_names for n in data.class_names):
-        import timm.data
-
-        synsets = list(timm.data.ImageNetInfo().label_names())
-        if all(n in synsets for n in data.class_names):
-            return [synsets.index(n) for n in data.class_names]
-    missing = [n for n in data.class_names if n not in head_names]
-    if missing:
-        raise ModelError(f"The teacher's head has no class named {', '.join(map(repr, missing))}.",
-                         "Adapt the teacher to the dataset's classes (teacher.adapt.method: finetune or linear_probe), "
-                         "or name the subtask classes as the teacher's head does.")
-    return [head_names.index(n) for n in data.class_names]
-
-
-def labelled_split(cfg, data):
-    """What the teacher may learn its head from: every labelled training image of the dataset (all classes, the
-    seeded 80/20 split) -- or, under a label budget (data.labels_per_class), only the subtask's labelled images,
-    with the budget's own small validation split. Labels are head columns (labelled_classes)."""
-    if data.labels_per_class is not None:
-        return data.train, data.val
-    from ..data.subtask import full_split
-
-    return full_split(data.dataset, cfg.data.val_fraction, cfg.build.seed)
-
-
-def labelled_classes(data) -> list[str]:
-    """The new head's classes: the dataset's, or only the subtask's under a label budget (no other labels exist)."""
-    return data.class_names if data.labels_per_class is not None else list(data.dataset.class_names)
-
-
-def _arch(cfg) -> str:
-    return cfg.teacher.train.arch if cfg.teacher.source == "train" else cfg.teacher.name
-
-
-def _num_outputs(model: nn.Module) -> int:
-    classifier = model.get_classifier()
-    last = classifier[-1] if isinstance(classifier, nn.Sequential) else classifier
-    return last.out_features
-
-
-def _classifier_name(model: nn.Module) -> str:
-    classifier = model.get_classifier()
-    return next(name for name, child in model.named_children() if child is classifier)
-
-
-def _fit_on_images(ctx, model, view, train, val, settings, description) -> dict:
-    images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
-    augment = ctx.config.data.augment
-    generator = torch.Generator().manual_seed(ctx.config.build.seed + 1)
-
-    def train_batch(idx):
-        batch = augment_batch(images[idx], generator) if augment else images[idx]
-        return view(batch.to(ctx.device)), labels[idx].to(ctx.device)
-
-    def validate():
-        return accuracy(predict_logits(model, view, val.images, ctx.device), val.labels)
-
-    return fit_classifier(model, len(train), train_batch, validate, settings, ctx.progress, description)
-
-
-def _fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, pool=None) -> dict:
-    """Run the frozen prefix once over the images, then train only the tail on its cached output. The result also
-    holds the finished teacher's logits on train + val (+ the unlabelled pool: distillation needs them, and the
-    frozen prefix costs the same here as later)."""
-    example = view(as_tensor(train.images[:2]).to(ctx.device))
-    prefix, tail = split_at(model, first_trainable, example)
-    for p in prefix.parameters():
-        p.requires_grad_(False)
-    prefix.eval()
-    with channels_last_model(prefix):
-        cached_train = _cache_features(ctx, prefix, view, train.images, "cache teacher features (train)")
-        cached_val = _cache_features(ctx, prefix, view, val.images, "cache teacher features (val)")
-    labels = torch.as_tensor(train.labels)
-    ctx.log(f"  cached {first_trainable} inputs: {tuple(cached_train.shape)} ({cached_train.numel() * 4 / 2**20:.0f} MiB)")
-
-    def train_batch(idx):
-        return channels_last(cached_train[idx].to(ctx.device)), labels[idx].to(ctx.device)
-
-    @torch.inference_mode()
-    def tail_logits(cached):
-        tail.eval()
-        return torch.cat([tail(channels_last(cached[i:i + 512].to(ctx.device))).float().cpu()
-                          for i in range(0, len(cached), 512)])
-
-    with channels_last_model(tail):
-        result = fit_classifier(tail, len(train), train_batch, lambda: accuracy(tail_logits(cached_val), val.labels),
-                                settings, ctx.progress, f"adapt (from {first_trainable})")
-        result["logits"] = torch.cat([tail_logits(cached_train), tail_logits(cached_val)])
-        if pool is not None and len(pool):
-            result["logits"] = torch.cat([result["logits"], _pool_logits(ctx, prefix, tail, view, pool.images)])
-    return result
-
-
-@torch.inference_mode()
-def _pool_logits(ctx, prefix: nn.Module, tail: nn.Module, view: View, images, batch: int = 128) -> torch.Tensor:
-    """The finished teacher on the pool, prefix and tail chunk by chunk (no cache of the prefix's output)."""
-    source, out = as_tensor(images), []
-    tail.eval()
-    with channels_last_model(prefix), ctx.progress.task("teacher logits (unlabelled pool)", len(source)) as bar:
-        for start in range(0, len(source), batch):
-            x = channels_last(view(source[start:start + batch].to(ctx.device)))
-            out.append(tail(channels_last(prefix(x))).float().cpu())
-            bar.advance(len(out[-1]))
-    return torch.cat(out)
-
-
-@torch.no_grad()  # not inference_mode: the cache is fed to autograd later
-def _cache_features(ctx, prefix: nn.Module, view: View, images, description: str) -> torch.Tensor:
-    """float32 (not half): the tail then sees exactly what the whole teacher computes, so the logits saved for
-    later stages equal a full forward pass up to float rounding."""
-    source, chunks = as_tensor(images), []
-    batch = 128           # fastest on the CPU for EfficientNet-Lite0 at 64x64 (128: 1360 img/s, 256: 780 img/s)
-    with ctx.progress.task(description, (len(source) + batch - 1) // batch) as bar:
-        for start in range(0, len(source), batch):
-            chunks.append(prefix(channels_last(view(source[start:start + batch].to(ctx.device)))).contiguous().cpu())
-            bar.advance(1)
-    return torch.cat(chunks)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .report import Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot
+from ..report import Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot
 from .suite import TargetRun
 
 TOP = 10                 # layers listed per artifact

@@ -6,11 +6,11 @@ from __future__ import annotations
 from typing import Optional
 
 from ..ood.report import ood_section
+from ..report import (Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot,
+                      subplot_grid)
 from .budgets import MIB, Verdict, fmt
-from .mcu import mcu_section
 from .layers import layer_latency_section, tool_section
-from .report import (Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot,
-                     subplot_grid)
+from .mcu import mcu_section
 from .suite import TargetRun
 
 
@@ -158,3 +158,23 @@ def validation_sections(runs: list[TargetRun], verdicts: list[Verdict], class_na
     sections.insert(2, mcu_section(runs, verdicts))  # None without a TFLite Micro artifact
     sections[2:2] = [tool_section(runs), layer_latency_section(runs)]  # pipeline/validation/layers.py
     return [s for s in sections if s is not None]
+
+
+def label_budget_sections(config) -> list[Section]:
+    """'Label budget' for a build made from few labels (data.labels_per_class) or with an unlabelled pool; none
+    otherwise, so other reports are unchanged."""
+    data = config.data
+    if data.labels_per_class is None and data.unlabelled is None:
+        return []
+    from ..data.budget import val_per_class
+
+    n = data.labels_per_class
+    pool = data.unlabelled or ("rest" if n is not None else "none")
+    rows = [["labelled images per subtask class", n if n is not None else "all"],
+            ["of which held out for model selection", val_per_class(n, data.val_fraction) if n is not None else "-"],
+            ["unlabelled transfer pool", pool],
+            ["pool cap", data.unlabelled_max_images or "none"]]
+    note = ("<p class=\"note\">The teacher was adapted on the labelled images only, distillation trained on the "
+            "labelled images and the pool (labels only where they exist), and every model was selected on the "
+            "held-out labelled images: no other label was used.</p>")
+    return [Section("Label budget", html_table(["", "value"], rows) + note, md_table(["", "value"], rows))]

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..cache import PROJECT_ROOT
-from ..errors import EdgesmithError
 from .config import ValidateConfig
-from .targets import Target
 
 DEVICE_TESTS = PROJECT_ROOT / "device_tests"
 DEVICE_FILES = ("*.py", "*.ini", "runners/*.py")  # what a target needs of device_tests/
@@ -97,16 +95,3 @@ def _finish(target: str, code: int, log: str, results: Optional[dict]) -> Target
 
 def _tail(log: str, lines: int = 6) -> str:
     return " | ".join(line for line in log.strip().splitlines()[-lines:] if line.strip())
-
-
-def run_target(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) -> TargetRun:
-    if target.kind == "local":
-        return run_local(bundle, cfg, results)
-    from .ssh import run_ssh
-
-    try:
-        return run_ssh(target, bundle, cfg, results)
-    except EdgesmithError as exc:  # unreachable, host key, missing runtime: recorded, the build fails later
-        return TargetRun(target.spec, load_results(results), exc.message)
-    except Exception as exc:  # noqa: BLE001 (one target's unexpected failure must not lose the others' results)
-        return TargetRun(target.spec, load_results(results), f"unexpected error on this target: {exc!r}")

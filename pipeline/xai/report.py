@@ -1,11 +1,11 @@
 """The report section of `validate.explain`: agreement scores, the grid (image | teacher heatmap | student
-heatmap) and the student's pixel-flipping curve, as a Section of pipeline/validation/report.py."""
+heatmap) and the student's pixel-flipping curve, as a Section of pipeline/report.py."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ..validation.report import Section, esc, figure_html, html_table, md_table, pyplot
+from ..report import Section, esc, figure_html, html_table, md_table, pyplot
 
 
 def explain_section(metrics: dict, arrays: dict, class_names: list[str], rows: int) -> Section:

@@ -136,23 +136,3 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def label_budget_sections(config) -> list[Section]:
-    """'Label budget' for a build made from few labels (data.labels_per_class) or with an unlabelled pool; none
-    otherwise, so other reports are unchanged."""
-    data = config.data
-    if data.labels_per_class is None and data.unlabelled is None:
-        return []
-    from ..data.budget import val_per_class
-
-    n = data.labels_per_class
-    pool = data.unlabelled or ("rest" if n is not None else "none")
-    rows = [["labelled images per subtask class", n if n is not None else "all"],
-            ["of which held out for model selection", val_per_class(n, data.val_fraction) if n is not None else "-"],
-            ["unlabelled transfer pool", pool],
-            ["pool cap", data.unlabelled_max_images or "none"]]
-    note = ("<p class=\"note\">The teacher was adapted on the labelled images only, distillation trained on the "
-            "labelled images and the pool (labels only where they exist), and every model was selected on the "
-            "held-out labelled images: no other label was used.</p>")
-    return [Section("Label budget", html_table(["", "value"], rows) + note, md_table(["", "value"], rows))]

@@ -7,29 +7,19 @@ import json
 import numpy as np
 import torch
 
-from pipeline.errors import ConfigError
-from pipeline.runner import Stage, StageContext, register_stage
+from ..errors import ConfigError
+from ..stage import Stage, StageContext
 
-from .config import ExportConfig
-from .eval_set import write_npz
-from .formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
-from .mobile import EXTRA, missing_extra
-from .metadata import config_digest, model_metadata, preprocessing
+from exporters.config import ExportConfig
+from exporters.eval_set import write_npz
+from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
+from exporters.mobile import check_mobile_extra
+from exporters.metadata import config_digest, model_metadata, preprocessing
 
 INT8_FORMATS = ("onnx_int8", "tflm")
 MOBILE_INT8 = {"litert", "tflm", "executorch"}   # INT8 by PT2E, calibrated on the qat stage's images
 
 
-def check_mobile_extra(formats: list[str]) -> None:
-    missing = missing_extra(formats)
-    if missing:
-        raise ConfigError(f"export.formats asks for {', '.join(missing)}, but the `{EXTRA}` extra (litert-torch, "
-                          "ai-edge-litert, tflite-micro, executorch) is not installed in this Python.",
-                          f"Install it with `pip install -c constraints.txt -e '.[{EXTRA}]'` (`make venv` does), "
-                          f"or remove {', '.join(missing)} from export.formats.")
-
-
-@register_stage
 class ExportStage(Stage):
     name = "export"
     sections = ("export", "data", "subtask")
@@ -53,7 +43,7 @@ class ExportStage(Stage):
         return ("adapt", "distill", "qat") if cfg.section("qat") is not None else ("adapt", "distill")
 
     def run(self, ctx: StageContext) -> dict:
-        from pipeline.stages.common import subtask_data
+        from pipeline.data.for_config import subtask_data
 
         cfg: ExportConfig = ctx.config.section("export")
         data = subtask_data(ctx.config)
@@ -112,12 +102,12 @@ class ExportStage(Stage):
 
     def calibration(self, ctx: StageContext, data, view) -> list[torch.Tensor]:
         """The qat stage's own calibration images (same size, same seed), for the mobile formats' PT2E INT8."""
-        from quantize.stage import QATStage
+        from quantize.nncf_ops import calibration_images
 
         qat = ctx.config.section("qat")
         if qat is None or not MOBILE_INT8.intersection(ctx.config.section("export").formats):
             return []
-        return QATStage().calibration(data, view, qat, ctx.config.build.seed)
+        return calibration_images(data.train.images, view, qat.calibration_size, ctx.config.build.seed)
 
     def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig,
                        extra: dict | None = None) -> dict:
@@ -141,7 +131,7 @@ class ExportStage(Stage):
 
 
 def predict(model, view, images, device, columns=None) -> np.ndarray:
-    from pipeline.stages.common import predict_logits
+    from pipeline.models.predict import predict_logits
 
     return predict_logits(model, view, images, device, columns=columns).argmax(1).numpy().astype(np.int64)
 

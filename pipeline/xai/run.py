@@ -12,7 +12,7 @@ def run_explain(ctx, cfg) -> tuple[dict, list]:
     """`cfg` is the ExplainConfig; needs ctx.inputs 'adapt' and 'distill'."""
     from ..data import View
     from ..models import load_student, load_teacher
-    from ..stages.common import subtask_data
+    from ..data.for_config import subtask_data
     from .explain import explain_pair
     from .report import explain_section
 

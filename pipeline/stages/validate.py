@@ -10,16 +10,16 @@ import json
 from pathlib import Path
 
 from ..errors import BudgetError
-from ..runner import Stage, StageContext, StageRecord, register_stage
-from .budgets import Verdict, check, table
-from .layers import bundle_layer_error, layer_error_section
-from .report import label_budget_sections, write_report
-from .sections import validation_sections
-from .suite import TargetRun, run_target
-from .targets import parse_target
+from ..stage import Stage, StageContext, StageRecord
+from ..validation.budgets import Verdict, check, table
+from ..validation.layers import bundle_layer_error, layer_error_section
+from ..report import write_report
+from ..validation.sections import label_budget_sections, validation_sections
+from ..validation.run import run_target
+from ..validation.suite import TargetRun
+from ..validation.targets import parse_target
 
 
-@register_stage
 class ValidateStage(Stage):
     name = "validate"
     sections = ("validate",)
@@ -56,7 +56,7 @@ class ValidateStage(Stage):
         it is logged and recorded as explain_error."""
         if cfg.explain is None:
             return {}, []
-        from ..xai.stage import run_explain
+        from ..xai.run import run_explain
 
         try:
             metrics, sections = run_explain(ctx, cfg.explain)

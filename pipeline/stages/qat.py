@@ -9,22 +9,20 @@ QAT trains on un-augmented images so the teacher's logits are computed once.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from pipeline import distributed
-from pipeline.runner import Stage, StageContext, register_stage
+from .. import distributed
+from ..stage import Stage, StageContext
 
-from .config import QATConfig
-from .fold import fold_batchnorm, max_output_difference
-from .model_io import save_quantized_student, teacher_columns, view_of
-from .layer_error import torch_layer_error
-from .nncf_ops import calibration_batches
-from .precision import ERROR_IMAGES, quantize_student
-from .qat import TrainSet, model_accuracy, distillation_loss, finetune
+from quantize.config import QATConfig
+from quantize.fold import fold_batchnorm, max_output_difference
+from quantize.model_io import save_quantized_student, teacher_columns, view_of
+from quantize.layer_error import torch_layer_error
+from quantize.nncf_ops import calibration_images
+from quantize.precision import ERROR_IMAGES, quantize_student
+from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune
 
 
-@register_stage
 class QATStage(Stage):
     name = "qat"
     sections = ("qat", "distill", "data", "subtask")
@@ -36,14 +34,14 @@ class QATStage(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         from pipeline.models import load_student
-        from pipeline.stages.common import subtask_data
+        from pipeline.data.for_config import subtask_data
 
         cfg: QATConfig = ctx.config.section("qat")
         student, spec = load_student(ctx.inputs["distill"].dir)
         data = subtask_data(ctx.config)
         view = view_of(spec)
         float_model, metrics = self.prepare(ctx, student, cfg, view, data)
-        calibration = self.calibration(data, view, cfg, ctx.config.build.seed)
+        calibration = calibration_images(data.train.images, view, cfg.calibration_size, ctx.config.build.seed)
         model = self.quantize(ctx, float_model, calibration, view, data, cfg, metrics)
         metrics["ptq_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
         if cfg.mode == "qat":
@@ -82,11 +80,6 @@ class QATStage(Stage):
         ctx.log(f"qat: fp32 val {metrics['fp32_val_acc']:.4f}  ptq {metrics['ptq_val_acc']:.4f}  "
                 f"int8 val {metrics['int8_val_acc']:.4f}  test {metrics['int8_test_acc']:.4f}")
         return metrics
-
-    def calibration(self, data, view, cfg: QATConfig, seed: int) -> list[torch.Tensor]:
-        rng = np.random.default_rng(seed)
-        pick = np.sort(rng.permutation(len(data.train))[:cfg.calibration_size])
-        return calibration_batches([view(torch.as_tensor(data.train.images[pick]))])
 
     def finetune(self, ctx: StageContext, model, spec: dict, view, data, cfg: QATConfig) -> list[float]:
         from pipeline.models import load_teacher

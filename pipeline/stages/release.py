@@ -12,23 +12,19 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from ..cache import BuildCache, package_versions, sha256_file
-from ..config import EdgesmithConfig
-from ..runner import Stage, StageContext, StageRecord, register_stage
-from .bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
-from .manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
-from .signing import sign_bundle
-from .tarball import source_date_epoch
+from ..config import SECTIONS, EdgesmithConfig
+from ..stage import Stage, StageContext, StageRecord
+from ..release.bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
+from ..release.manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
+from ..release.signing import sign_bundle
+from ..release.tarball import source_date_epoch
 
-# The manifest records the full resolved config, so every section is part of the release's key.
-ALL_SECTIONS = ("build", "data", "subtask", "teacher", "student", "subspaces", "distill", "qat", "export",
-                "validate", "release")
 LINK_NAME = "release"
 
 
-@register_stage
 class ReleaseStage(Stage):
     name = "release"
-    sections = ALL_SECTIONS
+    sections = SECTIONS      # the manifest records the full resolved config: every section is in the key
     packages = RECORDED_PACKAGES
 
     def enabled(self, cfg: EdgesmithConfig) -> bool:

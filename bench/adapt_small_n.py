@@ -160,7 +160,7 @@ def run_one(args, n: int, seed: int) -> dict:
     cfg = base_config(args, n, seed)
     teacher_dir = Path(Build(cfg).run(QUIET, until="teacher")[-1]["dir"])
     model, spec = load_teacher(teacher_dir)
-    view = View.from_dict(spec["input"])
+    view = spec.input
     data = subtask_data(cfg)
     model.reset_classifier(data.num_classes)
     torch.manual_seed(seed)

@@ -60,7 +60,7 @@ from pipeline.data.for_config import subtask_data  # noqa: E402
 from pipeline.models.predict import accuracy, predict_logits  # noqa: E402
 from pipeline.stages.distill import DistillStage  # noqa: E402
 from pipeline.stages.subspaces import SubspacesStage  # noqa: E402
-from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
+from pipeline.models.adapt import teacher_class_ids  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "distill_methods.json"
@@ -214,9 +214,9 @@ def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, wo
     raw["subtask"] = {"classes": classes}
     raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class})
     data = subtask_data(parse_config(raw))
-    tview = View.from_dict(spec["input"])
+    tview = spec.input
     probe = create_model("cnn_small", len(classes), 1)
-    models = Models(teacher, probe, tview, student_view(), teacher_class_ids(spec["class_names"], data))
+    models = Models(teacher, probe, tview, student_view(), teacher_class_ids(spec.class_names, data))
     pairs = layer_pairs(parse_layers(args.layers), models)
     images = as_tensor(data.train.images)
     precomputed = teacher_pass(models, pairs, images)

@@ -56,7 +56,7 @@ from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import Build  # noqa: E402
 from pipeline.data.for_config import subtask_data  # noqa: E402
 from pipeline.models.predict import predict_logits  # noqa: E402
-from pipeline.stages.teacher import teacher_class_ids  # noqa: E402
+from pipeline.models.adapt import teacher_class_ids  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "ood.json"
@@ -232,7 +232,7 @@ def main(argv=None) -> None:
     adapt_dir, adapt_s = adapted_teacher(args)
     teacher, spec = load_teacher(adapt_dir)
     teacher.eval()
-    tview = View.from_dict(spec["input"])
+    tview = spec.input
     raw = base_raw(args)
     cache = TeacherCache(teacher, tview, raw)
     log(f"teacher logits for {cache.images} images in {cache.seconds:.0f} s ({adapt_dir})")
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
         sub_raw["subtask"] = {"classes": SUBTASKS[name]}
         cfg = parse_config(sub_raw)
         data, outside = subtask_data(cfg), outside_data(cfg)
-        models = Models(teacher, None, tview, View(28, 1, (0.5,), (0.5,)), teacher_class_ids(spec["class_names"], data))
+        models = Models(teacher, None, tview, View(28, 1, (0.5,), (0.5,)), teacher_class_ids(spec.class_names, data))
         teacher_ref[name] = teacher_reference(models, data, outside, cache, args.tpr)
         info[name] = {"classes": SUBTASKS[name], "outside_classes": list(outside.class_names), "train": len(data.train),
                       "val": len(data.val), "test_in": len(data.test), "test_out": len(outside.test),

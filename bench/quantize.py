@@ -240,13 +240,12 @@ def main(argv=None) -> int:
             models[arch].update(train_s=round(time.perf_counter() - start, 1), environment=environment(args))
         if args.teacher_dir:
             from pipeline.models import load_teacher
-            from quantize.model_io import view_of
 
             print("teacher: quantizing, measuring ...", flush=True)
             teacher, spec = load_teacher(args.teacher_dir)
-            models["teacher"] = bench_model("teacher", Columns(teacher.eval(), FASHION_IDS).eval(), view_of(spec), data,
+            models["teacher"] = bench_model("teacher", Columns(teacher.eval(), FASHION_IDS).eval(), spec.input, data,
                                             args, Path(tmp))
-            models["teacher"].update(arch=spec.get("arch"), environment=environment(args))
+            models["teacher"].update(arch=spec.arch, environment=environment(args))
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(json.dumps({"models": models}, indent=2, sort_keys=True, default=str) + "\n")
     print_table(models)

@@ -34,26 +34,27 @@ def config_digest(config) -> str:
     return hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def model_metadata(spec: dict, config_digest: str, dynamic_batch: bool, build_key: str = "") -> dict:
-    """The shared part; each artifact adds its format and precision."""
-    inp = spec["input"]
+def model_metadata(spec, config_digest: str, dynamic_batch: bool, build_key: str = "") -> dict:
+    """The shared part; each artifact adds its format and precision. `spec`: the student's
+    (pipeline.models.spec.StudentSpec)."""
+    inp = spec.input
     return {
-        "class_names": list(spec["class_names"]),
+        "class_names": list(spec.class_names),
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32",
-                  "shape": ["batch" if dynamic_batch else 1, inp["channels"], inp["size"], inp["size"]]},
+                  "shape": ["batch" if dynamic_batch else 1, inp.channels, inp.size, inp.size]},
         "output": {"name": OUTPUT_NAME, "meaning": "logits over class_names (argmax = prediction)"},
         "preprocessing": preprocessing(spec),
-        "arch": spec["arch"],
+        "arch": spec.arch,
         "config_sha256": config_digest,
         "build_key": build_key,
         "versions": package_versions(),
     }
 
 
-def preprocessing(spec: dict) -> dict:
+def preprocessing(spec) -> dict:
     """Enough for a device without torch to turn a uint8 image into the model's input with numpy."""
-    inp = spec["input"]
-    return {"size": inp["size"], "channels": inp["channels"], "mean": list(inp["mean"]), "std": list(inp["std"]),
+    inp = spec.input
+    return {"size": inp.size, "channels": inp.channels, "mean": list(inp.mean), "std": list(inp.std),
             "recipe": "x = (uint8 / 255 - mean) / std per channel; grey <-> RGB by mean/repeat; "
                       "bilinear resize to size x size"}
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
-from pipeline.data import View
+from pipeline.models.spec import StudentSpec
 
 from .fold import fold_batchnorm
 from .nncf_ops import load_quantized, save_quantized
@@ -15,34 +16,40 @@ from .nncf_ops import load_quantized, save_quantized
 SPEC_FILE = "quantized.json"
 
 
-def view_of(spec: dict) -> View:
-    """The preprocessing a saved model expects, from its JSON spec."""
-    return View.from_dict(spec["input"])
+@dataclass(frozen=True)
+class QuantizedSpec:
+    """quantized.json: the student's spec (flat, as in student.json) plus how it was quantized."""
+
+    student: StudentSpec
+    fold_bn: bool
+    qat: dict
+
+    def to_json(self) -> dict:
+        return {**self.student.to_json(), "fold_bn": self.fold_bn, "qat": self.qat}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "QuantizedSpec":
+        return cls(StudentSpec.from_json(raw), bool(raw.get("fold_bn", True)), raw.get("qat") or {})
 
 
-def float_model_factory(spec: dict):
+def float_model_factory(spec: QuantizedSpec):
     """Builds the float architecture the quantizers were attached to (BatchNorm folded if it was)."""
     from pipeline.models import create_model
 
     def make() -> nn.Module:
-        model = create_model(spec["arch"], spec["num_classes"], spec["input"]["channels"]).eval()
-        return fold_batchnorm(model)[0] if spec.get("fold_bn", True) else model
+        student = spec.student
+        model = create_model(student.arch, student.num_classes, student.input.channels).eval()
+        return fold_batchnorm(model)[0] if spec.fold_bn else model
 
     return make
 
 
-def save_quantized_student(model: nn.Module, folder: Path, spec: dict) -> None:
+def save_quantized_student(model: nn.Module, folder: Path, spec: QuantizedSpec) -> None:
     save_quantized(model, folder)
-    (Path(folder) / SPEC_FILE).write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    (Path(folder) / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True) + "\n")
 
 
-def load_quantized_student(folder: Path) -> tuple[nn.Module, dict]:
+def load_quantized_student(folder: Path) -> tuple[nn.Module, QuantizedSpec]:
     """(NNCF fake-quantized student in eval mode, spec) from a qat stage folder."""
-    spec = json.loads((Path(folder) / SPEC_FILE).read_text())
+    spec = QuantizedSpec.from_json(json.loads((Path(folder) / SPEC_FILE).read_text()))
     return load_quantized(folder, float_model_factory(spec)), spec
-
-
-def teacher_columns(spec: dict) -> list[int]:
-    """Columns of the teacher's head that hold the subtask classes (student.json's teacher_ids; older specs
-    only have the dataset's class ids, which equal them for a teacher adapted to the dataset)."""
-    return list(spec.get("teacher_ids") or spec["class_ids"])

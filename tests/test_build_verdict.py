@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from pipeline.validation.testing import TINY_LATENCY, free_port
+from tests.helpers import TINY_LATENCY, free_port
 from tests.conftest import run_cli, tiny_config_dict
 
 EXPORT = {"export.formats": ["onnx"], "export.parity_limit": 50, "export.eval_images": 40}

@@ -16,7 +16,7 @@ from device_tests.bundle import Bundle
 from device_tests.latency import LatencySettings, single_stream
 from device_tests.measure import measure
 from device_tests.runners import get_runner
-from pipeline.validation.testing import TINY_LATENCY, shared_bundle
+from tests.helpers import TINY_LATENCY, shared_bundle
 
 SETTINGS = LatencySettings(**TINY_LATENCY)
 

@@ -8,7 +8,7 @@ from device_tests.bundle import Artifact, Bundle
 from device_tests.errors import IncompatibleArtifactError
 from device_tests.latency import LatencySettings
 from device_tests.measure import main, measure
-from pipeline.validation.testing import TINY_LATENCY, shared_bundle
+from tests.helpers import TINY_LATENCY, shared_bundle
 
 SETTINGS = LatencySettings(**TINY_LATENCY)
 

@@ -10,7 +10,7 @@ import pytest
 from device_tests.bundle import Bundle
 from device_tests.errors import IncompatibleArtifactError, RuntimeUnavailableError, UnknownRuntimeError
 from device_tests.runners import RUNNERS, default_runtime, get_runner
-from pipeline.validation.testing import shared_bundle
+from tests.helpers import shared_bundle
 
 
 @pytest.fixture(scope="module")

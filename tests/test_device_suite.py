@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache import PROJECT_ROOT
-from pipeline.validation.testing import TINY_LATENCY, shared_bundle
+from tests.helpers import TINY_LATENCY, shared_bundle
 
 TINY = ["--min-queries", str(TINY_LATENCY["min_queries"]), "--min-duration", str(TINY_LATENCY["min_duration_s"]),
         "--warmup", "5", "--throughput-batch", "8"]

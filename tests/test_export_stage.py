@@ -16,7 +16,7 @@ from pipeline.config import parse_config
 from pipeline.data import View, batches
 from pipeline.data.views import as_tensor
 from pipeline.errors import ConfigError
-from pipeline.models import create_model, save_model
+from pipeline.models import StudentSpec, TeacherSpec, create_model, save_model
 from pipeline.progress import ProgressDisplay
 from pipeline.stage import StageContext, StageRecord
 from pipeline.data.for_config import subtask_data
@@ -73,12 +73,10 @@ def upstream(tmp_path_factory):
     teacher = create_model("cnn_tiny", 10, 1)
     ids = np.asarray(data.class_ids)
     train(teacher, data.train.images, ids[data.train.labels])
-    save_model(teacher, adapt, "teacher", {"arch": "cnn_tiny", "num_classes": 10, "input": VIEW.to_dict(),
-                                            "class_names": list(data.dataset.class_names)})
+    save_model(teacher, adapt, TeacherSpec("cnn_tiny", 10, VIEW, tuple(data.dataset.class_names)))
     student = train(create_model("cnn_tiny", 4, 1), data.train.images, data.train.labels, seed=1)
-    save_model(student, distill, "student", {"arch": "cnn_tiny", "num_classes": 4, "input": VIEW.to_dict(),
-                                              "teacher_input": VIEW.to_dict(), "class_names": data.class_names,
-                                              "class_ids": list(data.class_ids)})
+    ids = tuple(int(i) for i in data.class_ids)
+    save_model(student, distill, StudentSpec("cnn_tiny", 4, VIEW, tuple(data.class_names), VIEW, ids, ids, 0, 0))
     return root, {"adapt": record("adapt", adapt), "distill": record("distill", distill)}
 
 

@@ -75,7 +75,7 @@ def test_adapt_on_a_cached_prefix_saves_the_finished_teachers_logits(write_confi
     cfg = load_config(config)
     adapt_dir = next((config.parent / "builds" / "tiny").glob("adapt-*"))
     teacher, spec = load_teacher(adapt_dir)
-    view = View.from_dict(spec["input"])
+    view = spec.input
     data = subtask_data(cfg)
     known = KnownLogits.load(adapt_dir)
     # Every training/validation image of the dataset and every subtask test image is in the table ...

@@ -19,7 +19,7 @@ from pipeline.models.known_logits import KnownLogits
 from pipeline.release.model_card import CardFacts, render_model_card
 from pipeline.data.for_config import subtask_data
 from pipeline.models.predict import predict_logits
-from pipeline.data import View, load_dataset
+from pipeline.data import load_dataset
 
 from .conftest import REPO, run_cli, tiny_config_dict
 
@@ -141,13 +141,13 @@ def test_a_budget_build_adapts_on_the_labels_and_distils_on_labels_plus_pool(wri
     # the head covers the subtask's classes only (no other class has a label)
     adapt_dir = next(build.glob("adapt-*"))
     model, spec = load_teacher(adapt_dir)
-    assert spec["class_names"] == ["T-shirt/top", "Pullover", "Coat", "Shirt"]
+    assert spec.class_names == ("T-shirt/top", "Pullover", "Coat", "Shirt")
     # the pool's teacher logits are in the adapt stage's table (one pass of the frozen prefix there)
     data = subtask_data(cfg)
     known = KnownLogits.load(adapt_dir)
     rows = known.rows(data.pool.images)
     assert (rows >= 0).all()
-    full = predict_logits(model, View.from_dict(spec["input"]), data.pool.images, torch.device("cpu"))
+    full = predict_logits(model, spec.input, data.pool.images, torch.device("cpu"))
     torch.testing.assert_close(torch.from_numpy(known.logits[rows]), full, atol=1e-4, rtol=1e-4)
     # the budget is part of every key: the same config without it builds elsewhere
     assert stages["adapt"]["config"]["data"]["labels_per_class"] == 12

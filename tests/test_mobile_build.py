@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.validation.testing import TINY_LATENCY
+from tests.helpers import TINY_LATENCY
 from tests.conftest import run_cli
 
 pytest.importorskip("litert_torch", reason="the `mobile` extra is not installed")

@@ -82,7 +82,7 @@ def test_onnxruntime_runner_and_measure_apply_the_rule(tmp_path):
     from device_tests.latency import LatencySettings
     from device_tests.measure import measure
     from device_tests.runners import get_runner
-    from pipeline.validation.testing import make_bundle
+    from tests.helpers import make_bundle
 
     root = make_bundle(tmp_path / "b", n_eval=120, int8=False, openvino=False)
     data = dict(np.load(root / "eval.npz"))
@@ -158,7 +158,7 @@ def test_ood_section_is_optional_and_keys_only_what_it_changes(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_build_with_outlier_exposure_ships_and_applies_the_threshold(tmp_path):
-    from pipeline.validation.testing import TINY_LATENCY
+    from tests.helpers import TINY_LATENCY
 
     cfg = tiny_config_dict(tmp_path / "builds", **{
         "teacher.train.epochs": 2, "distill.epochs": 3,

@@ -173,10 +173,13 @@ def test_qat_config_rejects_unknown_keys_and_bad_mode():
 @pytest.mark.parametrize("fold_bn", [True, False])
 def test_quantized_student_round_trip_through_its_spec(tmp_path, fold_bn):
     from pipeline.models import create_model
-    from quantize.model_io import float_model_factory, load_quantized_student, save_quantized_student
+    from pipeline.data import View
+    from pipeline.models import StudentSpec
+    from quantize.model_io import QuantizedSpec, float_model_factory, load_quantized_student, save_quantized_student
 
-    spec = {"arch": "cnn_tiny", "num_classes": 4, "input": {"size": 28, "channels": 1, "mean": [0.5], "std": [0.5]},
-            "fold_bn": fold_bn}
+    view = View(28, 1, (0.5,), (0.5,))
+    student_spec = StudentSpec("cnn_tiny", 4, view, ("a", "b", "c", "d"), view, (0, 1, 2, 3), (0, 1, 2, 3), 0, 0)
+    spec = QuantizedSpec(student_spec, fold_bn, {"mode": "ptq"})
     torch.manual_seed(0)
     student = trained_stats(create_model("cnn_tiny", 4, 1))
     float_model = fold_batchnorm(student)[0] if fold_bn else student

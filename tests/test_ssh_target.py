@@ -14,7 +14,7 @@ from pipeline.validation.config import ValidateConfig
 from pipeline.validation.ssh import SshSession
 from pipeline.validation.run import run_target
 from pipeline.validation.targets import parse_target
-from pipeline.validation.testing import SSHD, TINY_LATENCY, SshServer, free_port, keygen, shared_bundle
+from tests.helpers import SSHD, TINY_LATENCY, SshServer, free_port, keygen, shared_bundle
 
 pytestmark = pytest.mark.skipif(not SSHD.exists() or shutil.which("ssh-keygen") is None,
                                 reason="needs Debian openssh-server (scripts/ensure_test_deps.sh installs it)")

@@ -104,7 +104,7 @@ def test_an_unknown_class_reads_as_a_sentence(write_config):
 
 
 def test_profile_next_to_a_malformed_artifacts_json_is_a_clear_error(tmp_path):
-    from pipeline.validation.testing import shared_bundle
+    from tests.helpers import shared_bundle
 
     bundle = shared_bundle()
     folder = tmp_path / "b"

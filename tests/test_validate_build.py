@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipeline.validation.testing import TINY_LATENCY
+from tests.helpers import TINY_LATENCY
 from tests.conftest import run_cli
 
 EXPORT = {"export.formats": ["onnx", "openvino"], "export.parity_limit": 50, "export.eval_images": 60}

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from pipeline.errors import ConfigError
 from pipeline.validation.cli import run_profile
 from pipeline.validation.config import LatencyConfig, SshConfig
-from pipeline.validation.testing import SSHD, TINY_LATENCY, SshServer, shared_bundle
+from tests.helpers import SSHD, TINY_LATENCY, SshServer, shared_bundle
 
 TINY = ["--queries", "64", "--duration", "0.05", "--warmup", "5", "--batch", "8"]
 

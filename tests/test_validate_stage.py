@@ -15,7 +15,7 @@ from pipeline.validation.budgets import check
 from pipeline.validation.config import Budgets
 from pipeline.stages.validate import ValidateStage
 from pipeline.validation.suite import TargetRun
-from pipeline.validation.testing import TINY_LATENCY, free_port, shared_bundle
+from tests.helpers import TINY_LATENCY, free_port, shared_bundle
 from tests.conftest import tiny_config_dict
 
 

@@ -13,7 +13,7 @@ from pipeline.config import parse_config
 from pipeline.progress import ProgressDisplay
 from pipeline.stage import StageContext, StageRecord
 from pipeline.stages.validate import ValidateStage
-from pipeline.validation.testing import TINY_LATENCY, shared_bundle
+from tests.helpers import TINY_LATENCY, shared_bundle
 from quantize.layer_error import compute_nodes, layer_name
 from tests.conftest import run_cli, tiny_config_dict
 

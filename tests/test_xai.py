@@ -189,7 +189,7 @@ def test_new_options_leave_existing_configs_and_their_keys_alone(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_build_with_explain_records_the_agreement_and_the_report_shows_the_grid(write_config, tmp_path):
-    from pipeline.validation.testing import TINY_LATENCY
+    from tests.helpers import TINY_LATENCY
 
     cfg = write_config("x.yaml", **{"export.formats": ["onnx"], "export.parity_limit": 40, "export.eval_images": 40,
                                     "validate.runtimes": ["onnxruntime"], "validate.latency": TINY_LATENCY,

@@ -43,7 +43,7 @@ def load_models(cfg, adapt_dir, data) -> Models:
         p.requires_grad_(False)
     view = student_view(cfg, data.dataset)
     student = create_model(cfg.student.arch, data.num_classes, view.channels, cfg.student.pretrained)
-    return Models(teacher, student, View.from_dict(spec["input"]), view, teacher_class_ids(spec["class_names"], data))
+    return Models(teacher, student, spec.input, view, teacher_class_ids(spec.class_names, data))
 
 
 def layer_pairs(layers, models: Models, say=lambda _msg: None) -> list[PairSpec]:

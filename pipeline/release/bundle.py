@@ -124,13 +124,10 @@ def copy_payload(bundle: Path, sources: ReleaseSources) -> list[str]:
 def _listed_artifacts(export: Path) -> list[str]:
     """Files named in artifacts.json (each artifact, its sidecar, an IR's weights, TFLM's C sources), if they are safe relative
     paths: the index is not trusted blindly."""
+    from exporters.artifacts import ArtifactListing
+
     index = _read_json(export / "artifacts.json") or {}
-    files = []
-    for artifact in (a for a in index.get("artifacts", []) if isinstance(a, dict)):
-        files += [artifact.get("file"), artifact.get("sidecar"), artifact.get("c_source"), artifact.get("c_header")]
-        if isinstance(artifact.get("file"), str) and artifact["file"].endswith(".xml"):
-            files.append(artifact["file"].removesuffix(".xml") + ".bin")  # OpenVINO IR = .xml + .bin
-    return [f for f in files if isinstance(f, str) and unsafe_name(f) is None]
+    return [f for f in ArtifactListing.from_json(index).shipped_files() if unsafe_name(f) is None]
 
 
 def _copy_validation(bundle: Path, validate_dir: Optional[Path]) -> list[str]:

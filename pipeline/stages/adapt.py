@@ -3,6 +3,8 @@ keep its logits on every image it saw for later stages."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,13 +34,13 @@ class AdaptStage(Stage):
         cfg = ctx.config
         data = subtask_data(cfg)
         model, spec = load_teacher(ctx.inputs["teacher"].dir)
-        view = View.from_dict(spec["input"])
+        view = spec.input
         method = cfg.teacher.adapt.method
-        fit_metrics, names, known = {}, spec["class_names"], None
+        fit_metrics, names, known = {}, spec.class_names, None
         if method != "none":
             fit_metrics, known = self.fit_new_head(ctx, model, view, data)
             names = labelled_classes(data)
-        save_model(model, ctx.out, "teacher", {**spec, "num_classes": len(names), "class_names": names})
+        save_model(model, ctx.out, replace(spec, num_classes=len(names), class_names=tuple(names)))
         metrics, test_logits = self.measure(ctx, model, view, data, names)
         if known is not None:
             images, logits = known

@@ -6,7 +6,7 @@ from ..data.for_config import subtask_data
 from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
 from ..distill.train import Models, distill, layer_pairs, load_models
-from ..models import count_macs, count_params, save_model
+from ..models import StudentSpec, count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
 from ..models.predict import accuracy, predict_logits
 from ..ood.exposure import outlier_exposure
@@ -104,12 +104,11 @@ class DistillStage(Stage):
 
     def save(self, ctx: StageContext, models: Models, data) -> None:
         view = models.student_view
-        save_model(models.student.cpu(), ctx.out, "student", {
-            "arch": ctx.config.student.arch, "num_classes": data.num_classes, "input": view.to_dict(),
-            "teacher_input": models.teacher_view.to_dict(), "class_names": data.class_names,
-            "class_ids": list(data.class_ids), "teacher_ids": models.teacher_ids,
-            "params": count_params(models.student), "macs": count_macs(models.student, (view.channels, view.size, view.size)),
-        })
+        save_model(models.student.cpu(), ctx.out, StudentSpec(
+            arch=ctx.config.student.arch, num_classes=data.num_classes, input=view, class_names=tuple(data.class_names),
+            teacher_input=models.teacher_view, class_ids=tuple(int(i) for i in data.class_ids),
+            teacher_ids=tuple(models.teacher_ids), params=count_params(models.student),
+            macs=count_macs(models.student, (view.channels, view.size, view.size))))
 
     def measure(self, ctx: StageContext, models: Models, data, known=None) -> dict:
         sv, tv = models.student_view, models.teacher_view

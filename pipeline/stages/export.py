@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..models.spec import StudentSpec
 from ..stage import Stage, StageContext
 
+from exporters.artifacts import ArtifactListing
 from exporters.config import ExportConfig
 from exporters.eval_set import write_npz
 from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
@@ -57,21 +57,18 @@ class ExportStage(Stage):
         self.write_listing(ctx, artifacts, spec, eval_info, job.meta)
         return {**self.measure(ctx, artifacts), **({"ood": ood.metrics} if ood else {})}
 
-    def prepare_ood(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig):
+    def prepare_ood(self, ctx: StageContext, job: ExportJob, spec: StudentSpec, data, cfg: ExportConfig):
         """Thresholds calibrated on validation data, before any artifact is written: they are in its metadata."""
         from pipeline.ood.export import prepare_ood
-        from quantize.model_io import view_of
 
-        ood = prepare_ood(ctx.config, job.models, view_of(spec), data, cfg.eval_images, ctx.log)
+        ood = prepare_ood(ctx.config, job.models, spec.input, data, cfg.eval_images, ctx.log)
         if ood is not None:
             job.meta["ood"] = ood.metadata()
         return ood
 
-    def write_listing(self, ctx: StageContext, artifacts: list[dict], spec: dict, eval_info: dict, meta: dict) -> None:
+    def write_listing(self, ctx: StageContext, artifacts: list[dict], spec: StudentSpec, eval_info: dict, meta: dict) -> None:
         """artifacts.json: what the device tests and the release read (files, hashes, preprocessing, parity)."""
-        listing = {"artifacts": artifacts, "preprocessing": preprocessing(spec), "class_names": spec["class_names"],
-                   "eval_set": eval_info, "metadata": meta}
-        (ctx.out / "artifacts.json").write_text(json.dumps(listing, indent=2, sort_keys=True) + "\n")
+        ArtifactListing(tuple(artifacts), preprocessing(spec), spec.class_names, eval_info, meta).write(ctx.out)
 
     def measure(self, ctx: StageContext, artifacts: list[dict]) -> dict:
         for a in artifacts:
@@ -81,13 +78,13 @@ class ExportStage(Stage):
                 "val_accuracy": {a["file"]: a["parity"]["accuracy"] for a in checked},
                 "min_top1_agreement": min((a["parity"]["top1_agreement"] for a in checked), default=None)}
 
-    def prepare(self, ctx: StageContext, cfg: ExportConfig, data) -> tuple[ExportJob, dict]:
+    def prepare(self, ctx: StageContext, cfg: ExportConfig, data) -> tuple[ExportJob, StudentSpec]:
         from pipeline.models import load_student
-        from quantize.model_io import load_quantized_student, view_of
+        from quantize.model_io import load_quantized_student
 
         student, spec = load_student(ctx.inputs["distill"].dir)
         quantized = load_quantized_student(ctx.inputs["qat"].dir)[0] if "qat" in ctx.inputs else None
-        view = view_of(spec)
+        view = spec.input
         parity_set = data.val.images[:cfg.parity_limit]
         job = ExportJob(
             out=ctx.out, cfg=cfg, log=ctx.log,
@@ -109,21 +106,20 @@ class ExportStage(Stage):
             return []
         return calibration_images(data.train.images, view, qat.calibration_size, ctx.config.build.seed)
 
-    def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: dict, data, cfg: ExportConfig,
+    def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: StudentSpec, data, cfg: ExportConfig,
                        extra: dict | None = None) -> dict:
         """Raw uint8 test images plus what the teacher, the FP32 and the INT8 student predict for them
         (`extra`: more arrays, e.g. the out-of-subtask images of pipeline.ood)."""
         from pipeline.models import load_teacher
-        from quantize.model_io import teacher_columns, view_of
 
         images, labels = data.test.images[:cfg.eval_images], data.test.labels[:cfg.eval_images]
         teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
         arrays = {"images_u8": images, "labels": labels.astype(np.int64),
-                  "teacher_pred": predict(teacher.to(ctx.device), view_of(teacher_spec), images, ctx.device,
-                                          teacher_columns(spec))}
+                  "teacher_pred": predict(teacher.to(ctx.device), teacher_spec.input, images, ctx.device,
+                                          list(spec.teacher_ids))}
         for precision, model in job.models.items():
             if model is not None:
-                arrays[f"{precision}_pred"] = predict(model, view_of(spec), images, torch.device("cpu"))
+                arrays[f"{precision}_pred"] = predict(model, spec.input, images, torch.device("cpu"))
         write_npz(ctx.out / "eval.npz", {**arrays, **(extra or {})})
         return {"file": "eval.npz", "images": int(len(labels)), "arrays": sorted(arrays),
                 "accuracy": {k.removesuffix("_pred"): float((v == labels).mean())

@@ -12,11 +12,12 @@ from __future__ import annotations
 import torch
 
 from .. import distributed
+from ..models.spec import StudentSpec
 from ..stage import Stage, StageContext
 
 from quantize.config import QATConfig
 from quantize.fold import fold_batchnorm, max_output_difference
-from quantize.model_io import save_quantized_student, teacher_columns, view_of
+from quantize.model_io import QuantizedSpec, save_quantized_student
 from quantize.layer_error import torch_layer_error
 from quantize.nncf_ops import calibration_images
 from quantize.precision import ERROR_IMAGES, quantize_student
@@ -39,7 +40,7 @@ class QATStage(Stage):
         cfg: QATConfig = ctx.config.section("qat")
         student, spec = load_student(ctx.inputs["distill"].dir)
         data = subtask_data(ctx.config)
-        view = view_of(spec)
+        view = spec.input
         float_model, metrics = self.prepare(ctx, student, cfg, view, data)
         calibration = calibration_images(data.train.images, view, cfg.calibration_size, ctx.config.build.seed)
         model = self.quantize(ctx, float_model, calibration, view, data, cfg, metrics)
@@ -47,7 +48,7 @@ class QATStage(Stage):
         if cfg.mode == "qat":
             metrics["qat_val_history"] = self.finetune(ctx, model, spec, view, data, cfg)
         metrics["layer_error"] = torch_layer_error(float_model, model, torch.cat(calibration[:ERROR_IMAGES]))
-        save_quantized_student(model, ctx.out, {**spec, "fold_bn": cfg.fold_bn, "qat": cfg.model_dump(mode="json")})
+        save_quantized_student(model, ctx.out, QuantizedSpec(spec, cfg.fold_bn, cfg.model_dump(mode="json")))
         return self.measure(ctx, model, view, data, metrics)
 
     def quantize(self, ctx: StageContext, float_model, calibration, view, data, cfg: QATConfig, metrics: dict):
@@ -81,17 +82,17 @@ class QATStage(Stage):
                 f"int8 val {metrics['int8_val_acc']:.4f}  test {metrics['int8_test_acc']:.4f}")
         return metrics
 
-    def finetune(self, ctx: StageContext, model, spec: dict, view, data, cfg: QATConfig) -> list[float]:
+    def finetune(self, ctx: StageContext, model, spec: StudentSpec, view, data, cfg: QATConfig) -> list[float]:
         from pipeline.models import load_teacher
         from pipeline.models.known_logits import KnownLogits, teacher_logits
 
         teacher, teacher_spec = load_teacher(ctx.inputs["adapt"].dir)
-        teacher_view = view_of(teacher_spec)
+        teacher_view = teacher_spec.input
         known = KnownLogits.load(ctx.inputs["adapt"].dir)     # logits the adapt stage already computed
         # Under torchrun each process runs the teacher on its share of the images and all gather the whole set.
         rows = distributed.row_range(len(data.train))
         teacher_logits = distributed.all_gather_rows(
-            teacher_logits(teacher, teacher_view, data.train.images[rows], ctx.device, teacher_columns(spec), known),
+            teacher_logits(teacher, teacher_view, data.train.images[rows], ctx.device, list(spec.teacher_ids), known),
             len(data.train))
         train = TrainSet(data.train.images, data.train.labels, teacher_logits)
         per_epoch = min(len(train.images), cfg.max_images or len(train.images))

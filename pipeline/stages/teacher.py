@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..data import View
 from ..data.for_config import subtask_data
-from ..models import count_macs, count_params, create_model, save_model
+from ..models import TeacherSpec, count_macs, count_params, create_model, save_model
 from ..models.adapt import fit_on_images, head_class_names, labelled_classes, labelled_split, num_outputs, teacher_arch, teacher_view
 from ..models.fit import FitSettings
 from ..models.teachers import TEACHER_SOURCES
@@ -31,8 +31,7 @@ class TeacherStage(Stage):
             model = TEACHER_SOURCES.get(cfg.teacher.source)(cfg, in_chans=(cfg.teacher.input.channels or 3))
             view, metrics = teacher_view(cfg, model, data.dataset), {}
         names = head_class_names(cfg, num_outputs(model), data)
-        save_model(model, ctx.out, "teacher", {"arch": teacher_arch(cfg), "num_classes": len(names), "input": view.to_dict(),
-                                               "class_names": names})
+        save_model(model, ctx.out, TeacherSpec(teacher_arch(cfg), len(names), view, tuple(names)))
         return {**metrics, "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}
 
     def train_from_scratch(self, ctx: StageContext, data):

@@ -6,7 +6,6 @@ reused: the next build tries that target again."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import BudgetError
@@ -119,9 +118,11 @@ def _layer_error(ctx: StageContext, bundle: Path) -> dict | None:
 
 
 def _class_names(bundle: Path) -> list[str]:
+    from exporters.artifacts import ArtifactListing
+
     try:
-        return [str(c) for c in json.loads((bundle / "artifacts.json").read_text()).get("class_names", [])]
-    except (OSError, json.JSONDecodeError):
+        return list(ArtifactListing.read(bundle).class_names)
+    except (OSError, ValueError):
         return []
 
 

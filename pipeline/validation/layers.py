@@ -4,7 +4,6 @@ FP32 vs INT8 per layer), and the per-layer quantization error of the bundle's IN
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -108,15 +107,15 @@ def bundle_layer_error(bundle: Path, images: int = ERROR_IMAGES) -> Optional[dic
     import numpy as np
 
     from device_tests.preprocess import Preprocess
+    from exporters.artifacts import ArtifactListing
     from quantize.layer_error import onnx_layer_error
 
     bundle = Path(bundle)
-    meta = json.loads((bundle / "artifacts.json").read_text())
-    files = {(a["format"], a["precision"]): a["file"] for a in meta.get("artifacts", [])}
-    fp32, int8 = files.get(("onnx", "fp32")), files.get(("onnx", "int8"))
+    listing = ArtifactListing.read(bundle)
+    fp32, int8 = ((listing.find("onnx", p) or {}).get("file") for p in ("fp32", "int8"))
     if not fp32 or not int8 or not (bundle / "eval.npz").is_file():
         return None
-    spec = next((meta[k] for k in ("preprocessing", "preprocess", "input") if isinstance(meta.get(k), dict)), None)
+    spec = listing.preprocessing
     with np.load(bundle / "eval.npz") as data:
         raw = data["images_u8"][:images]
     x = Preprocess.from_spec(spec)(raw)

@@ -56,13 +56,9 @@ def device_files() -> list[Path]:
 
 def bundle_files(bundle: Path) -> list[Path]:
     """artifacts.json, eval.npz and every artifact it lists (with the .bin of an OpenVINO IR), relative."""
-    meta = json.loads((bundle / "artifacts.json").read_text())
-    files = {Path("artifacts.json"), Path("eval.npz")}
-    for entry in meta.get("artifacts", []):
-        rel = Path(entry["file"])
-        files.add(rel)
-        if entry.get("format") == "openvino":
-            files.add(rel.with_suffix(".bin"))
+    from exporters.artifacts import ARTIFACTS_FILE, ArtifactListing
+
+    files = {Path(ARTIFACTS_FILE), Path("eval.npz")} | {Path(f) for f in ArtifactListing.read(bundle).model_files()}
     return sorted(f for f in files if (bundle / f).is_file())
 
 

@@ -10,7 +10,6 @@ import numpy as np
 
 def run_explain(ctx, cfg) -> tuple[dict, list]:
     """`cfg` is the ExplainConfig; needs ctx.inputs 'adapt' and 'distill'."""
-    from ..data import View
     from ..models import load_student, load_teacher
     from ..data.for_config import subtask_data
     from .explain import explain_pair
@@ -20,8 +19,8 @@ def run_explain(ctx, cfg) -> tuple[dict, list]:
     teacher, t_spec = load_teacher(ctx.inputs["adapt"].dir)
     student, s_spec = load_student(ctx.inputs["distill"].dir)
     ctx.log(f"validate: explaining {cfg.images} test images (teacher and student, {cfg.method})")
-    result = explain_pair(teacher, View.from_dict(s_spec["teacher_input"]), s_spec["teacher_ids"], student,
-                          View.from_dict(s_spec["input"]), data.test.images, data.test.labels, cfg, ctx.config.build.seed)
+    result = explain_pair(teacher, s_spec.teacher_input, list(s_spec.teacher_ids), student,
+                          s_spec.input, data.test.images, data.test.labels, cfg, ctx.config.build.seed)
     np.savez_compressed(ctx.out / "explain.npz", **result.arrays())
     (ctx.out / "explain.json").write_text(json.dumps(result.metrics, indent=1, sort_keys=True) + "\n")
     ctx.log(f"validate: heatmap agreement teacher/student: cosine {result.metrics['cosine_mean']:.3f}, "

@@ -1,6 +1,6 @@
 """Test fixtures that are real, not mocks: a tiny bundle in the export stage's format (torch ONNX export,
 ONNX Runtime Q/DQ quantization, OpenVINO IR), and a throw-away OpenSSH server on 127.0.0.1.
-Used by tests/ and by scripts/; never imported by the pipeline itself."""
+Used by tests/ only."""
 
 from __future__ import annotations
 

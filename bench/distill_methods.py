@@ -52,7 +52,7 @@ from pipeline.distill.config import DistillConfig  # noqa: E402
 from pipeline.distill.features import as_map, pool_to, prefix_tokens, tap_features  # noqa: E402
 from pipeline.distill.methods import METHODS  # noqa: E402
 from pipeline.distill.subspace import Subspace, accumulate, save_subspaces  # noqa: E402
-from pipeline.distill.train import Models, distill, layer_pairs  # noqa: E402
+from pipeline.distill.train import DistillSettings, Models, distill, layer_pairs  # noqa: E402
 from pipeline.models import create_model, load_teacher  # noqa: E402
 from pipeline.progress import ProgressDisplay  # noqa: E402
 from pipeline.runner import Build, StageContext, StageRecord  # noqa: E402
@@ -267,8 +267,8 @@ def run_method(task: Subtask, method: str, seed: int, lambda_layer: float | None
     cls = METHODS.get(method)
     distiller = cls(cfg, pairs=task.pairs if cls.uses_layers else [], teacher=models.teacher, student=student,
                     subspaces_dir=task.subspaces_dir)
-    result = distill(models, distiller, task.data.train, task.data.val, cfg, seed, augment=False,
-                     device=torch.device("cpu"), progress=QUIET, precomputed=task.precomputed)
+    settings = DistillSettings(cfg, seed, torch.device("cpu"), QUIET, precomputed=task.precomputed)
+    result = distill(models, distiller, task.data.train, task.data.val, settings)
     test_acc = accuracy(predict_logits(student, models.student_view, task.data.test.images, torch.device("cpu")),
                         task.data.test.labels)
     last = result["history"][-1]

@@ -46,7 +46,7 @@ from pipeline.data import View, load_dataset  # noqa: E402
 from pipeline.data.subtask import full_split  # noqa: E402
 from pipeline.data.views import as_tensor  # noqa: E402
 from pipeline.distill.methods import METHODS  # noqa: E402
-from pipeline.distill.train import Models, distill  # noqa: E402
+from pipeline.distill.train import DistillSettings, Models, distill  # noqa: E402
 from pipeline.models import create_model, load_teacher  # noqa: E402
 from pipeline.ood.config import OODConfig  # noqa: E402
 from pipeline.ood.data import outside_data  # noqa: E402
@@ -147,8 +147,8 @@ def run_student(models: Models, data, outside, teacher_cache: TeacherCache, vari
         outliers = OutlierExposure(as_tensor(outside.train.images), models.student_view, ood_cfg, cfg.batch_size,
                                    seed, CPU, teacher_logits, cfg.temperature)
     start = time.perf_counter()
-    result = distill(run_models, method, data.train, data.val, cfg, seed, augment=False, device=CPU, progress=QUIET,
-                     precomputed=precomputed, outliers=outliers)
+    settings = DistillSettings(cfg, seed, CPU, QUIET, precomputed=precomputed, outliers=outliers)
+    result = distill(run_models, method, data.train, data.val, settings)
     train_s = time.perf_counter() - start
     return {"subtask_classes": data.class_names, "variant": variant, "seed": seed, "best_epoch": result["best_epoch"],
             "val_acc": result["best_val_acc"], "train_s": train_s, "scores": score_student(student, models.student_view,

@@ -13,7 +13,7 @@ from pipeline.distill.features import (PairSpec, as_map, auto_pairs, pool_to, re
                                        tap_features)
 from pipeline.distill.methods import METHODS, MeanCentre, Outputs, SubDistill
 from pipeline.distill.subspace import Moments, Subspace, accumulate, save_subspaces
-from pipeline.distill.train import Models, TeacherOutputs, distill, layer_pairs
+from pipeline.distill.train import DistillSettings, Models, TeacherOutputs, distill, layer_pairs
 from pipeline.errors import ConfigError, ModelError
 from pipeline.models import create_model
 from pipeline.progress import ProgressDisplay
@@ -237,8 +237,8 @@ def test_vit_teacher_cnn_student_subdistill_trains(tmp_path, augment):
     method = SubDistill(cfg, pairs=pairs, teacher=teacher, student=student, subspaces_dir=tmp_path)
     cached = TeacherOutputs(models, method, images, torch.device("cpu"), cached=True)
     assert cached.cached[1][0].shape == (48, 8, 4, 4)                  # k x h x w per image, not d x h x w
-    result = distill(models, method, train, val, cfg, seed=0, augment=augment, device=torch.device("cpu"),
-                     progress=ProgressDisplay(enabled=False))      # augment: teacher targets on the fly
+    settings = DistillSettings(cfg, 0, torch.device("cpu"), ProgressDisplay(enabled=False), augment=augment)
+    result = distill(models, method, train, val, settings)      # augment: teacher targets on the fly
     first, last = result["history"][0], result["history"][-1]
     assert {"kd", "layer0", "layer1", "total"} <= set(first)
     assert last["layer0"] < first["layer0"] and last["layer1"] < first["layer1"]
@@ -272,8 +272,7 @@ def test_cnn_teacher_vit_student_pairs_and_trains(tmp_path):
     train = ImageSet(rng.integers(0, 256, (32, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 32))
     cfg = DistillConfig(method="fitnet", epochs=2, batch_size=16)
     method = METHODS.get("fitnet")(cfg, pairs=pairs, teacher=teacher, student=student)
-    result = distill(models, method, train, train, cfg, seed=0, augment=False, device=torch.device("cpu"),
-                     progress=ProgressDisplay(enabled=False))
+    result = distill(models, method, train, train, DistillSettings(cfg, 0, torch.device("cpu"), ProgressDisplay(enabled=False)))
     assert result["history"][-1]["layer1"] < result["history"][0]["layer1"]
 
 

@@ -12,7 +12,7 @@ from pipeline.data import ImageSet, View
 from pipeline.data.views import ViewBank
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.methods import METHODS
-from pipeline.distill.train import Models, distill
+from pipeline.distill.train import DistillSettings, Models, distill
 from pipeline.models import create_model
 from pipeline.progress import ProgressDisplay
 
@@ -62,7 +62,8 @@ def test_with_a_bank_the_teacher_runs_once_per_view_not_every_step(use_bank):
     train = ImageSet(rng.integers(0, 256, (96, 1, 28, 28), dtype=np.uint8), rng.integers(0, 4, 96))
     cfg = DistillConfig(method="kd", epochs=3, batch_size=32)
     bank = ViewBank.build(torch.from_numpy(train.images), 2, seed=0) if use_bank else None
-    result = distill(models, METHODS.get("kd")(cfg), train, train, cfg, 0, True, torch.device("cpu"), QUIET, bank=bank)
+    settings = DistillSettings(cfg, 0, torch.device("cpu"), QUIET, augment=True, bank=bank)
+    result = distill(models, METHODS.get("kd")(cfg), train, train, settings)
     steps = 3 * 96 // 32
     # bank: one cached pass over the 2 x 96 views (batches of 256); without: the teacher runs at every step
     assert teacher.calls == (1 if use_bank else steps)

@@ -6,6 +6,7 @@ import copy
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -147,22 +148,38 @@ def split_accuracy(model: nn.Module, view: View, split, device) -> float:
     return float(torch.tensor(correct, dtype=torch.float32) / len(split.labels))   # as accuracy() computes it
 
 
-def distill(models: Models, method: DistillMethod, train, val, cfg, seed: int, augment: bool, device,
-            progress, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-            micro_batch: int | None = None, outliers=None,
-            projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None, bank=None) -> dict:
-    """Train the student; returns history and the best epoch, and leaves the best weights in the student.
+@dataclass(frozen=True)
+class DistillSettings:
+    """How one distillation run trains, besides the models, the method and the images.
+
     `bank` (pipeline.data.views.ViewBank of the training images) replaces the fresh augmentation of every step:
     in epoch e image i shows its view (e + i) mod K, and the teacher's outputs on all views are computed once
-    (`precomputed`, if given, is then over the bank's rows).
-    Under torchrun every process draws the same global batches and trains on its share of each (DDP);
-    `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
+    (`precomputed`, if given, is then over the bank's rows). `projected`: SubDistill's targets as the subspaces
+    stage cached them. Under torchrun every process draws the same global batches and trains on its share of each
+    (DDP); `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
+
+    cfg: Any                            # the distill section (pipeline.distill.config.DistillConfig)
+    seed: int
+    device: torch.device
+    progress: Any                       # pipeline.progress.ProgressDisplay
+    augment: bool = False
+    micro_batch: int | None = None
+    precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+    projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+    bank: Any = None
+    outliers: Any = None
+
+
+def distill(models: Models, method: DistillMethod, train, val, settings: DistillSettings) -> dict:
+    """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
+    cfg, seed, augment, device, progress = settings.cfg, settings.seed, settings.augment, settings.device, settings.progress
+    precomputed, projected, bank, micro_batch = settings.precomputed, settings.projected, settings.bank, settings.micro_batch
     student = models.student.to(device)
     # The frozen teacher runs in channels_last (about 2x faster for convolution networks, on CPU as on CUDA).
     teacher = models.teacher.to(device).to(memory_format=torch.channels_last)
     method.to(device)
-    step = distributed.wrap_ddp(TrainStep(models, method, outliers).to(device), device)
+    step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     fixed = not augment or bank is not None          # the teacher sees a finite set of inputs: cache them
     teacher_out = TeacherOutputs(models, method, images if bank is None else bank.images, device,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..data.for_config import subtask_data
 from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
-from ..distill.train import Models, distill, layer_pairs, load_models
+from ..distill.train import DistillSettings, Models, distill, layer_pairs, load_models
 from ..models import StudentSpec, count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
 from ..models.predict import accuracy, predict_logits
@@ -35,11 +35,12 @@ class DistillStage(Stage):
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
         train = self.transfer_set(ctx, method, data)
         bank = self.view_bank(ctx, train)
-        result = distill(models, method, train, data.val, cfg.distill, cfg.build.seed, cfg.data.augment,
-                         ctx.device, ctx.progress, outliers=outliers,
-                         precomputed=self.known_outputs(ctx, models, method, train, known, bank),
-                         micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
-                         projected=self.projected_targets(ctx, method, train), bank=bank)
+        settings = DistillSettings(
+            cfg.distill, cfg.build.seed, ctx.device, ctx.progress, augment=cfg.data.augment,
+            micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
+            precomputed=self.known_outputs(ctx, models, method, train, known, bank),
+            projected=self.projected_targets(ctx, method, train), bank=bank, outliers=outliers)
+        result = distill(models, method, train, data.val, settings)
         self.save(ctx, models, data)
         views = {"view_bank_images": len(bank.images)} if bank is not None else {}
         return {**self.measure(ctx, models, data, known), **self.budget(data, train), **views, **result}

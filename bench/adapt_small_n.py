@@ -20,7 +20,6 @@ import copy
 import itertools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -28,21 +27,20 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.data import View  # noqa: E402
-from pipeline.data.views import as_tensor  # noqa: E402
-from pipeline.models import load_teacher  # noqa: E402
-from pipeline.models.fit import FitSettings, fit_classifier  # noqa: E402
-from pipeline.models.layout import channels_last, channels_last_model  # noqa: E402
-from pipeline.models.split import sequential_parts  # noqa: E402
-from pipeline.progress import ProgressDisplay  # noqa: E402
-from pipeline.runner import Build  # noqa: E402
-from pipeline.data.for_config import subtask_data  # noqa: E402
-from pipeline.models.predict import accuracy  # noqa: E402
+from pipeline.config import parse_config
+from pipeline.data import View
+from pipeline.data.views import as_tensor
+from pipeline.models import load_teacher
+from pipeline.models.fit import FitSettings, fit_classifier
+from pipeline.models.layout import channels_last, channels_last_model
+from pipeline.models.split import sequential_parts
+from pipeline.progress import ProgressDisplay
+from pipeline.runner import Build
+from pipeline.data.for_config import subtask_data
+from pipeline.models.predict import accuracy
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "adapt_small_n.json"

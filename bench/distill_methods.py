@@ -31,7 +31,6 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -41,26 +40,23 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.data import View  # noqa: E402
-from pipeline.data.views import as_tensor, batches  # noqa: E402
-from pipeline.distill.config import DistillConfig  # noqa: E402
-from pipeline.distill.features import as_map, pool_to, prefix_tokens, tap_features  # noqa: E402
-from pipeline.distill.methods import METHODS  # noqa: E402
-from pipeline.distill.subspace import Subspace, accumulate, save_subspaces  # noqa: E402
-from pipeline.distill.train import DistillSettings, Models, distill, layer_pairs  # noqa: E402
-from pipeline.models import create_model, load_teacher  # noqa: E402
-from pipeline.progress import ProgressDisplay  # noqa: E402
-from pipeline.runner import Build, StageContext, StageRecord  # noqa: E402
-from pipeline.data.for_config import subtask_data  # noqa: E402
-from pipeline.models.predict import accuracy, predict_logits  # noqa: E402
-from pipeline.stages.distill import DistillStage  # noqa: E402
-from pipeline.stages.subspaces import SubspacesStage  # noqa: E402
-from pipeline.models.adapt import teacher_class_ids  # noqa: E402
+from pipeline.config import parse_config
+from pipeline.data import View
+from pipeline.data.for_config import subtask_data
+from pipeline.data.views import as_tensor, batches
+from pipeline.distill.config import DistillConfig
+from pipeline.distill.features import as_map, pool_to, prefix_tokens, tap_features
+from pipeline.distill.methods import METHODS
+from pipeline.distill.subspace import Subspace, accumulate, save_subspaces
+from pipeline.distill.train import DistillSettings, Models, distill, layer_pairs, load_models
+from pipeline.models import create_model, load_teacher
+from pipeline.models.adapt import teacher_class_ids
+from pipeline.models.predict import accuracy, predict_logits
+from pipeline.progress import ProgressDisplay
+from pipeline.runner import Build, run_stage
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "distill_methods.json"
@@ -146,12 +142,11 @@ def adapted_teacher(kind: str, args) -> tuple[Path, dict]:
     return Path(summary[-1]["dir"]), raw
 
 
-def subspace_stability(ctx: StageContext, images: int) -> list[dict]:
+def subspace_stability(cfg, adapt_dir: Path, images: int) -> list[dict]:
     """Estimate each layer's subspace on two DISJOINT sets of `images` training images of the default subtask;
     overlap = ||U1^T U2||_F^2 / k (1: the same subspace; a random pair of k-subspaces of R^d gives about k/d)."""
-    cfg = ctx.config
     data = subtask_data(cfg)
-    models = DistillStage().prepare_models(ctx, data)
+    models = load_models(cfg, adapt_dir, data)
     pairs = layer_pairs(cfg.distill.layers, models)
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(1))
     source = as_tensor(data.train.images)
@@ -179,11 +174,10 @@ def subspaces_stage_seconds(adapt_dir: Path | None, threads: int, stability_imag
     torch.set_num_threads(threads)
     try:
         with tempfile.TemporaryDirectory() as out:
-            ctx = StageContext(cfg, Path(out), {"adapt": StageRecord("adapt", "", adapt_dir, {})}, QUIET, "")
             start = time.perf_counter()
-            metrics = SubspacesStage().run(ctx)
+            metrics = run_stage(cfg, "subspaces", Path(out), {"adapt": adapt_dir}, QUIET)
             wall = time.perf_counter() - start
-            stability = subspace_stability(ctx, stability_images) if stability_images else None
+            stability = subspace_stability(cfg, adapt_dir, stability_images) if stability_images else None
     finally:
         torch.set_num_threads(previous)
     return {"estimation_s": metrics["estimation_s"], "stage_wall_s": wall, "threads": threads,

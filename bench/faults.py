@@ -32,9 +32,8 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from pipeline.cache import BuildCache, sha256_file  # noqa: E402
+from pipeline.cache import BuildCache, sha256_file
 
 BUILD = "faults"
 STAGES = ("teacher", "adapt", "distill", "qat", "export", "validate", "release")

@@ -25,20 +25,18 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.progress import ProgressDisplay  # noqa: E402
-from pipeline.runner import Build  # noqa: E402
+from pipeline.config import parse_config
+from pipeline.progress import ProgressDisplay
+from pipeline.runner import Build
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "label_efficiency.json"

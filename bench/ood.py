@@ -36,27 +36,26 @@ import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from device_tests.ood import Rule, auroc, calibrate, evaluate, fpr_at_tpr, score  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.data import View, load_dataset  # noqa: E402
-from pipeline.data.subtask import full_split  # noqa: E402
-from pipeline.data.views import as_tensor  # noqa: E402
-from pipeline.distill.methods import METHODS  # noqa: E402
-from pipeline.distill.train import DistillSettings, Models, distill  # noqa: E402
-from pipeline.models import create_model, load_teacher  # noqa: E402
-from pipeline.ood.config import OODConfig  # noqa: E402
-from pipeline.ood.data import outside_data  # noqa: E402
-from pipeline.ood.exposure import OutlierExposure  # noqa: E402
-from pipeline.ood.features import Mahalanobis, penultimate  # noqa: E402
-from pipeline.progress import ProgressDisplay  # noqa: E402
-from pipeline.runner import Build  # noqa: E402
-from pipeline.data.for_config import subtask_data  # noqa: E402
-from pipeline.models.predict import predict_logits  # noqa: E402
-from pipeline.models.adapt import teacher_class_ids  # noqa: E402
+from device_tests.ood import Rule, auroc, calibrate, evaluate, fpr_at_tpr, score
+from pipeline.config import parse_config
+from pipeline.data import View, load_dataset
+from pipeline.data.subtask import full_split
+from pipeline.data.views import as_tensor
+from pipeline.distill.methods import METHODS
+from pipeline.distill.train import DistillSettings, Models, distill
+from pipeline.models import create_model, load_teacher
+from pipeline.ood.config import OODConfig
+from pipeline.ood.data import outside_data
+from pipeline.ood.exposure import OutlierExposure
+from pipeline.ood.features import Mahalanobis, penultimate
+from pipeline.progress import ProgressDisplay
+from pipeline.runner import Build
+from pipeline.data.for_config import subtask_data
+from pipeline.models.predict import predict_logits
+from pipeline.models.adapt import teacher_class_ids
 
 DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
 RESULTS = ROOT / "bench" / "results" / "ood.json"
@@ -79,7 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-per-class", type=int, default=1500, help="images per class loaded from the training "
-                   "split (80 % train / 20 % validation); caps the student's data and the outlier pool alike")
+                   "split (80 %% train / 20 %% validation); caps the student's data and the outlier pool alike")
     p.add_argument("--test-per-class", type=int, default=500, help="cap per class on the test split (0: all 1000)")
     p.add_argument("--oe-weight", type=float, default=0.5)
     p.add_argument("--oe-ratio", type=float, default=1.0)

@@ -17,13 +17,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
+from rich.console import Console
 
-from pipeline.config import load_config, parse_config  # noqa: E402
-from pipeline.progress import ProgressDisplay  # noqa: E402
-from pipeline.runner import STAGES, StageContext, StageRecord, _load_stage_modules, seed_everything  # noqa: E402
+from pipeline.config import load_config, parse_config
+from pipeline.progress import ProgressDisplay
+from pipeline.runner import run_stage
 
 STAGE_NAMES = ("distill", "qat", "export", "validate")
 
@@ -47,24 +46,19 @@ def main(argv=None) -> None:
         cfg = parse_config(raw, f"{args.config} (shortened)")
     if cfg.ood is None:
         raise SystemExit(f"{args.config} has no ood section")
-    _load_stage_modules()
     progress = ProgressDisplay(Console(stderr=True), enabled=False)
-    records = {"adapt": StageRecord("adapt", "given", args.adapt, {})}
+    folders, metrics_of = {"adapt": args.adapt}, {}
     shutil.rmtree(args.work, ignore_errors=True)
     walls = {}
     for name in STAGE_NAMES:
-        stage = STAGES.get(name)()
         out = args.work / name
-        out.mkdir(parents=True)
-        seed_everything(cfg.build.seed, cfg.build.threads)
-        inputs = {n: records[n] for n in stage.inputs(cfg)}
         start = time.perf_counter()
-        metrics = stage.run(StageContext(cfg, out, inputs, progress, f"manual-{name}", "cpu"))
+        metrics = run_stage(cfg, name, out, folders, progress)
         walls[name] = time.perf_counter() - start
         (out / "stage.json").write_text(json.dumps({"stage": name, "metrics": metrics}, indent=1, default=float))
-        records[name] = StageRecord(name, "manual", out, {"metrics": metrics})
+        folders[name], metrics_of[name] = out, metrics
         print(f"{name}: done in {walls[name]:.0f} s", flush=True)
-    export_ood = records["export"].metrics["ood"]
+    export_ood = metrics_of["export"]["ood"]
     runs = json.loads((args.work / "validate" / "results-local.json").read_text())["runs"]
     device = [{"artifact": r["artifact"], "runtime": r["runtime"], "precision": r["precision"],
                "top1": r.get("accuracy", {}).get("top1"), **{k: v for k, v in r.get("ood", {}).items() if k != "histogram"}}
@@ -85,11 +79,11 @@ def main(argv=None) -> None:
     print(text)
     report = {"command": " ".join(["bench/ood_build.py", *(argv if argv is not None else sys.argv[1:])]),
               "config_ood": cfg.ood.model_dump(mode="json"), "adapt": str(args.adapt), "stage_wall_s": walls,
-              "distill": {k: v for k, v in records["distill"].metrics.items() if k != "history"},
-              "qat": {k: v for k, v in records["qat"].metrics.items() if "history" not in k},
+              "distill": {k: v for k, v in metrics_of["distill"].items() if k != "history"},
+              "qat": {k: v for k, v in metrics_of["qat"].items() if "history" not in k},
               "export_ood": export_ood, "device": device,
-              "validate_passed": records["validate"].metrics.get("passed"),
-              "budgets": records["validate"].metrics.get("budgets"), "table": text}
+              "validate_passed": metrics_of["validate"].get("passed"),
+              "budgets": metrics_of["validate"].get("budgets"), "table": text}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1, default=float) + "\n")
     print(f"wrote {args.out}")

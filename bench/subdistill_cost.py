@@ -25,10 +25,6 @@ import torch
 import yaml
 
 HERE = Path(__file__).resolve().parent
-# Run as a script, bench/ is first on sys.path and its quantize.py would shadow the package: drop it, so that
-# PYTHONPATH alone decides which checkout's code is measured.
-if sys.path and Path(sys.path[0]).resolve() == HERE:
-    sys.path.pop(0)
 DEFAULT_CONFIG = HERE.parent / "configs" / "fashion_tops.yaml"
 RESULTS = HERE / "results" / "subdistill_cost.json"
 
@@ -50,9 +46,8 @@ def run(args) -> list[dict]:
 
     from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
-    from pipeline.stage import StageContext, StageRecord
-    from pipeline.stages.distill import DistillStage
-    from pipeline.stages.subspaces import SubspacesStage
+    from pipeline.runner import run_stage
+    from pipeline.stages import SubspacesStage
 
     quiet = ProgressDisplay(Console(quiet=True), enabled=False)
     torch.set_num_threads(args.threads)
@@ -61,18 +56,18 @@ def run(args) -> list[dict]:
         raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
         raw["distill"].update({"method": method, "epochs": args.epochs})
         cfg = parse_config(raw)
-        inputs = {"adapt": StageRecord("adapt", "", args.adapt, {})}
+        inputs = {"adapt": args.adapt}
         row = {"code": args.label, "pipeline": str(Path(pipeline.__file__).parent), "method": method,
                "epochs": args.epochs, "threads": args.threads}
         with tempfile.TemporaryDirectory() as sub_out, tempfile.TemporaryDirectory() as dist_out:
             if SubspacesStage().enabled(cfg):
                 start = time.perf_counter()
-                metrics = SubspacesStage().run(StageContext(cfg, Path(sub_out), inputs, quiet, ""))
+                metrics = run_stage(cfg, "subspaces", Path(sub_out), inputs, quiet)
                 row["subspaces_s"] = round(time.perf_counter() - start, 1)
                 row["targets_mib"] = metrics.get("targets_mib")
-                inputs["subspaces"] = StageRecord("subspaces", "", Path(sub_out), {})
+                inputs["subspaces"] = Path(sub_out)
             start = time.perf_counter()
-            metrics = DistillStage().run(StageContext(cfg, Path(dist_out), inputs, quiet, ""))
+            metrics = run_stage(cfg, "distill", Path(dist_out), inputs, quiet)
             row["distill_s"] = round(time.perf_counter() - start, 1)
         row["loop_img_s"] = round(metrics["train_images_per_s"], 1)
         print(json.dumps(row), flush=True)

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from device_tests import tools  # noqa: E402
-from device_tests.bundle import Bundle  # noqa: E402
+from device_tests import tools
+from device_tests.bundle import Bundle
 
 RUNTIME = {"onnx": "onnxruntime", "openvino": "openvino"}
 RESULTS = ROOT / "bench" / "results" / "suite_vs_tool.json"

@@ -32,7 +32,6 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,18 +40,16 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
-import distill_methods as dm  # noqa: E402
+import distill_methods as dm
 
-from pipeline.config import SpuriousConfig, parse_config  # noqa: E402
-from pipeline.data.spurious import add_markers  # noqa: E402
-from pipeline.models import create_model, load_teacher  # noqa: E402
-from pipeline.data.for_config import subtask_data  # noqa: E402
-from pipeline.models.predict import accuracy, predict_logits  # noqa: E402
-from pipeline.xai.config import ExplainConfig  # noqa: E402
-from pipeline.xai.explain import explain_pair  # noqa: E402
+from pipeline.config import SpuriousConfig, parse_config
+from pipeline.data.spurious import add_markers
+from pipeline.models import create_model, load_teacher
+from pipeline.data.for_config import subtask_data
+from pipeline.models.predict import accuracy, predict_logits
+from pipeline.xai.config import ExplainConfig
+from pipeline.xai.explain import explain_pair
 
 RESULTS = ROOT / "bench" / "results" / "xai_spurious.json"
 METHODS = ["student_only", "kd", "subdistill", "fitnet"]

@@ -260,6 +260,24 @@ def parse_config(raw: Any, source: str = "<config>") -> EdgesmithConfig:
         ) from None
 
 
+def config_with(base: str | os.PathLike | EdgesmithConfig, overrides: dict[str, Any] | None = None,
+                remove: tuple[str, ...] = ()) -> EdgesmithConfig:
+    """A config file (or config) with dotted-key overrides, e.g. {"distill.method": "subdistill", "data.labels_per_class":
+    50}, and whole sections removed (their stages then leave the chain): how benchmarks and tools vary a build."""
+    raw = base.dump() if isinstance(base, EdgesmithConfig) else load_config(base).dump()
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):     # an absent (or disabled: None) section starts empty
+                node[key] = {}
+            node = node[key]
+        node[leaf] = value
+    for section in remove:
+        raw.pop(section, None)
+    return parse_config(raw, f"{base if not isinstance(base, EdgesmithConfig) else base.build.name} (with overrides)")
+
+
 def load_config(path: str | os.PathLike) -> EdgesmithConfig:
     path = Path(path)
     if path.is_dir():

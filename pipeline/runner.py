@@ -51,6 +51,32 @@ def seed_everything(seed: int, threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+def run_stage(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path], progress: ProgressDisplay | None = None,
+              device: str = "cpu") -> dict:
+    """One stage of the chain outside a build: seeded as a build seeds it, written into `out` (no cache, no key),
+    its inputs read from the given folders ({"adapt": folder, ...}). For benchmarks and tools that time or vary a
+    single stage; returns its metrics."""
+    stage = STAGES.get(name)()
+    missing = [n for n in stage.inputs(cfg) if n not in inputs]
+    if missing:
+        raise ConfigError(f"Stage '{name}' reads {', '.join(missing)}, which were not given.",
+                          f"Pass the folders of {', '.join(missing)} (e.g. a build's committed stage folders).")
+    records = {n: StageRecord(n, "given", Path(inputs[n]), _committed(Path(inputs[n]))) for n in stage.inputs(cfg)}
+    seed_everything(cfg.build.seed, cfg.build.threads)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    progress = progress or ProgressDisplay(enabled=False)
+    return stage.run(StageContext(cfg, Path(out), records, progress, f"manual-{name}", device)) or {}
+
+
+def _committed(folder: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((folder / BuildCache.STAGE_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 @dataclass
 class PlannedStage:
     stage: Stage

@@ -72,7 +72,7 @@ class QATStage(Stage):
         if left:
             ctx.log(f"qat: warning: {len(left)} BatchNorm layers are not right after a convolution and stay "
                     f"unfolded ({', '.join(left[:5])}): ONNX Runtime cannot fuse those INT8 blocks, so check the "
-                    "INT8 latency (bench/quantize.py, the validate stage).")
+                    "INT8 latency (bench/quantization.py, the validate stage).")
         return folded, metrics
 
     def measure(self, ctx: StageContext, model, view, data, metrics: dict) -> dict:

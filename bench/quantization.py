@@ -13,7 +13,7 @@ bound call (device_tests runners: IOBinding, calls back to back, warm-up discard
 alternating rounds so load from elsewhere hits all alike), which layers stayed in float and how many
 convolutions ONNX Runtime still runs as INT8 kernels.
 
-    .venv/bin/python bench/quantize.py --archs cnn_small cnn_compact --teacher-dir builds/fashion_tops/adapt-KEY
+    .venv/bin/python bench/quantization.py --archs cnn_small cnn_compact --teacher-dir builds/fashion_tops/adapt-KEY
 Prints a table and writes bench/results/quantize.json (one key per model; reruns update their keys).
 """
 
@@ -32,22 +32,21 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from exporters.formats import fused_ops  # noqa: E402
-from exporters.onnx_export import export_onnx, export_onnx_int8  # noqa: E402
-from exporters.parity import onnxruntime_runner, run_batched  # noqa: E402
-from pipeline.config import parse_config  # noqa: E402
-from pipeline.data import View, batches  # noqa: E402
-from pipeline.data.views import as_tensor  # noqa: E402
-from pipeline.distill.config import DistillConfig  # noqa: E402
-from pipeline.models import count_params, create_model  # noqa: E402
-from pipeline.data.for_config import subtask_data  # noqa: E402
-from quantize.config import QATConfig  # noqa: E402
-from quantize.fold import fold_batchnorm  # noqa: E402
-from quantize.nncf_ops import calibration_batches  # noqa: E402
-from quantize.precision import quantize_student  # noqa: E402
-from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune  # noqa: E402
+from exporters.formats import fused_ops
+from exporters.onnx_export import export_onnx, export_onnx_int8
+from exporters.parity import onnxruntime_runner, run_batched
+from pipeline.config import parse_config
+from pipeline.data import View, batches
+from pipeline.data.views import as_tensor
+from pipeline.distill.config import DistillConfig
+from pipeline.models import count_params, create_model
+from pipeline.data.for_config import subtask_data
+from quantize.config import QATConfig
+from quantize.fold import fold_batchnorm
+from quantize.nncf_ops import calibration_batches
+from quantize.precision import quantize_student
+from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune
 
 CLASSES = ["T-shirt/top", "Pullover", "Shirt", "Coat"]
 FASHION_IDS = [0, 2, 6, 4]   # those classes' ids in Fashion-MNIST (the teacher's head columns)

@@ -15,6 +15,7 @@ from .config import EdgesmithConfig
 from .errors import ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
+from .seeds import seed_for
 from .stage import Stage, StageContext, StageRecord
 from .stages import CHAIN
 
@@ -62,7 +63,7 @@ def run_stage(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path
         raise ConfigError(f"Stage '{name}' reads {', '.join(missing)}, which were not given.",
                           f"Pass the folders of {', '.join(missing)} (e.g. a build's committed stage folders).")
     records = {n: StageRecord(n, "given", Path(inputs[n]), _committed(Path(inputs[n]))) for n in stage.inputs(cfg)}
-    seed_everything(cfg.build.seed, cfg.build.threads)
+    seed_everything(seed_for(cfg, "global"), cfg.build.threads)
     Path(out).mkdir(parents=True, exist_ok=True)
     progress = progress or ProgressDisplay(enabled=False)
     return stage.run(StageContext(cfg, Path(out), records, progress, f"manual-{name}", device)) or {}
@@ -213,7 +214,7 @@ class Build:
             progress.log(f"[green]✓[/] {stage.name:<10} cached  {self.cache.path(stage.name, planned.key)}")
             return StageRecord(stage.name, planned.key, self.cache.path(stage.name, planned.key), meta), True, None, False
         progress.log(f"[cyan]▶[/] {stage.name:<10} running (key {planned.key[:16]})")
-        seed_everything(self.cfg.build.seed, self.cfg.build.threads)
+        seed_everything(seed_for(self.cfg, "global"), self.cfg.build.threads)
         start = time.perf_counter()
         final, ctx = self.cache.path(stage.name, planned.key), None
         if stage.distributed or distributed.is_main():

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import DataError
+from ..seeds import seed_for
 from .base import Dataset, ImageSet
 
 UNLABELLED = -1          # the label of a pool image (cross-entropy ignores it)
@@ -37,7 +38,7 @@ def choose_labelled(dataset: Dataset, class_ids: list[int], labels_per_class: in
             f"images: {listed}" + (" (data.train_per_class caps them)" if capped else "") + ".",
             f"Lower data.labels_per_class to at most {min(count for _, count in short)}, or set it to null to keep "
             "every label.")
-    rng = np.random.default_rng([seed, 0x1ABE1])
+    rng = np.random.default_rng(seed_for(seed, "data.labels"))
     n_val = val_per_class(labels_per_class, val_fraction)
     train, val = [], []
     for c in class_ids:
@@ -58,7 +59,7 @@ def unlabelled_pool(dataset: Dataset, kind: str, labelled: np.ndarray, cap: int 
     else:
         images = read_folder(Path(kind).expanduser(), dataset.channels, dataset.size)
     if cap is not None and cap < len(images):
-        keep = np.sort(np.random.default_rng([seed, 0x9001]).permutation(len(images))[:cap])
+        keep = np.sort(np.random.default_rng(seed_for(seed, "data.pool")).permutation(len(images))[:cap])
         images = images[keep]
     return ImageSet(np.ascontiguousarray(images), np.full(len(images), UNLABELLED, dtype=np.int64))
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..seeds import seed_for
 from .base import ImageSet
 
 # 3 columns x 5 rows per digit, '#' = dot.
@@ -87,7 +88,7 @@ def add_markers(data, cfg, seed: int):
     """SubtaskData with markers: train and val (both drawn from the training images) show the class index,
     test a random class index. Returns (new SubtaskData, {split: Markers})."""
     scale = cfg.scale or default_scale(data.train.images.shape[-1])
-    rng = np.random.default_rng([seed, cfg.seed, 0x5EED])
+    rng = np.random.default_rng(seed_for(seed, f"data.spurious.{cfg.seed}"))
     splits, markers = {}, {}
     for split, correlated in (("train", True), ("val", True), ("test", False)):
         splits[split], markers[split] = mark(getattr(data, split), cfg.fraction, correlated, data.num_classes,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .base import Dataset, ImageSet
+from ..seeds import seed_for
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,7 +66,8 @@ def _restrict(images: ImageSet, class_ids: list[int]) -> ImageSet:
 
 
 def full_split(dataset: Dataset, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
-    train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
+    """The seeded 80/20 split of every training image (`seed`: build.seed; stream data.split)."""
+    train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed_for(seed, "data.split"))
     return dataset.train.take(train_idx), dataset.train.take(val_idx)
 
 
@@ -80,7 +82,7 @@ def make_subtask(dataset: Dataset, classes: list, val_fraction: float, seed: int
     test = _restrict(dataset.test, ids)
     kind = unlabelled or ("rest" if labels_per_class else "none")
     if labels_per_class is None:
-        train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed)
+        train_idx, val_idx = stratified_split(dataset.train.labels, val_fraction, seed_for(seed, "data.split"))
         # rest without a budget: the other classes' images (the subtask's own are all labelled already)
         in_subtask = np.flatnonzero(np.isin(dataset.train.labels, ids))
     else:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..seeds import seed_for
+
 
 @dataclass(frozen=True)
 class View:
@@ -72,7 +74,7 @@ class ViewBank:
 
     @classmethod
     def build(cls, images: torch.Tensor, views: int, seed: int, chunk: int = 4096) -> "ViewBank":
-        generator = torch.Generator().manual_seed(seed + 11)
+        generator = torch.Generator().manual_seed(seed_for(seed, "data.views"))
         parts = [augment_batch(images[start:start + chunk], generator)
                  for _ in range(views) for start in range(0, len(images), chunk)]
         return cls(torch.cat(parts), views)

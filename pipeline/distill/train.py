@@ -190,7 +190,7 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
-    generator = torch.Generator().manual_seed(seed + 2)
+    generator = torch.Generator().manual_seed(seed)        # settings.seed: the build's distill.batches stream
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     history, images_seen, train_time = [], 0, 0.0
     with progress.task(f"distill ({cfg.method})", cfg.epochs) as bar:

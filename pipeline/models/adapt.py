@@ -15,6 +15,7 @@ from .fit import fit_classifier
 from .layout import channels_last, channels_last_model
 from .predict import accuracy, predict_logits
 from .split import split_at
+from ..seeds import seed_for
 
 
 def teacher_view(cfg, model: nn.Module, dataset) -> View:
@@ -86,10 +87,10 @@ def classifier_name(model: nn.Module) -> str:
     return next(name for name, child in model.named_children() if child is classifier)
 
 
-def fit_on_images(ctx, model, view, train, val, settings, description) -> dict:
+def fit_on_images(ctx, model, view, train, val, settings, description, augment_stream: str) -> dict:
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     augment = ctx.config.data.augment
-    generator = torch.Generator().manual_seed(ctx.config.build.seed + 1)
+    generator = torch.Generator().manual_seed(seed_for(ctx.config, augment_stream))
 
     def train_batch(idx):
         batch = augment_batch(images[idx], generator) if augment else images[idx]

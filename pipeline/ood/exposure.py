@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.views import as_tensor
+from ..seeds import seed_for
 from .config import OODConfig
 from .data import outside_data
 
@@ -23,7 +24,7 @@ class OutlierExposure:
                  teacher_logits: torch.Tensor | None = None, temperature: float = 4.0):
         self.images, self.view, self.cfg, self.device = images, view, cfg, device
         self.per_step = max(1, math.ceil(batch_size * cfg.oe_ratio))
-        self.generator = torch.Generator().manual_seed(seed + 3)  # its own stream: the subtask order is unchanged
+        self.generator = torch.Generator().manual_seed(seed)  # its own stream: the subtask order is unchanged
         self.teacher_logits, self.temperature = teacher_logits, temperature
 
     def __len__(self) -> int:
@@ -53,7 +54,7 @@ def outlier_exposure(config, models, device, log=lambda _m: None, known=None) ->
     train = outside_data(config).train
     images = train.images
     if cfg.oe_max_images is not None and cfg.oe_max_images < len(images):
-        pick = np.sort(np.random.default_rng(config.build.seed + 3).permutation(len(images))[:cfg.oe_max_images])
+        pick = np.sort(np.random.default_rng(seed_for(config, "ood.exposure.images")).permutation(len(images))[:cfg.oe_max_images])
         images = images[pick]
     teacher_logits = None
     if cfg.oe_target == "teacher":
@@ -62,5 +63,5 @@ def outlier_exposure(config, models, device, log=lambda _m: None, known=None) ->
         teacher_logits = logits_of(models.teacher, models.teacher_view, images, device, models.teacher_ids, known)
     log(f"  outlier exposure: {len(images)} non-subtask training images, target {cfg.oe_target}, "
         f"weight {cfg.oe_weight}")
-    return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size, config.build.seed,
+    return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size, seed_for(config, "ood.exposure.batches"),
                            device, teacher_logits, config.distill.temperature)

@@ -17,6 +17,7 @@ from ..models.adapt import (classifier_name, fit_on_images, fit_tail_on_cached, 
 from ..models.fit import FitSettings
 from ..models.known_logits import save_known_logits, teacher_logits
 from ..models.predict import accuracy
+from ..seeds import seed_for
 from ..stage import Stage, StageContext
 from .teacher import TEACHER_CODE
 
@@ -57,12 +58,12 @@ class AdaptStage(Stage):
         first_trainable = adapt.train_from or (classifier_name(model) if adapt.method == "linear_probe" else None)
         train, val = labelled_split(ctx.config, data)
         if adapt.max_images and adapt.max_images < len(train):
-            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(ctx.config.build.seed))
+            keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed_for(ctx.config, "adapt.images")))
             train = train.take(keep[: adapt.max_images].sort().values.numpy())
-        settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size, ctx.config.build.seed)
+        settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size, seed_for(ctx.config, "adapt.batches"))
         known = None
         if first_trainable is None:
-            result = fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})")
+            result = fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})", "adapt.augment")
         else:
             result = fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool)
             seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])

@@ -10,6 +10,7 @@ from ..models import StudentSpec, count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
 from ..models.predict import accuracy, predict_logits
 from ..ood.exposure import outlier_exposure
+from ..seeds import seed_for
 from ..stage import Stage, StageContext
 
 
@@ -36,7 +37,7 @@ class DistillStage(Stage):
         train = self.transfer_set(ctx, method, data)
         bank = self.view_bank(ctx, train)
         settings = DistillSettings(
-            cfg.distill, cfg.build.seed, ctx.device, ctx.progress, augment=cfg.data.augment,
+            cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
             precomputed=self.known_outputs(ctx, models, method, train, known, bank),
             projected=self.projected_targets(ctx, method, train), bank=bank, outliers=outliers)

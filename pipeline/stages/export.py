@@ -7,6 +7,7 @@ import torch
 
 from ..errors import ConfigError
 from ..models.spec import StudentSpec
+from ..seeds import seed_for
 from ..stage import Stage, StageContext
 
 from exporters.artifacts import ArtifactListing
@@ -104,7 +105,7 @@ class ExportStage(Stage):
         qat = ctx.config.section("qat")
         if qat is None or not MOBILE_INT8.intersection(ctx.config.section("export").formats):
             return []
-        return calibration_images(data.train.images, view, qat.calibration_size, ctx.config.build.seed)
+        return calibration_images(data.train.images, view, qat.calibration_size, seed_for(ctx.config, "qat.calibration"))
 
     def write_eval_set(self, ctx: StageContext, job: ExportJob, spec: StudentSpec, data, cfg: ExportConfig,
                        extra: dict | None = None) -> dict:

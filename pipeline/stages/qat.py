@@ -13,6 +13,7 @@ import torch
 
 from .. import distributed
 from ..models.spec import StudentSpec
+from ..seeds import seed_for
 from ..stage import Stage, StageContext
 
 from quantize.config import QATConfig
@@ -42,7 +43,7 @@ class QATStage(Stage):
         data = subtask_data(ctx.config)
         view = spec.input
         float_model, metrics = self.prepare(ctx, student, cfg, view, data)
-        calibration = calibration_images(data.train.images, view, cfg.calibration_size, ctx.config.build.seed)
+        calibration = calibration_images(data.train.images, view, cfg.calibration_size, seed_for(ctx.config, "qat.calibration"))
         model = self.quantize(ctx, float_model, calibration, view, data, cfg, metrics)
         metrics["ptq_val_acc"] = model_accuracy(model, view, data.val.images, data.val.labels)
         if cfg.mode == "qat":
@@ -99,6 +100,6 @@ class QATStage(Stage):
         with ctx.progress.task("QAT fine-tuning", total=cfg.epochs * per_epoch) as task:
             return finetune(model, view, train, lambda m: model_accuracy(m, view, data.val.images, data.val.labels),
                             distillation_loss(ctx.config.distill), cfg.epochs, cfg.lr, cfg.batch_size,
-                            seed=ctx.config.build.seed, max_images=cfg.max_images,
+                            seed=seed_for(ctx.config, "qat.batches"), max_images=cfg.max_images,
                             on_step=lambda n, loss: task.advance(n, loss=loss),
                             micro_batch=ctx.config.distributed.micro_batch if ctx.config.distributed else None)

@@ -13,6 +13,7 @@ from .. import distributed
 from ..distill.subspace import Elsewhere, Subspace, accumulate, load_subspaces, save_subspaces
 from ..distill.targets import compute_targets, save_targets
 from ..distill.train import Models, layer_pairs, load_models
+from ..seeds import seed_for
 from ..stage import Stage, StageContext
 from ..data.for_config import subtask_data
 
@@ -40,10 +41,10 @@ class SubspacesStage(Stage):
         data = subtask_data(cfg)
         models = load_models(ctx.config, ctx.inputs["adapt"].dir, data)
         pairs = layer_pairs(cfg.distill.layers, models, ctx.log)
-        images = self.choose_images(data.transfer.images, cfg.subspaces.max_images, cfg.build.seed)
+        images = self.choose_images(data.transfer.images, cfg.subspaces.max_images, seed_for(cfg, "subspaces.images"))
         start = time.perf_counter()
         moments = self.accumulate(ctx, models, pairs, images)
-        subspaces = [Subspace.from_moments(m, p.student_channels, cfg.subspaces.basis, cfg.build.seed + i)
+        subspaces = [Subspace.from_moments(m, p.student_channels, cfg.subspaces.basis, seed_for(cfg, f"subspaces.basis.{i}"))
                      for i, (m, p) in enumerate(zip(moments, pairs))]
         seconds = time.perf_counter() - start
         save_subspaces(ctx.out, pairs, subspaces, {"basis": cfg.subspaces.basis, "images": len(images),
@@ -71,7 +72,7 @@ class SubspacesStage(Stage):
         source = as_tensor(images)
         if cap is None or cap >= len(source):
             return source
-        keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed + 3))[:cap]
+        keep = torch.randperm(len(source), generator=torch.Generator().manual_seed(seed))[:cap]
         return source[keep.sort().values]
 
     def accumulate(self, ctx: StageContext, models: Models, pairs, images: torch.Tensor):
@@ -81,7 +82,7 @@ class SubspacesStage(Stage):
                       for number, idx in enumerate(batches(len(images), cfg.batch_size)))
         with ctx.progress.task("subspaces (teacher margin gradients)", len(images)) as bar:
             return accumulate(teacher, normalised, pairs, models.teacher_ids, cfg.positions_per_image,
-                              ctx.config.build.seed, on_batch=bar.advance)
+                              seed_for(ctx.config, "subspaces.positions"), on_batch=bar.advance)
 
     def measure(self, pairs, subspaces, images: int, seconds: float) -> dict:
         return {

@@ -8,6 +8,7 @@ from ..models import TeacherSpec, count_macs, count_params, create_model, save_m
 from ..models.adapt import fit_on_images, head_class_names, labelled_classes, labelled_split, num_outputs, teacher_arch, teacher_view
 from ..models.fit import FitSettings
 from ..models.teachers import TEACHER_SOURCES
+from ..seeds import seed_for
 from ..stage import Stage, StageContext
 
 # The teacher and adapt stages hash only the code they run, so that editing a later stage keeps the (slow) adapted
@@ -42,6 +43,6 @@ class TeacherStage(Stage):
         model = create_model(cfg.teacher.train.arch, len(labelled_classes(data)), cfg.teacher.input.channels or dataset.channels)
         view = View.resolve(cfg.teacher.input, dataset.size, dataset.channels)
         settings = FitSettings(cfg.teacher.train.epochs, cfg.teacher.train.lr, 1e-4, cfg.teacher.train.batch_size,
-                               cfg.build.seed)
-        result = fit_on_images(ctx, model.to(ctx.device), view, train, val, settings, "teacher (from scratch)")
+                               seed_for(cfg, "teacher.batches"))
+        result = fit_on_images(ctx, model.to(ctx.device), view, train, val, settings, "teacher (from scratch)", "teacher.augment")
         return model.cpu(), view, {"train_best_val_acc": result["best_val_acc"], "train_best_epoch": result["best_epoch"]}

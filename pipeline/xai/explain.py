@@ -11,6 +11,7 @@ import torch
 
 from ..data import View
 from ..data.views import as_tensor
+from ..seeds import seed_for
 from .agreement import agreement, pixel_flipping, pixel_map
 from .heatmaps import Explainer, logit_gap, make_explainer, relevance
 
@@ -32,7 +33,7 @@ class Explained:
 
 def sample(n_total: int, n: int, seed: int) -> np.ndarray:
     """A seeded sample of test indices (sorted)."""
-    return np.sort(np.random.default_rng([seed, 0xE1]).permutation(n_total)[:n])
+    return np.sort(np.random.default_rng(seed_for(seed, "xai.images")).permutation(n_total)[:n])
 
 
 def explain_pair(teacher, teacher_view: View, teacher_ids: list[int], student, student_view: View,
@@ -77,7 +78,7 @@ def _student_flipping(expl: Explainer, view: View, raw, targets, columns, maps, 
     def gaps(logits, rows):
         return logit_gap(logits, targets[rows], columns)
 
-    return pixel_flipping(model, x, maps, gaps, cfg.flip_steps, seed, cfg.batch_size)
+    return pixel_flipping(model, x, maps, gaps, cfg.flip_steps, seed_for(seed, "xai.flipping"), cfg.batch_size)
 
 
 @torch.no_grad()

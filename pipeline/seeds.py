@@ -1,0 +1,41 @@
+"""Named random streams. Every random choice of a build draws from its own stream, whose seed is derived from
+(build.seed, stream name) by a hash: two streams never share a seed by accident (as `seed + 2` and `seed + 3`
+of different call sites could), and adding a stream moves no other. Names are dotted: "<stage or package>.<what>"."""
+
+from __future__ import annotations
+
+import hashlib
+
+STREAMS = (
+    "global",                  # torch / numpy / random global state at the start of every stage (model init)
+    "data.split",              # the seeded 80/20 train/validation split (all classes)
+    "data.labels",             # which training images keep their labels under a label budget
+    "data.pool",               # the cap on the unlabelled pool
+    "data.spurious",           # which images get a marker (stress test), with data.spurious.seed
+    "data.views",              # the view bank's augmentations
+    "teacher.batches",         # from-scratch teacher: shuffling
+    "teacher.augment",         # its augmentation (data.augment)
+    "adapt.images",            # adapt.max_images: which training images adapt the head
+    "adapt.batches",           # adapt: shuffling
+    "adapt.augment",           # its augmentation (data.augment, a fit on images rather than on a cached prefix)
+    "subspaces.images",        # subspaces.max_images
+    "subspaces.positions",     # the spatial positions sampled for the moments
+    "subspaces.basis",         # random bases (subspaces.basis: random), + ".<pair index>"
+    "distill.batches",         # distillation: shuffling, augmentation
+    "ood.exposure.images",     # which outside images outlier exposure trains on
+    "ood.exposure.batches",    # their order
+    "qat.calibration",         # the INT8 calibration images (qat stage and the export stage's PT2E formats)
+    "qat.batches",             # QAT fine-tuning: shuffling
+    "xai.images",              # the test images explained
+    "xai.flipping",            # pixel flipping's random reference order
+)
+
+
+def seed_for(seed_or_config, stream: str) -> int:
+    """The seed of `stream` for a build: a 63-bit integer (torch and numpy accept it) from blake2b(seed, name).
+    `seed_or_config`: build.seed, or a config whose build.seed is used."""
+    base = seed_or_config if isinstance(seed_or_config, int) else seed_or_config.build.seed
+    if stream not in STREAMS and stream.rpartition(".")[0] not in STREAMS:
+        raise ValueError(f"unknown random stream {stream!r}: add it to pipeline.seeds.STREAMS")
+    digest = hashlib.blake2b(f"{int(base)}/{stream}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1

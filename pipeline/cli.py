@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .errors import EdgesmithError
@@ -147,7 +148,8 @@ def main() -> None:
             sys.exit(code)
     except EdgesmithError as exc:
         distributed.record_failure(exc)      # under torchrun: the message the launcher reports for this rank
-        console.print(f"[bold red]error{_rank_tag()}:[/] {exc.message}", highlight=False, soft_wrap=True)
+        # escaped: a message names `.[mobile]` or echoes the user's value, which rich would read as markup
+        console.print(f"[bold red]error{_rank_tag()}:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]: nothing half-written was kept in the cache.")

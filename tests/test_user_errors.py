@@ -132,3 +132,11 @@ def test_counts_from_a_target_are_escaped_in_the_report():
                                         "ood": ood}]})
     section = ood_section([run])
     assert section is not None and hostile not in section.html and "&lt;script&gt;" in section.html
+
+
+def test_brackets_in_an_error_are_printed_as_written(write_config):
+    """The CLI prints through rich: an error that names `.[mobile]` or echoes a value like `[bold]` must not lose it
+    as markup (the mobile-extra fix read "pip install ... -e '.'")."""
+    result = edgesmith("check", write_config(**{"distill.method": "[bold]kd"}))
+    assert result.returncode == 2
+    assert "'[bold]kd'" in result.stdout + result.stderr

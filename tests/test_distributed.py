@@ -28,7 +28,9 @@ def tiny_distributed_config(output: Path) -> dict:
     """A tiny build whose teacher learns something (so accuracies mean something) in a few seconds; several
     subspace batches (dealt out between the processes) and micro-batches of 8 (gradient accumulation)."""
     cfg = tiny_config_dict(output, **{
-        "data.train_per_class": 100, "teacher.train.epochs": 6, "teacher.train.lr": 0.01,
+        # 250 test images per class: with the tiny config's 20 (80 images, one standard error = 5.6 points) the
+        # 1-vs-2-process accuracy check below failed or passed by which seed the build drew (6 images apart).
+        "data.train_per_class": 100, "data.test_per_class": 250, "teacher.train.epochs": 6, "teacher.train.lr": 0.01,
         "teacher.train.batch_size": 32, "distill.method": "subdistill", "distill.epochs": 5, "distill.lr": 0.01,
         "subspaces.positions_per_image": 8, "subspaces.batch_size": 24, "distributed.micro_batch": 8})
     cfg["qat"] = {"epochs": 1, "calibration_size": 64, "batch_size": 32, "lr": 1e-3}
@@ -96,7 +98,7 @@ def test_two_processes_reuse_the_keys_and_match_one_process(one_and_two):
     assert m2["student_test_acc"] > 0.28                     # the student learned something (chance: 0.25)
     print(f"student test acc 1 vs 2 processes: {m1['student_test_acc']:.4f} vs {m2['student_test_acc']:.4f}; "
           f"basis max |diff| {max(float((a[f'{i}.basis'] - b[f'{i}.basis'] * torch.sign((a[f'{i}.basis'] * b[f'{i}.basis']).sum(0))).abs().max()) for i in range(2)):.2e}")
-    assert abs(m1["student_test_acc"] - m2["student_test_acc"]) <= 0.05     # 4 of 80 test images
+    assert abs(m1["student_test_acc"] - m2["student_test_acc"]) <= 0.05     # 50 of 1000 test images
     # Per-epoch losses are all-reduced: the same loss curve up to BatchNorm running statistics.
     for h1, h2 in zip(m1["history"], m2["history"]):
         assert h2["total"] == pytest.approx(h1["total"], rel=0.05)

@@ -159,6 +159,14 @@ class BuildCache:
                 return str(entry)
         return None
 
+    @classmethod
+    def read_meta(cls, folder: Path) -> dict | None:
+        """The stage.json of a committed stage folder, or None if it has none (or not a readable one)."""
+        try:
+            return json.loads((Path(folder) / cls.STAGE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+
     def entries(self) -> list[Path]:
         return sorted(p for p in self.root.glob("*-*") if (p / self.STAGE_FILE).is_file())
 

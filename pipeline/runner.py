@@ -62,20 +62,11 @@ def run_stage(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path
     if missing:
         raise ConfigError(f"Stage '{name}' reads {', '.join(missing)}, which were not given.",
                           f"Pass the folders of {', '.join(missing)} (e.g. a build's committed stage folders).")
-    records = {n: StageRecord(n, "given", Path(inputs[n]), _committed(Path(inputs[n]))) for n in stage.inputs(cfg)}
+    records = {n: StageRecord(n, "given", Path(inputs[n]), BuildCache.read_meta(inputs[n]) or {}) for n in stage.inputs(cfg)}
     seed_everything(seed_for(cfg, "global"), cfg.build.threads)
     Path(out).mkdir(parents=True, exist_ok=True)
     progress = progress or ProgressDisplay(enabled=False)
     return stage.run(StageContext(cfg, Path(out), records, progress, f"manual-{name}", device)) or {}
-
-
-def _committed(folder: Path) -> dict:
-    import json
-
-    try:
-        return json.loads((folder / BuildCache.STAGE_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 @dataclass

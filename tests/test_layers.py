@@ -29,8 +29,8 @@ LAYERS = [
 ]
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
+def module_name(path: Path, root: Path = REPO) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -154,21 +154,14 @@ def test_the_device_suite_imports_nothing_of_edgesmith():
     ("from ..stages.distill import DistillStage\n", "pipeline.data imports pipeline.stages.distill"),
 ])
 def test_an_upward_import_is_caught(tmp_path, source, expected):
-    """The checker itself: a copy of the tree with one upward import planted in pipeline/data fails it."""
-    import shutil
-
-    for pkg in PACKAGES:
-        shutil.copytree(REPO / pkg, tmp_path / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (tmp_path / "pipeline" / "data" / "planted.py").write_text(source)
-    modules = {module_name_in(tmp_path, p): p for pkg in PACKAGES for p in (tmp_path / pkg).rglob("*.py")}
-    planted = imports_of("pipeline.data.planted", modules["pipeline.data.planted"], modules)
+    """The checker itself: a module with one upward import, planted in pipeline/data, is caught."""
+    planted_path = tmp_path / "pipeline" / "data" / "planted.py"
+    planted_path.parent.mkdir(parents=True)
+    planted_path.write_text(source)
+    modules = {**all_modules(), module_name(planted_path, tmp_path): planted_path}
+    planted = imports_of("pipeline.data.planted", planted_path, modules)
     upward = [f"pipeline.data imports {d}" for d in planted if layer_of(d) > layer_of("pipeline.data.planted")]
     assert any(u.startswith(expected) for u in upward), upward
-
-
-def module_name_in(root: Path, path: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
 def test_a_cycle_is_caught():

@@ -103,10 +103,8 @@ def stage_chain(records: Iterable[StageRecord]) -> dict[str, StageEntry]:
 def _committed_meta(stage_dir: Path, fallback: dict) -> dict:
     # Read stage.json back from disk: a freshly run input's in-memory meta may hold numpy scalars or tuples
     # that serialise differently from the committed file a cached run would read.
-    try:
-        return json.loads((stage_dir / BuildCache.STAGE_FILE).read_text())
-    except (OSError, ValueError):
-        return json.loads(json.dumps(fallback, default=str))
+    committed = BuildCache.read_meta(stage_dir)
+    return committed if committed is not None else json.loads(json.dumps(fallback, default=str))
 
 
 def budgets_of(validate_metrics: dict) -> list[dict[str, Any]]:

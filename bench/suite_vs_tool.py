@@ -4,7 +4,9 @@ before and after a change of the measuring code, in one run.
 For each round and each artifact: `python -m device_tests.measure` from the BEFORE tree (e.g. main's
 checkout), the same from the AFTER tree (this one), and the runtime's tool on the same file with the same
 threads (benchmark_app -api sync -nstreams 1 -hint none -b 1 for OpenVINO IR; onnxruntime_perf_test / trtexec
-where installed), one after another, so load from elsewhere hits all three alike. Medians over the rounds.
+where installed), one after another, so load from elsewhere hits all of them alike. Medians over the rounds.
+The AFTER suite pins itself to --threads CPUs (device_tests.environment.pin_cpus, `--cpus auto`) and the tool is
+run on the same CPUs; `after_unpinned` is the AFTER suite with `--cpus none`, to show what pinning changes.
 
     flock /work/heavy.lock .venv/bin/python bench/suite_vs_tool.py --bundle builds/fashion_tops/export-KEY \\
         --before /path/to/main --rounds 3
@@ -61,11 +63,26 @@ def suite_p50(tree: Path, bundle: Path, artifact: str, runtime: str, args, extra
             "runtime_reported_p50_ms": lat.get("runtime_reported", {}).get("p50_ms")}
 
 
+def tool_on_suite_cpus(runtime: str, art, args, shape: tuple[int, ...]) -> dict | None:
+    """The runtime's tool with this process pinned the way the AFTER suite pins itself (the tool inherits the
+    mask), then the mask restored, so the BEFORE suite still runs as it always did."""
+    from device_tests.environment import pin_cpus
+
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    pinned = pin_cpus(args.threads, "auto")
+    try:
+        return tools.run_tool(runtime, art.format, art.path, args.threads, shape, args.duration)
+    finally:
+        if pinned is not None and usable is not None:
+            os.sched_setaffinity(0, usable)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     bundle = Bundle.load(args.bundle.resolve(), verify=False)
     cases = [(a.file, RUNTIME[a.format], a) for a in bundle.artifacts if a.format in RUNTIME]
-    samples: dict[str, dict[str, list]] = {f: {"before": [], "after": [], "after_own": [], "tool": []} for f, _, _ in cases}
+    samples: dict[str, dict[str, list]] = {
+        f: {"before": [], "after": [], "after_own": [], "after_unpinned": [], "tool": []} for f, _, _ in cases}
     tool_info: dict[str, dict] = {}
     start = time.time()
     for rnd in range(args.rounds):
@@ -75,8 +92,9 @@ def main(argv=None) -> int:
             samples[file]["after"].append(after["p50_ms"])
             if after["runtime_reported_p50_ms"] is not None:
                 samples[file]["after_own"].append(after["runtime_reported_p50_ms"])
-            t = tools.run_tool(runtime, art.format, art.path, args.threads, (1, *bundle.preprocess(bundle.eval_set().images_u8[:1]).shape[1:]),
-                               args.duration)
+            samples[file]["after_unpinned"].append(suite_p50(ROOT, args.bundle.resolve(), file, runtime, args,
+                                                             ["--layer-runs", "0", "--no-tool", "--cpus", "none"])["p50_ms"])
+            t = tool_on_suite_cpus(runtime, art, args, (1, *bundle.preprocess(bundle.eval_set().images_u8[:1]).shape[1:]))
             tool_info[file] = {k: v for k, v in (t or {}).items() if k != "median_ms"}
             if t and t.get("status") == "measured":
                 samples[file]["tool"].append(t["median_ms"])
@@ -89,20 +107,23 @@ def main(argv=None) -> int:
         tool = s["tool"]
         rows[file] = {"runtime": runtime, "tool": tool_info[file].get("tool"), "tool_status": tool_info[file].get("status"),
                       "before_p50_us": s["before"] * 1e3, "after_p50_us": s["after"] * 1e3,
+                      "after_unpinned_p50_us": s["after_unpinned"] * 1e3,
                       "after_runtime_reported_p50_us": s["after_own"] * 1e3 if s["after_own"] else None,
                       "tool_median_us": tool * 1e3 if tool else None,
                       "before_ratio": s["before"] / tool if tool else None, "after_ratio": s["after"] / tool if tool else None,
                       "after_within_target": (abs(s["after"] - tool) <= max(0.1 * tool, 0.005)) if tool else None,
                       "samples_ms": samples[file]}
-    print(f"\n{'artifact':<26}{'runtime':<13}{'before p50':>11}{'after p50':>11}{'tool median':>13}"
+    print(f"\n{'artifact':<26}{'runtime':<13}{'before p50':>11}{'unpinned':>10}{'after p50':>11}{'own timer':>10}{'tool median':>13}"
           f"{'before x':>10}{'after x':>9}  within 10 %/5 us")
     for file, r in rows.items():
         fmt = (lambda v, w=11: f"{v:>{w}.1f}" if v is not None else f"{'n/a':>{w}}")
         ratio = (lambda v: f"{v:>9.2f}" if v is not None else f"{'n/a':>9}")
-        print(f"{file:<26}{r['runtime']:<13}{fmt(r['before_p50_us'])}{fmt(r['after_p50_us'])}{fmt(r['tool_median_us'], 13)}"
+        print(f"{file:<26}{r['runtime']:<13}{fmt(r['before_p50_us'])}{fmt(r['after_unpinned_p50_us'], 10)}"
+              f"{fmt(r['after_p50_us'])}{fmt(r['after_runtime_reported_p50_us'], 10)}{fmt(r['tool_median_us'], 13)}"
               f"{ratio(r['before_ratio']):>10}{ratio(r['after_ratio'])}  "
               f"{'yes' if r['after_within_target'] else 'NO' if r['after_within_target'] is False else r['tool'] + ': ' + str(r['tool_status'])}")
-    print("(microseconds; x = suite p50 / tool median; medians over rounds)")
+    print("(microseconds; x = suite p50 / tool median; medians over rounds; own timer = the runtime's timing of the "
+          "suite's calls, what benchmark_app's median is made of)")
     from device_tests.environment import environment
 
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ import numpy as np
 
 from . import accuracy, latency, ood, tools
 from .bundle import Artifact, Bundle, EvalSet, check_artifact
-from .environment import current_rss_mb, environment, peak_rss_mb
+from .environment import current_rss_mb, environment, peak_rss_mb, pin_cpus
 from .errors import BundleError, DeviceTestError, IncompatibleArtifactError, RuntimeUnavailableError
 from .latency import LatencySettings
 from .preprocess import Preprocess
@@ -147,6 +147,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--throughput-batch", type=int, default=64)
     p.add_argument("--layer-runs", type=int, default=200, help="calls profiled per layer (0: no per-layer profile)")
+    p.add_argument("--cpus", default="auto",
+                   help="CPUs to pin this process (and the runtime's tool) to: auto (the last --threads CPUs), none, "
+                        "or a list like 2,3")
     p.add_argument("--no-tool", action="store_true", help="do not run the runtime's own benchmark tool")
     p.add_argument("--out", type=Path, required=True)
     return p.parse_args(argv)
@@ -171,6 +174,13 @@ def _load(args):
     return artifact, eval_set, spec, shape
 
 
+def _pin(args) -> Optional[list[int]]:
+    try:
+        return pin_cpus(args.threads, args.cpus)
+    except ValueError as exc:
+        raise DeviceTestError(f"--cpus: {exc}.", "Pass --cpus auto, none, or CPUs this process may use.") from None
+
+
 def write_json(path: Path, data: dict) -> None:
     """Temp file + rename: a reader never sees half a result."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -182,10 +192,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     settings = LatencySettings(args.min_queries, args.min_duration, args.warmup, args.throughput_batch)
     try:
+        pinned = _pin(args)
         artifact, eval_set, spec, shape = _load(args)
         result = measure(artifact, args.runtime, settings, args.threads, args.precision_hint, eval_set, spec, shape,
                          args.layer_runs, not args.no_tool)
-        result.update(status="passed", settings=settings.to_dict(), environment=environment())
+        result.update(status="passed", settings=settings.to_dict(), environment={**environment(), "pinned_cpus": pinned})
         code = 0
     except DeviceTestError as exc:
         skipped = isinstance(exc, RuntimeUnavailableError)

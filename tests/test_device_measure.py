@@ -108,3 +108,37 @@ def test_agreement_with_the_quantized_torch_model_when_recorded(tmp_path):
     acc = measure(art, "onnxruntime", SETTINGS, eval_set=bundle.eval_set(), preprocess=bundle.preprocess)["accuracy"]
     assert acc["agreement_int8"] == pytest.approx(np.mean(arrays["fp32_pred"] == int8_pred))
     assert acc["int8_top1"] == pytest.approx(np.mean(int8_pred == arrays["labels"]))
+
+
+def _measure_process(tmp_path, *extra: str) -> tuple[int, dict, str]:
+    """device_tests.measure in its own process: pinning in this one would pin the rest of the test session."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "device_tests.measure", "--bundle", str(shared_bundle()), "--artifact", "model.onnx",
+           "--runtime", "onnxruntime", "--threads", "1", "--min-queries", "32", "--min-duration", "0",
+           "--layer-runs", "0", "--no-tool", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    return proc.returncode, json.loads(out.read_text()), proc.stderr
+
+
+def test_measure_pins_itself_to_as_many_cpus_as_threads(tmp_path):
+    import os
+
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(usable) < 2:
+        pytest.skip("fewer than 2 usable CPUs (or no affinity API): nothing to pin")
+    code, result, _ = _measure_process(tmp_path)
+    assert code == 0 and result["environment"]["pinned_cpus"] == usable[-1:]
+    assert result["environment"]["usable_cores"] == 1   # read after pinning: the mask really changed
+    code, free, _ = _measure_process(tmp_path, "--cpus", "none")
+    assert code == 0 and free["environment"]["pinned_cpus"] is None and free["environment"]["usable_cores"] == len(usable)
+
+
+def test_measure_refuses_cpus_it_cannot_use(tmp_path):
+    for bad, words in (("x,y", "not a list of CPU numbers"), ("4096", "not all usable here")):
+        code, result, stderr = _measure_process(tmp_path, "--cpus", bad)
+        assert code == 2 and result["status"] == "error" and words in result["message"] and "Traceback" not in stderr

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Collection, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -111,10 +111,25 @@ def quantized_layers(quantized_model) -> set[str]:
 
 # -- ONNX: any FP32 / INT8 pair ---------------------------------------------------------------------------
 
-def layer_name(node_name: str) -> str:
-    """'/features/features.0/features.0.0/Conv' -> 'features.0.0' (the torch module), else the node name."""
-    parts = [p for p in node_name.split("/") if p]
-    return parts[-2] if len(parts) >= 2 else node_name
+def layer_name(node_name: str, modules: Optional[Collection[str]] = None) -> str:
+    """The torch module an exported ONNX node came from: '/features/features.0/features.0.0/Conv' ->
+    'features.0.0'. Each scope part of the exporter's name is relative to one of the enclosing modules (a timm
+    model in a wrapper: '/model/conv_stem/Conv' is model.conv_stem, '/model/blocks/blocks.0/...' model.blocks.0),
+    so with `modules` (the model's named_modules() names) each part is resolved against the closest enclosing
+    module that makes it a real one; without, the last scope part is taken as is."""
+    parts = [p for p in node_name.split("/") if p][:-1]
+    if not parts:
+        return node_name
+    if modules is None:
+        return parts[-1]
+    enclosing = [""]
+    for part in parts:
+        resolved = next((f"{outer}.{part}" if outer else part for outer in reversed(enclosing)
+                         if (f"{outer}.{part}" if outer else part) in modules), None)
+        if resolved is None:
+            return parts[-1]
+        enclosing.append(resolved)
+    return enclosing[-1]
 
 
 def compute_nodes(graph) -> list:

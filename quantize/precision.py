@@ -132,7 +132,8 @@ def accuracy_controlled_layers(model: nn.Module, example: torch.Tensor, calibrat
 
     producers = _producers(quantized.graph)
     nodes = compute_nodes(quantized.graph)
-    reverted = [layer_name(n.name) for n in nodes if not node_is_quantized(n, producers)]
+    modules = {name for name, _ in model.named_modules()}
+    reverted = [layer_name(n.name, modules) for n in nodes if not node_is_quantized(n, producers)]
     return AccuracyControlResult(reverted=reverted, onnx_fp32_acc=validate(proto, batches),
                                  onnx_int8_acc=validate(quantized, batches), quantized_ops=len(nodes))
 

@@ -154,3 +154,40 @@ def test_build_with_an_unknown_keep_fp32_layer_fails_with_the_valid_names(write_
     valid = compute_layers(fold_batchnorm(create_model("cnn_tiny", 4, 1))[0])
     assert valid and all(name in out for name in valid)
     assert not list((cfg.parent / "builds").glob("*/qat-*"))
+
+
+class _Stem(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv_stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.blocks = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()))
+
+    def forward(self, x):
+        return self.blocks(self.conv_stem(x)).mean((2, 3))
+
+
+class _Wrapped(nn.Module):
+    """A timm model inside a wrapper, as the benchmark's teacher: module names model.conv_stem, model.blocks.0.0."""
+
+    def __init__(self):
+        super().__init__()
+        self.model = _Stem()
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def test_onnx_nodes_map_to_the_torch_modules_they_came_from(tmp_path):
+    """Accuracy control reports reverted layers by their ONNX node names; the torch exporter writes a wrapped
+    model's attribute as '/model/conv_stem/Conv' but a Sequential child as '/model/blocks/model.blocks.0/...':
+    both must come back as the modules NNCF's torch graph knows (it failed on 'conv_stem' for EfficientNet)."""
+    import onnx
+
+    from exporters.onnx_export import export_onnx
+    from quantize.layer_error import compute_nodes, layer_name
+
+    model = _Wrapped().eval()
+    export_onnx(model, tmp_path / "m.onnx", torch.zeros(1, 1, 8, 8), 17, dynamic_batch=True)
+    modules = {name for name, _ in model.named_modules()}
+    names = [layer_name(n.name, modules) for n in compute_nodes(onnx.load(str(tmp_path / "m.onnx")).graph)]
+    assert names == ["model.conv_stem", "model.blocks.0.0"]

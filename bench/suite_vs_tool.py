@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bundle = Bundle.load(args.bundle.resolve(), verify=False)
     cases = [(a.file, RUNTIME[a.format], a) for a in bundle.artifacts if a.format in RUNTIME]
+    one = (1, *bundle.preprocess(bundle.eval_set().images_u8[:1]).shape[1:])   # the batch-1 input every tool gets
     samples: dict[str, dict[str, list]] = {
         f: {"before": [], "after": [], "after_own": [], "after_unpinned": [], "tool": []} for f, _, _ in cases}
     tool_info: dict[str, dict] = {}
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                 samples[file]["after_own"].append(after["runtime_reported_p50_ms"])
             samples[file]["after_unpinned"].append(suite_p50(ROOT, args.bundle.resolve(), file, runtime, args,
                                                              ["--layer-runs", "0", "--no-tool", "--cpus", "none"])["p50_ms"])
-            t = tool_on_suite_cpus(runtime, art, args, (1, *bundle.preprocess(bundle.eval_set().images_u8[:1]).shape[1:]))
+            t = tool_on_suite_cpus(runtime, art, args, one)
             tool_info[file] = {k: v for k, v in (t or {}).items() if k != "median_ms"}
             if t and t.get("status") == "measured":
                 samples[file]["tool"].append(t["median_ms"])

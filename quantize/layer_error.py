@@ -124,8 +124,8 @@ def layer_name(node_name: str, modules: Optional[Collection[str]] = None) -> str
         return parts[-1]
     enclosing = [""]
     for part in parts:
-        resolved = next((f"{outer}.{part}" if outer else part for outer in reversed(enclosing)
-                         if (f"{outer}.{part}" if outer else part) in modules), None)
+        candidates = (f"{outer}.{part}".lstrip(".") for outer in reversed(enclosing))
+        resolved = next((name for name in candidates if name in modules), None)
         if resolved is None:
             return parts[-1]
         enclosing.append(resolved)

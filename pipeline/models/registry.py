@@ -44,6 +44,23 @@ def cnn_teacher(num_classes: int, in_chans: int = 1) -> nn.Module:
                     dropout=0.2)
 
 
+# The fixed comparison setting of bench/reference_setting.py: VGG-style conv3x3-BN-ReLU blocks with max pools,
+# global average pool, one linear layer. features.i: teacher 0-1 at 28x28, 3-4 at 14x14, 6-7 at 7x7; student 0 at
+# 28x28, 2 at 14x14, 4-5 at 7x7 (the others are the pools).
+_POOL = 0     # the width entry of a max pool is ignored
+
+@ARCHS.register("cnn_reference_teacher")
+def cnn_reference_teacher(num_classes: int, in_chans: int = 1) -> nn.Module:
+    """1.13 M parameters, ~101 M MACs at 28x28: widths 32-64-maxpool-128-128-maxpool-256-256."""
+    return SmallCNN([32, 64, _POOL, 128, 128, _POOL, 256, 256], [1, 1, "M", 1, 1, "M", 1, 1], num_classes, in_chans)
+
+
+@ARCHS.register("cnn_reference_student")
+def cnn_reference_student(num_classes: int, in_chans: int = 1) -> nn.Module:
+    """~61 k parameters, ~3.7 M MACs at 28x28: widths 16-maxpool-32-maxpool-64-64."""
+    return SmallCNN([16, _POOL, 32, _POOL, 64, 64], [1, "M", 1, "M", 1, 1], num_classes, in_chans)
+
+
 def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool = False) -> nn.Module:
     if arch in ARCHS:
         if pretrained:

@@ -1,0 +1,123 @@
+"""Benchmark: the fixed comparison setting (configs/reference_tops.yaml), one build per distillation method.
+
+A VGG-style CNN teacher (1.13 M parameters) trained from scratch on all ten Fashion-MNIST classes, a ~61k-parameter
+student of the same kind, the four "tops", three post-ReLU layer pairs at equal resolution, AdamW lr 1e-3 without
+weight decay, batch 64, 6 epochs, KD at T = 4 with no label term (student_only: cross-entropy), layer methods
+KD + 100 x their layer loss, 80/20 train/val split with the best validation epoch kept, no augmentation, seed 1.
+Every row is the real pipeline (`Build(...).run(until="distill")`): the teacher stage is built once and cached,
+each method adds its own distill (and, for subdistill, subspaces) stage.
+
+    .venv/bin/python bench/reference_setting.py                    # every method (~1.5 h on 2 cores, cold)
+    .venv/bin/python bench/reference_setting.py --methods kd       # one row
+    .venv/bin/python bench/reference_setting.py --quick            # smoke run: 1 teacher epoch, 1 distill epoch, few images
+Prints a table and writes bench/results/reference_setting.json (per method: student test accuracy, best epoch,
+distill stage wall time and training img/s; the teacher's 10-class validation and 4-class test accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from rich.console import Console
+
+from pipeline.config import parse_config
+from pipeline.progress import ProgressDisplay
+from pipeline.runner import Build
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs" / "reference_tops.yaml"
+RESULTS = ROOT / "bench" / "results" / "reference_setting.json"
+METHODS = ["student_only", "kd", "subdistill", "fitnet", "attention", "vkd"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--config", type=Path, default=CONFIG)
+    p.add_argument("--output", type=Path, default=None, help="build folder root (default: the config's build.output)")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny data and one epoch each")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick and args.out == RESULTS:
+        args.out = RESULTS.with_name("reference_setting_quick.json")
+    return args
+
+
+def method_raw(base: dict, method: str, args) -> dict:
+    raw = copy.deepcopy(base)
+    raw["distill"]["method"] = method
+    if args.output is not None:
+        raw["build"]["output"] = str(args.output)
+    if args.quick:
+        raw["data"].update({"train_per_class": 100, "test_per_class": 50})
+        raw["teacher"]["train"]["epochs"] = 1
+        raw["distill"]["epochs"] = 1
+        raw["subspaces"] = {"max_images": 64}
+    return raw
+
+
+def run_method(raw: dict, method: str, progress: ProgressDisplay) -> dict:
+    started = time.perf_counter()
+    summary = Build(parse_config(raw)).run(progress, until="distill")
+    stages = {s["stage"]: s for s in summary}
+    distill, teacher = stages["distill"], stages["teacher"]
+    m = distill["metrics"]
+    row = {"method": method, "student_test_acc": m["student_test_acc"], "teacher_test_acc": m["teacher_test_acc"],
+           "best_epoch": m.get("best_epoch"), "best_val_acc": m.get("best_val_acc"),
+           "train_images_per_s": m.get("train_images_per_s"), "distill_wall_s": distill["wall_s"],
+           "distill_cached": distill["cached"], "student_params": m["student_params"],
+           "teacher_params": m["teacher_params"], "student_macs": m["student_macs"], "teacher_macs": m["teacher_macs"],
+           "test_images": m["test_images"], "build_wall_s": time.perf_counter() - started,
+           "teacher": {"wall_s": teacher["wall_s"], "cached": teacher["cached"], **teacher["metrics"]}}
+    if "subspaces" in stages:
+        row["subspaces_wall_s"] = stages["subspaces"]["wall_s"]
+    return row
+
+
+def print_table(report: dict) -> None:
+    rows = report["rows"]
+    teacher = rows[0]["teacher"]
+    print(f"\nteacher {rows[0]['teacher_params'] / 1e6:.2f} M params, {rows[0]['teacher_macs'] / 1e6:.0f} M MACs: "
+          f"10-class val {100 * teacher['train_best_val_acc']:.2f} % (epoch {teacher['train_best_epoch']}), "
+          f"tops test {100 * rows[0]['teacher_test_acc']:.2f} %; trained in {teacher['wall_s']:.0f} s")
+    print(f"student {rows[0]['student_params'] / 1e3:.1f} k params, {rows[0]['student_macs'] / 1e6:.1f} M MACs; "
+          f"{rows[0]['test_images']} test images")
+    print(f"{'method':<14}{'test %':>8}{'best ep':>9}{'val %':>8}{'distill s':>11}{'img/s':>8}")
+    for r in rows:
+        wall = r["distill_wall_s"] + r.get("subspaces_wall_s", 0.0)
+        print(f"{r['method']:<14}{100 * r['student_test_acc']:>8.2f}{r['best_epoch'] or 0:>9}"
+              f"{100 * (r['best_val_acc'] or 0):>8.2f}{wall:>11.0f}{r['train_images_per_s'] or 0:>8.0f}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    base = yaml.safe_load(args.config.read_text())
+    progress = ProgressDisplay(Console(quiet=True), enabled=False)
+    report = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
+              "quick": args.quick,
+              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                              "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0))},
+              "rows": []}
+    started = time.perf_counter()
+    for method in args.methods:
+        report["rows"].append(run_method(method_raw(base, method, args), method, progress))
+        r = report["rows"][-1]
+        print(f"{method}: test {100 * r['student_test_acc']:.2f} %, distill {r['distill_wall_s']:.0f} s"
+              f"{' (cached)' if r['distill_cached'] else ''}", flush=True)
+    report["wall_s"] = time.perf_counter() - started
+    print_table(report)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

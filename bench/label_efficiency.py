@@ -15,6 +15,8 @@ validation split; test accuracy is on the subtask's official test split.
     flock /work/heavy.lock .venv/bin/python bench/label_efficiency.py          # full scale (see the docstring of
                                                                                   # the committed results for time)
     .venv/bin/python bench/label_efficiency.py --quick                         # smoke run, tiny data
+    .venv/bin/python bench/label_efficiency.py --rows student_only --student-only-epochs 60 \
+        --out bench/results/label_efficiency_student_only.json                   # one row, its own schedule
 Writes bench/results/label_efficiency.{json,txt,png} (accuracy vs labels per class, one line per method, the
 teachers dashed).
 """
@@ -49,6 +51,7 @@ SUBTASKS = [                                    # the first three of bench/disti
 POOL_METHODS = ["kd", "subdistill", "fitnet", "attention"]
 NO_POOL_METHODS = ["kd", "subdistill"]
 VIEW_METHODS = ["kd", "subdistill"]
+ROW_GROUPS = ["teachers", "student_only", "pool", "no_pool", "views"]
 TEACHER_ROWS = ["teacher: foundation, linear probe", "teacher: foundation, finetune", "teacher: CNN from scratch"]
 
 
@@ -61,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--seeds-at-50", type=int, default=3)
     p.add_argument("--pool-cap", type=int, default=12000, help="data.unlabelled_max_images")
     p.add_argument("--epochs", type=int, default=6, help="distill epochs (the default config has 12)")
+    p.add_argument("--student-only-epochs", type=int, default=None,
+                   help="epochs of the student_only row (default --epochs: at N <= 50 that is a dozen optimiser steps)")
+    p.add_argument("--rows", nargs="+", default=ROW_GROUPS, choices=ROW_GROUPS, help="which rows to run")
     p.add_argument("--student", default="cnn_compact")
     p.add_argument("--test-per-class", type=int, default=None)
     p.add_argument("--pool-methods", nargs="*", default=POOL_METHODS)
@@ -97,7 +103,7 @@ def adapt_settings(text: str) -> dict:
 
 
 def config(args, classes: list[str], n: int | None, seed: int, adapt: dict | None = None, method: str = "kd",
-           pool: bool = True, cnn_teacher: bool = False, views: int | None = None):
+           pool: bool = True, cnn_teacher: bool = False, views: int | None = None, epochs: int | None = None):
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
     raw["build"].update({"name": f"le_{name}", "seed": seed, "output": args.output, "threads": args.threads})
@@ -116,7 +122,9 @@ def config(args, classes: list[str], n: int | None, seed: int, adapt: dict | Non
     elif adapt is not None:
         raw["teacher"]["adapt"] = adapt
     raw["student"]["arch"] = args.student
-    raw["distill"].update({"method": method, "epochs": args.epochs})
+    raw["distill"].update({"method": method, "epochs": epochs or args.epochs})
+    if epochs:           # the same shape of schedule, stretched: the learning rate halves at a third and two thirds
+        raw["distill"]["lr_step_epochs"] = max(1, epochs // 3)
     for section in ("qat", "export", "validate", "release", "ood"):
         raw.pop(section, None)
     return parse_config(raw)
@@ -135,6 +143,29 @@ def run_cell(args, classes: list[str], n: int | None, seed: int) -> list[dict]:
         cfg = config(args, classes, None, seed, None, "kd", pool=False)     # the default config's adaptation
         stages = build(cfg, "distill")
         return [{**base, "row": "kd (every label)", **student_metrics(stages)}]
+    if "teachers" in args.rows:
+        rows += teacher_rows(args, classes, n, seed, base, finetune)
+    if "student_only" in args.rows:
+        epochs = args.student_only_epochs
+        stages = build(config(args, classes, n, seed, finetune, "student_only", pool=False, epochs=epochs), "distill")
+        suffix = f", {epochs} epochs" if epochs and epochs != args.epochs else ""
+        rows.append({**base, "row": f"student_only (labels alone{suffix})", **student_metrics(stages)})
+    for method in args.pool_methods if "pool" in args.rows else []:
+        rows.append({**base, "row": f"{method} + pool",
+                     **student_metrics(build(config(args, classes, n, seed, finetune, method, pool=True), "distill"))})
+    for method in args.no_pool_methods if "no_pool" in args.rows else []:
+        rows.append({**base, "row": f"{method} (no pool)",
+                     **student_metrics(build(config(args, classes, n, seed, finetune, method, pool=False), "distill"))})
+    with_views = "views" in args.rows and n in args.views_at and seed < args.views_seeds
+    for k in args.views if with_views else []:
+        for method in args.view_methods:
+            cfg = config(args, classes, n, seed, finetune, method, pool=True, views=k)
+            rows.append({**base, "row": f"{method} + pool + views K={k}", **student_metrics(build(cfg, "distill"))})
+    return rows
+
+
+def teacher_rows(args, classes: list[str], n: int, seed: int, base: dict, finetune: dict) -> list[dict]:
+    rows = []
     for label, adapt in (("linear probe", adapt_settings(args.probe)), ("finetune", finetune)):
         stages = build(config(args, classes, n, seed, adapt, "student_only", pool=False), "adapt")
         rows.append({**base, "row": f"teacher: foundation, {label}",
@@ -144,18 +175,6 @@ def run_cell(args, classes: list[str], n: int | None, seed: int) -> list[dict]:
     stages = build(config(args, classes, n, seed, None, "student_only", pool=False, cnn_teacher=True), "adapt")
     rows.append({**base, "row": "teacher: CNN from scratch", "test_acc": stages["adapt"]["metrics"]["teacher_subtask_test_acc"],
                  "wall_s": stages["teacher"]["wall_s"]})
-    stages = build(config(args, classes, n, seed, finetune, "student_only", pool=False), "distill")
-    rows.append({**base, "row": "student_only (labels alone)", **student_metrics(stages)})
-    for method in args.pool_methods:
-        rows.append({**base, "row": f"{method} + pool",
-                     **student_metrics(build(config(args, classes, n, seed, finetune, method, pool=True), "distill"))})
-    for method in args.no_pool_methods:
-        rows.append({**base, "row": f"{method} (no pool)",
-                     **student_metrics(build(config(args, classes, n, seed, finetune, method, pool=False), "distill"))})
-    for k in args.views if n in args.views_at and seed < args.views_seeds else []:
-        for method in args.view_methods:
-            cfg = config(args, classes, n, seed, finetune, method, pool=True, views=k)
-            rows.append({**base, "row": f"{method} + pool + views K={k}", **student_metrics(build(cfg, "distill"))})
     return rows
 
 
@@ -190,6 +209,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def row_order(row: str) -> int:
+    if row.startswith("student_only"):
+        row = "student_only (labels alone)"
     order = TEACHER_ROWS + ["student_only (labels alone)"] + [f"{m} + pool" for m in POOL_METHODS] + \
         [f"{m} (no pool)" for m in NO_POOL_METHODS] + \
         [f"{m} + pool + views K={k}" for k in (1, 2, 4, 8, 16) for m in VIEW_METHODS] + ["kd (every label)"]

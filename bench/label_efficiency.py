@@ -15,7 +15,7 @@ validation split; test accuracy is on the subtask's official test split.
     flock /work/heavy.lock .venv/bin/python bench/label_efficiency.py          # full scale (see the docstring of
                                                                                   # the committed results for time)
     .venv/bin/python bench/label_efficiency.py --quick                         # smoke run, tiny data
-    .venv/bin/python bench/label_efficiency.py --rows student_only --student-only-epochs 60 \
+    .venv/bin/python bench/label_efficiency.py --rows student_only --student-only-epochs 100 --no-all-labels \
         --out bench/results/label_efficiency_student_only.json                   # one row, its own schedule
 Writes bench/results/label_efficiency.{json,txt,png} (accuracy vs labels per class, one line per method, the
 teachers dashed).

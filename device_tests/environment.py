@@ -51,6 +51,16 @@ def pin_cpus(threads: int, cpus: str = "auto") -> list[int] | None:
     return chosen
 
 
+def cpu_mask() -> set[int] | None:
+    """The CPUs this process may run on (None without an affinity API), to put back after pin_cpus."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+
+
+def restore_cpu_mask(mask: set[int] | None) -> None:
+    if mask is not None:
+        os.sched_setaffinity(0, mask)
+
+
 def parse_cpus(text: str) -> list[int]:
     try:
         chosen = sorted({int(v) for v in text.split(",") if v.strip()})

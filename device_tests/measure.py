@@ -20,7 +20,7 @@ import numpy as np
 
 from . import accuracy, latency, ood, tools
 from .bundle import Artifact, Bundle, EvalSet, check_artifact
-from .environment import current_rss_mb, environment, peak_rss_mb, pin_cpus
+from .environment import cpu_mask, current_rss_mb, environment, peak_rss_mb, pin_cpus, restore_cpu_mask
 from .errors import BundleError, DeviceTestError, IncompatibleArtifactError, RuntimeUnavailableError
 from .latency import LatencySettings
 from .preprocess import Preprocess
@@ -191,6 +191,7 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     settings = LatencySettings(args.min_queries, args.min_duration, args.warmup, args.throughput_batch)
+    mask = cpu_mask()      # main() called in-process must not leave its caller pinned to one CPU
     try:
         pinned = _pin(args)
         artifact, eval_set, spec, shape = _load(args)
@@ -204,6 +205,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "status": "skipped" if skipped else "error", "error_type": type(exc).__name__, "message": str(exc)}
         print(str(exc), file=sys.stderr)
         code = EXIT_SKIPPED if skipped else EXIT_ERROR
+    finally:
+        restore_cpu_mask(mask)
     write_json(args.out, result)
     return code
 

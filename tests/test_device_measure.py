@@ -94,6 +94,21 @@ def test_measure_cli_writes_an_error_result_for_a_missing_artifact(tmp_path):
     assert code == 2 and result["status"] == "error" and "no artifact 'nope.onnx'" in result["message"]
 
 
+def test_measure_main_in_process_gives_its_caller_the_cpus_back(tmp_path):
+    """main() pins to --threads CPUs while it measures; called in-process (as here) it used to leave pytest on one
+    CPU for every later test (and test_measure_pins_itself_... then skipped: 'fewer than 2 usable CPUs')."""
+    import os
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(os.getppid())) < 2:
+        pytest.skip("fewer than 2 usable CPUs (or no affinity API): nothing to pin")
+    before = os.sched_getaffinity(os.getppid())      # pytest's parent: not pinned by anything in this session
+    os.sched_setaffinity(0, before)
+    code = main(["--bundle", str(shared_bundle()), "--artifact", "model.onnx", "--runtime", "onnxruntime",
+                 "--threads", "1", "--min-queries", "8", "--min-duration", "0", "--layer-runs", "0", "--no-tool",
+                 "--out", str(tmp_path / "r.json")])
+    assert code == 0 and os.sched_getaffinity(0) == before
+
+
 def test_agreement_with_the_quantized_torch_model_when_recorded(tmp_path):
     import shutil
 

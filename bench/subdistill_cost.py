@@ -36,6 +36,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--methods", nargs="+", default=["kd", "subdistill"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--layer-positions", type=int, default=None,
+                   help="distill.layer_positions for subdistill (positions per pair at which its loss is evaluated)")
     p.add_argument("--out", type=Path, default=RESULTS)
     return p.parse_args(argv)
 
@@ -55,10 +57,13 @@ def run(args) -> list[dict]:
     for method in args.methods:
         raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
         raw["distill"].update({"method": method, "epochs": args.epochs})
+        if method.startswith("subdistill") and args.layer_positions:
+            raw["distill"]["layer_positions"] = args.layer_positions
         cfg = parse_config(raw)
         inputs = {"adapt": args.adapt}
         row = {"code": args.label, "pipeline": str(Path(pipeline.__file__).parent), "method": method,
-               "epochs": args.epochs, "threads": args.threads}
+               "epochs": args.epochs, "threads": args.threads,
+               "layer_positions": raw["distill"].get("layer_positions")}
         with tempfile.TemporaryDirectory() as sub_out, tempfile.TemporaryDirectory() as dist_out:
             if SubspacesStage().enabled(cfg):
                 start = time.perf_counter()

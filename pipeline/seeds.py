@@ -22,6 +22,7 @@ STREAMS = (
     "subspaces.positions",     # the spatial positions sampled for the moments
     "subspaces.basis",         # random bases (subspaces.basis: random), + ".<pair index>"
     "distill.batches",         # distillation: shuffling, augmentation
+    "distill.positions",       # distill.layer_positions: the positions SubDistill's loss is evaluated at
     "ood.exposure.images",     # which outside images outlier exposure trains on
     "ood.exposure.batches",    # their order
     "qat.calibration",         # the INT8 calibration images (qat stage and the export stage's PT2E formats)

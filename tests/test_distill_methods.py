@@ -107,6 +107,42 @@ def test_rotation_stays_orthogonal_after_optimizer_steps(tmp_path):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_layer_positions_estimate_the_full_loss_without_bias(tmp_path):
+    maps = teacher_maps(n=32, size=8)
+    full = make_subdistill(tmp_path, maps, k=3, size=(8, 8)).train()
+    sampled = make_subdistill(tmp_path, maps, k=3, size=(8, 8), layer_positions=8).train()
+    everything = make_subdistill(tmp_path, maps, k=3, size=(8, 8), layer_positions=64).train()
+    for method in (sampled, everything):                     # the same rotation V: only the positions differ
+        method.load_state_dict(full.state_dict())
+    target = full.teacher_target(0, maps)
+    student = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    reference = float(full.pair_loss(0, student, target))
+    assert float(everything.pair_loss(0, student, target)) == pytest.approx(reference, rel=1e-6)  # 64 = all of 8x8
+    draws = [float(sampled.pair_loss(0, student, target)) for _ in range(400)]
+    assert len(set(draws)) > 100                             # each step another 8 of the 64 positions
+    assert np.mean(draws) == pytest.approx(reference, rel=0.03)
+
+
+def test_layer_positions_are_drawn_from_the_build_seed(tmp_path):
+    maps = teacher_maps(size=8)
+    target = make_subdistill(tmp_path, maps, k=3, size=(8, 8)).teacher_target(0, maps)
+    student = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+
+    def losses(seed: int) -> list[float]:
+        pair = PairSpec("t", "s", maps.shape[1], 3, (8, 8), (8, 8))
+        torch.manual_seed(0)                                 # the same initial rotation V for every seed
+        method = SubDistill(DistillConfig(method="subdistill", layer_positions=4), pairs=[pair],
+                            subspaces_dir=tmp_path, seed=seed).train()
+        return [float(method.pair_loss(0, student, target)) for _ in range(5)]
+
+    assert losses(7) == losses(7) and losses(7) != losses(8)
+
+
+def test_layer_positions_are_refused_for_methods_without_that_loss():
+    with pytest.raises(ValueError, match="layer_positions samples SubDistill"):
+        DistillConfig(method="kd", layer_positions=16)
+
+
 def test_mean_centre_uses_batch_mean_in_training_and_running_mean_in_eval():
     centre = MeanCentre(2)
     x = torch.stack([torch.full((3, 3), 4.0), torch.full((3, 3), -2.0)]).unsqueeze(0).repeat(5, 1, 1, 1)

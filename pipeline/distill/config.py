@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..schema import Section
+from ..schema import OmitNoneOptions, Section
 
 
 class LayerPair(Section):
@@ -24,7 +24,9 @@ class SubspacesConfig(Section):
     batch_size: int = Field(128, ge=1, description="teacher forward/backward batch size")
 
 
-class DistillConfig(Section):
+class DistillConfig(OmitNoneOptions):
+    omit_when_none = ("layer_positions",)
+
     method: str = Field("kd", description="subdistill, subdistill_unit, kd, student_only, fitnet, attention, vkd")
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
     label_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy added to the KD loss")
@@ -39,5 +41,16 @@ class DistillConfig(Section):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_step_epochs: int = Field(25, ge=1, description="halve the learning rate every this many epochs")
     lr_gamma: float = Field(0.5, gt=0, le=1, description="factor applied every lr_step_epochs")
+    layer_positions: Optional[int] = Field(
+        None, ge=1, description="subdistill: the layer loss at this many seeded random spatial positions per pair and "
+        "step (the same for every image of the batch) instead of all: an unbiased estimate of the same per-position "
+        "loss at a fraction of its cost on large maps; None: every position")
     cache_teacher: bool = Field(True, description="compute the frozen teacher's outputs once (no augmentation)")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
+
+    @model_validator(mode="after")
+    def _positions_only_for_subdistill(self):
+        if self.layer_positions is not None and not self.method.startswith("subdistill"):
+            raise ValueError(f"layer_positions samples SubDistill's per-position loss; method {self.method!r} does not "
+                             "use it: remove distill.layer_positions or use method subdistill")
+        return self

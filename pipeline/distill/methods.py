@@ -167,8 +167,11 @@ class SubDistill(LayerMethod):
     default_lambda = 1.0
     unit_targets = False     # the reference keeps the teacher's own scale
 
-    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, **context):
+    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, seed: int = 0,
+                 **context):
         super().__init__(cfg, pairs, **context)
+        self.positions = cfg.layer_positions
+        self.position_generator = torch.Generator().manual_seed(seed)   # the build's distill.positions stream
         if subspaces_dir is None:
             raise ConfigError("Method 'subdistill' needs the output of the `subspaces` stage.",
                               "Build with the `subspaces` stage enabled (it is whenever distill.method is subdistill).")
@@ -204,6 +207,7 @@ class SubDistill(LayerMethod):
         # orthogonal. The k x k sum of outer products replaces a rotated copy of the target map and an elementwise
         # difference (forward and backward): 1.2-1.5x cheaper per step with a small student, where this loss costs
         # about as much as the student itself.
+        student_map, target = self.sampled_positions(student_map, target)
         centred = self.centre[index](student_map)
         n, k, h, w = target.shape
         outer = torch.bmm(centred.reshape(n, k, h * w), target.reshape(n, k, h * w).transpose(1, 2)).sum(0)
@@ -211,6 +215,15 @@ class SubDistill(LayerMethod):
         squared = centred.pow(2).sum() - 2 * (rotation * outer.T).sum() + target.pow(2).sum()
         normaliser = getattr(self, f"alpha{index}") / getattr(self, f"scale{index}") ** 2
         return squared.clamp_min(0) / (n * h * w) / normaliser   # per position, mean over images
+
+    def sampled_positions(self, student_map: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both maps at `layer_positions` random positions (the same for every image), as (n, k, positions, 1)."""
+        n, k, h, w = target.shape
+        if self.positions is None or h * w <= self.positions or not self.training:
+            return student_map, target
+        chosen = torch.randperm(h * w, generator=self.position_generator)[:self.positions].to(target.device)
+        pick = lambda m: m.flatten(2).index_select(2, chosen).unsqueeze(3)  # noqa: E731
+        return pick(student_map), pick(target)
 
 
 @METHODS.register("subdistill_unit")

@@ -102,7 +102,7 @@ class DistillStage(Stage):
         pairs = layer_pairs(cfg.layers, models, ctx.log) if method_cls.uses_layers else []
         subspaces = ctx.inputs["subspaces"].dir if "subspaces" in ctx.inputs else None
         return method_cls(cfg, pairs=pairs, teacher=models.teacher, student=models.student, models=models,
-                          subspaces_dir=subspaces)
+                          subspaces_dir=subspaces, seed=seed_for(ctx.config, "distill.positions"))
 
     def save(self, ctx: StageContext, models: Models, data) -> None:
         view = models.student_view

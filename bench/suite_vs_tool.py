@@ -66,15 +66,10 @@ def suite_p50(tree: Path, bundle: Path, artifact: str, runtime: str, args, extra
 def tool_on_suite_cpus(runtime: str, art, args, shape: tuple[int, ...]) -> dict | None:
     """The runtime's tool with this process pinned the way the AFTER suite pins itself (the tool inherits the
     mask), then the mask restored, so the BEFORE suite still runs as it always did."""
-    from device_tests.environment import pin_cpus
+    from device_tests.environment import pinned_cpus
 
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-    pinned = pin_cpus(args.threads, "auto")
-    try:
+    with pinned_cpus(args.threads, "auto"):
         return tools.run_tool(runtime, art.format, art.path, args.threads, shape, args.duration)
-    finally:
-        if pinned is not None and usable is not None:
-            os.sched_setaffinity(0, usable)
 
 
 def main(argv=None) -> int:

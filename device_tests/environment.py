@@ -7,6 +7,8 @@ import platform
 import resource
 import socket
 import sys
+from contextlib import contextmanager
+from typing import Iterator
 
 import numpy as np
 
@@ -51,14 +53,17 @@ def pin_cpus(threads: int, cpus: str = "auto") -> list[int] | None:
     return chosen
 
 
-def cpu_mask() -> set[int] | None:
-    """The CPUs this process may run on (None without an affinity API), to put back after pin_cpus."""
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
-
-
-def restore_cpu_mask(mask: set[int] | None) -> None:
-    if mask is not None:
-        os.sched_setaffinity(0, mask)
+@contextmanager
+def pinned_cpus(threads: int, cpus: str = "auto") -> Iterator[list[int] | None]:
+    """pin_cpus for the duration of a `with` block, then the CPU mask the process had before: a measurement run
+    in-process must not leave its caller (the validate stage, pytest, a benchmark) on one CPU."""
+    before = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    chosen = pin_cpus(threads, cpus)
+    try:
+        yield chosen
+    finally:
+        if chosen is not None and before is not None:
+            os.sched_setaffinity(0, before)
 
 
 def parse_cpus(text: str) -> list[int]:

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import accuracy, latency, ood, tools
 from .bundle import Artifact, Bundle, EvalSet, check_artifact
-from .environment import cpu_mask, current_rss_mb, environment, peak_rss_mb, pin_cpus, restore_cpu_mask
+from .environment import current_rss_mb, environment, peak_rss_mb, pinned_cpus
 from .errors import BundleError, DeviceTestError, IncompatibleArtifactError, RuntimeUnavailableError
 from .latency import LatencySettings
 from .preprocess import Preprocess
@@ -174,9 +175,10 @@ def _load(args):
     return artifact, eval_set, spec, shape
 
 
-def _pin(args) -> Optional[list[int]]:
+def _pin(args, scope: ExitStack) -> Optional[list[int]]:
+    """Pinned until `scope` closes; main() also runs in-process, and its caller gets its CPUs back."""
     try:
-        return pin_cpus(args.threads, args.cpus)
+        return scope.enter_context(pinned_cpus(args.threads, args.cpus))
     except ValueError as exc:
         raise DeviceTestError(f"--cpus: {exc}.", "Pass --cpus auto, none, or CPUs this process may use.") from None
 
@@ -191,22 +193,22 @@ def write_json(path: Path, data: dict) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
     settings = LatencySettings(args.min_queries, args.min_duration, args.warmup, args.throughput_batch)
-    mask = cpu_mask()      # main() called in-process must not leave its caller pinned to one CPU
-    try:
-        pinned = _pin(args)
-        artifact, eval_set, spec, shape = _load(args)
-        result = measure(artifact, args.runtime, settings, args.threads, args.precision_hint, eval_set, spec, shape,
-                         args.layer_runs, not args.no_tool)
-        result.update(status="passed", settings=settings.to_dict(), environment={**environment(), "pinned_cpus": pinned})
-        code = 0
-    except DeviceTestError as exc:
-        skipped = isinstance(exc, RuntimeUnavailableError)
-        result = {"artifact": args.artifact or (args.model and args.model.name), "runtime": args.runtime,
-                  "status": "skipped" if skipped else "error", "error_type": type(exc).__name__, "message": str(exc)}
-        print(str(exc), file=sys.stderr)
-        code = EXIT_SKIPPED if skipped else EXIT_ERROR
-    finally:
-        restore_cpu_mask(mask)
+    with ExitStack() as scope:
+        try:
+            pinned = _pin(args, scope)
+            artifact, eval_set, spec, shape = _load(args)
+            result = measure(artifact, args.runtime, settings, args.threads, args.precision_hint, eval_set, spec, shape,
+                             args.layer_runs, not args.no_tool)
+            result.update(status="passed", settings=settings.to_dict(),
+                          environment={**environment(), "pinned_cpus": pinned})
+            code = 0
+        except DeviceTestError as exc:
+            skipped = isinstance(exc, RuntimeUnavailableError)
+            result = {"artifact": args.artifact or (args.model and args.model.name), "runtime": args.runtime,
+                      "status": "skipped" if skipped else "error", "error_type": type(exc).__name__,
+                      "message": str(exc)}
+            print(str(exc), file=sys.stderr)
+            code = EXIT_SKIPPED if skipped else EXIT_ERROR
     write_json(args.out, result)
     return code
 

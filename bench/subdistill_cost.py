@@ -42,11 +42,21 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def config_for(method: str, epochs: int, layer_positions: int | None = None):
+    """The default config with distill.method, epochs and (if given) distill.layer_positions replaced."""
+    from pipeline.config import parse_config
+
+    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    raw["distill"].update({"method": method, "epochs": epochs})
+    if layer_positions:
+        raw["distill"]["layer_positions"] = layer_positions
+    return parse_config(raw)
+
+
 def run(args) -> list[dict]:
     import pipeline
     from rich.console import Console
 
-    from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
     from pipeline.runner import run_stage
     from pipeline.stages import SubspacesStage
@@ -55,15 +65,10 @@ def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     rows = []
     for method in args.methods:
-        raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-        raw["distill"].update({"method": method, "epochs": args.epochs})
-        if method.startswith("subdistill") and args.layer_positions:
-            raw["distill"]["layer_positions"] = args.layer_positions
-        cfg = parse_config(raw)
+        cfg = config_for(method, args.epochs, args.layer_positions if method.startswith("subdistill") else None)
         inputs = {"adapt": args.adapt}
         row = {"code": args.label, "pipeline": str(Path(pipeline.__file__).parent), "method": method,
-               "epochs": args.epochs, "threads": args.threads,
-               "layer_positions": raw["distill"].get("layer_positions")}
+               "epochs": args.epochs, "threads": args.threads, "layer_positions": cfg.distill.layer_positions}
         with tempfile.TemporaryDirectory() as sub_out, tempfile.TemporaryDirectory() as dist_out:
             if SubspacesStage().enabled(cfg):
                 start = time.perf_counter()

@@ -18,21 +18,15 @@ import tempfile
 from pathlib import Path
 
 import torch
-import yaml
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CONFIG = HERE.parent / "configs" / "fashion_tops.yaml"
 
 
 def config_for(variant: str):
-    from pipeline.config import parse_config
+    from subdistill_cost import config_for as config_of_method   # bench/ is this script's folder on sys.path
 
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     method, _, positions = variant.partition(":")
-    raw["distill"].update({"method": method, "epochs": 1})
-    if positions:
-        raw["distill"]["layer_positions"] = int(positions)
-    return parse_config(raw)
+    return config_of_method(method, 1, int(positions) if positions else None)
 
 
 def main(argv=None) -> None:

@@ -170,7 +170,6 @@ class SubDistill(LayerMethod):
     def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, seed: int = 0,
                  **context):
         super().__init__(cfg, pairs, **context)
-        self.positions = cfg.layer_positions
         self.position_generator = torch.Generator().manual_seed(seed)   # the build's distill.positions stream
         if subspaces_dir is None:
             raise ConfigError("Method 'subdistill' needs the output of the `subspaces` stage.",
@@ -218,10 +217,10 @@ class SubDistill(LayerMethod):
 
     def sampled_positions(self, student_map: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both maps at `layer_positions` random positions (the same for every image), as (n, k, positions, 1)."""
-        n, k, h, w = target.shape
-        if self.positions is None or h * w <= self.positions or not self.training:
+        positions, (h, w) = self.cfg.layer_positions, target.shape[-2:]
+        if positions is None or h * w <= positions or not self.training:
             return student_map, target
-        chosen = torch.randperm(h * w, generator=self.position_generator)[:self.positions].to(target.device)
+        chosen = torch.randperm(h * w, generator=self.position_generator)[:positions].to(target.device)
         pick = lambda m: m.flatten(2).index_select(2, chosen).unsqueeze(3)  # noqa: E731
         return pick(student_map), pick(target)
 

@@ -48,6 +48,10 @@ def seed_everything(seed: int, threads: int) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # That also fills every new tensor with NaN (a debugging aid against reads of uninitialised memory, which no
+    # operation here does): a write pass over each buffer, which costs SubDistill's layer loss ~4 ms a step on
+    # CPU (bench/subdistill_rounds.py). Results are the same bytes with or without it.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     if threads:
         torch.set_num_threads(threads)
 
@@ -57,6 +61,12 @@ def run_stage(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path
     """One stage of the chain outside a build: seeded as a build seeds it, written into `out` (no cache, no key),
     its inputs read from the given folders ({"adapt": folder, ...}). For benchmarks and tools that time or vary a
     single stage; returns its metrics."""
+    return STAGES.get(name)().run(stage_context(cfg, name, out, inputs, progress, device)) or {}
+
+
+def stage_context(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path],
+                  progress: ProgressDisplay | None = None, device: str = "cpu") -> StageContext:
+    """What run_stage hands the stage (seeded as a build seeds it): for tools that run parts of a stage."""
     stage = STAGES.get(name)()
     missing = [n for n in stage.inputs(cfg) if n not in inputs]
     if missing:
@@ -66,7 +76,7 @@ def run_stage(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path
     seed_everything(seed_for(cfg, "global"), cfg.build.threads)
     Path(out).mkdir(parents=True, exist_ok=True)
     progress = progress or ProgressDisplay(enabled=False)
-    return stage.run(StageContext(cfg, Path(out), records, progress, f"manual-{name}", device)) or {}
+    return StageContext(cfg, Path(out), records, progress, f"manual-{name}", device)
 
 
 @dataclass

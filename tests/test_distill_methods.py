@@ -11,6 +11,7 @@ from pipeline.data.base import ImageSet
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.features import (PairSpec, as_map, auto_pairs, pool_to, resolve_pairs, stage_names,
                                        tap_features)
+from pipeline.distill.matching import Rotations, SubspaceMatch, subspace_match_reference, tangent
 from pipeline.distill.methods import METHODS, MeanCentre, Outputs, SubDistill
 from pipeline.distill.subspace import Moments, Subspace, accumulate, save_subspaces
 from pipeline.distill.train import DistillSettings, Models, TeacherOutputs, distill, layer_pairs
@@ -57,7 +58,7 @@ def test_student_reproducing_the_teacher_subspace_has_zero_layer_loss(tmp_path):
     maps = teacher_maps()
     method = make_subdistill(tmp_path, maps, k=3).train()
     target = method.teacher_target(0, maps)
-    rotation = method.rotate[0].weight.detach()
+    rotation = method.rotations[0].detach()
     # Any per-channel offset is removed by the mean-centring; V^T undoes the learned rotation.
     student = torch.einsum("nkhw,kj->njhw", target, rotation) + torch.tensor([5.0, -2.0, 0.5]).view(1, 3, 1, 1)
     perfect = method.pair_loss(0, student, target)
@@ -72,7 +73,7 @@ def test_layer_loss_and_its_gradients_match_the_direct_formula_in_float64(tmp_pa
     maps = teacher_maps()
     method = make_subdistill(tmp_path, maps, k=3).train()
     with torch.no_grad():                       # a rotation away from the identity, so V matters
-        method.rotate[0].weight = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0]
+        method.rotations.weight[0].copy_(torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(1)))[0])
     target = method.teacher_target(0, maps)
     student = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(2), requires_grad=True)
     loss = method.pair_loss(0, student, target)
@@ -80,11 +81,67 @@ def test_layer_loss_and_its_gradients_match_the_direct_formula_in_float64(tmp_pa
     # Reference: centre by the batch mean, rotate the target by V^T, squared error per position / alpha.
     s = student.detach().double().requires_grad_(True)
     centred = s - s.mean(dim=(0, 2, 3), keepdim=True)
-    rotated = torch.einsum("nkhw,kj->njhw", target.double(), method.rotate[0].weight.detach().double())
+    rotated = torch.einsum("nkhw,kj->njhw", target.double(), method.rotations[0].detach().double())
     reference = (centred - rotated).pow(2).sum() / (16 * 4 * 4) / method.alpha0.double()
     reference.backward()
     assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
     torch.testing.assert_close(student.grad.double(), s.grad, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(5, 4, 3, 7), (6, 8, 1, 2)])   # many positions (batched GEMM) and few (P < k)
+def test_closed_form_gradients_equal_autograd_of_the_centred_loss_in_float64(shape):
+    # The training path's hand-written backward against autograd through MeanCentre and the direct formula
+    # ||V c - t~||^2: the student's gradient exactly; V's on the tangent space of the orthogonal matrices, which is
+    # all an orthogonality-keeping optimizer uses (the two formulas agree only on the manifold).
+    g = torch.Generator().manual_seed(3)
+    n, k, h, w = shape
+    student = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
+    target = torch.randn(*shape, generator=g, dtype=torch.float64) + 0.5
+    rotation = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0]
+    mine = [student.clone().requires_grad_(True), rotation.clone().requires_grad_(True)]
+    theirs = [student.clone().requires_grad_(True), rotation.clone().requires_grad_(True)]
+    fused, mean = SubspaceMatch.apply(mine[0].reshape(n, k, h * w), target.reshape(n, k, h * w), mine[1])
+    reference = subspace_match_reference(MeanCentre(k).double().train()(theirs[0]), target, theirs[1])
+    (fused * 0.7).backward()
+    (reference * 0.7).backward()
+    assert float(fused.detach()) == pytest.approx(float(reference.detach()), rel=1e-12)
+    torch.testing.assert_close(mean, student.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(mine[0].grad, theirs[0].grad, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(mine[1].grad, tangent(rotation, theirs[1].grad), atol=1e-10, rtol=1e-10)
+    assert torch.autograd.gradcheck(lambda s: SubspaceMatch.apply(s.reshape(n, k, h * w), target.reshape(n, k, h * w),
+                                                                  rotation)[0], (student.clone().requires_grad_(True),))
+
+
+def test_training_step_updates_the_running_mean_like_mean_centre(tmp_path):
+    maps = teacher_maps()
+    method = make_subdistill(tmp_path, maps, k=3).train()
+    target = method.teacher_target(0, maps)
+    student = torch.randn(16, 3, 4, 4, generator=torch.Generator().manual_seed(4)) + 3.0
+    reference = MeanCentre(3).train()
+    for _ in range(3):
+        method.pair_loss(0, student, target)
+        reference(student)
+    torch.testing.assert_close(method.centre[0].running_mean, reference.running_mean)
+    method.eval()                               # eval centres by the running mean: a different, larger loss
+    assert float(method.pair_loss(0, student, target).detach()) > float(method.train().pair_loss(0, student, target).detach())
+
+
+@pytest.mark.parametrize("scale", [1e-3, 0.1, 3.0])      # an optimizer step away, far away (Newton-Schulz), way off (SVD)
+def test_retraction_returns_each_block_to_the_nearest_orthogonal_matrix(scale):
+    rotations = Rotations([3, 5])
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for i, k in enumerate(rotations.sizes):
+            rotations.weight[i, :k, :k] += scale * torch.randn(k, k, generator=g)
+    moved = [rotations[i].detach().double().clone() for i in range(2)]
+    rotations.retract_()
+    for i, k in enumerate(rotations.sizes):
+        weight = rotations[i].detach()
+        torch.testing.assert_close(weight.T @ weight, torch.eye(k), atol=2e-5, rtol=0)
+        u, _, vh = torch.linalg.svd(moved[i])                  # the polar factor: nearest in Frobenius norm
+        torch.testing.assert_close(weight.double(), u @ vh, atol=1e-4, rtol=0)
+    torch.testing.assert_close(rotations.weight[0, 3:, 3:].detach(), torch.eye(2))   # padding stays identity
+    assert float(rotations.weight[0, :3, 3:].abs().max()) == 0.0
 
 
 def test_rotation_stays_orthogonal_after_optimizer_steps(tmp_path):
@@ -93,15 +150,16 @@ def test_rotation_stays_orthogonal_after_optimizer_steps(tmp_path):
     target = method.teacher_target(0, maps)
     student = torch.randn(16, 4, 4, 4, requires_grad=True)
     optimizer = torch.optim.AdamW([student, *method.parameters()], lr=0.05)
-    before = method.rotate[0].weight.detach().clone()
+    before = method.rotations[0].detach().clone()
     losses = []
     for _ in range(30):
         loss = method.pair_loss(0, student, target)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        method.after_step()                     # the retraction, as the distill loop calls it
         losses.append(float(loss.detach()))
-    weight = method.rotate[0].weight.detach()
+    weight = method.rotations[0].detach()
     torch.testing.assert_close(weight.T @ weight, torch.eye(4), atol=1e-5, rtol=0)
     assert not torch.allclose(weight, before, atol=1e-3)
     assert losses[-1] < 0.8 * losses[0]

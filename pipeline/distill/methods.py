@@ -14,6 +14,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..errors import ConfigError
 from ..registry import Registry
 from .features import PairSpec, as_map, pool_to, prefix_tokens
+from .matching import Rotations, SubspaceMatch, subspace_match_reference
 
 METHODS: Registry[type["DistillMethod"]] = Registry("distillation method")
 
@@ -66,6 +67,9 @@ class DistillMethod(nn.Module):
 
     def layer_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         return {}
+
+    def after_step(self) -> None:
+        """Called after every optimizer step (constraints kept by projection go here)."""
 
     def forward(self, out: Outputs) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
@@ -153,7 +157,7 @@ class MeanCentre(nn.Module):
 def orthogonal_linear(inputs: int, outputs: int) -> nn.Linear:
     """A bias-free Linear whose weight stays (semi-)orthogonal through training (a parametrization, not a penalty).
     Cayley map: several times cheaper per step than the default matrix exponential (and than Householder for
-    non-square weights), which matters since the weight is rebuilt every training step."""
+    non-square weights). (SubDistill's square V keep orthogonal more cheaply still, by retraction: .matching.)"""
     return orthogonal(nn.Linear(inputs, outputs, bias=False), orthogonal_map="cayley")
 
 
@@ -187,7 +191,7 @@ class SubDistill(LayerMethod):
             scale = torch.sqrt(layer["alpha"] / self.pairs[i].student_channels) if self.unit_targets else torch.tensor(1.0)
             self.register_buffer(f"scale{i}", scale)
         self.centre = nn.ModuleList(MeanCentre(p.student_channels) for p in self.pairs)
-        self.rotate = nn.ModuleList(orthogonal_linear(p.student_channels, p.student_channels) for p in self.pairs)
+        self.rotations = Rotations(p.student_channels for p in self.pairs)   # V, orthogonal after every step
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         # Pooling commutes with the affine projection, so pool first: fewer positions to project.
@@ -202,18 +206,21 @@ class SubDistill(LayerMethod):
         return projected / getattr(self, f"scale{index}") if self.unit_targets else projected
 
     def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        # ||V (s - m) - t~||^2 = ||(s - m) - V^T t~||^2 = ||s - m||^2 - 2 <V, sum (s - m) t~^T> + ||t~||^2, as V is
-        # orthogonal. The k x k sum of outer products replaces a rotated copy of the target map and an elementwise
-        # difference (forward and backward): 1.2-1.5x cheaper per step with a small student, where this loss costs
-        # about as much as the student itself.
         student_map, target = self.sampled_positions(student_map, target)
-        centred = self.centre[index](student_map)
         n, k, h, w = target.shape
-        outer = torch.bmm(centred.reshape(n, k, h * w), target.reshape(n, k, h * w).transpose(1, 2)).sum(0)
-        rotation = self.rotate[index].weight                  # r = W^T t~, so <s, r> = sum_ij W_ij outer_ji
-        squared = centred.pow(2).sum() - 2 * (rotation * outer.T).sum() + target.pow(2).sum()
+        centre, rotation = self.centre[index], self.rotations[index]
+        if self.training:
+            # The batch mean, as MeanCentre would subtract it; its running mean is updated here instead.
+            squared, mean = SubspaceMatch.apply(student_map.reshape(n, k, h * w), target.reshape(n, k, h * w), rotation)
+            with torch.no_grad():
+                centre.running_mean.lerp_(mean, centre.momentum)
+        else:
+            squared = subspace_match_reference(centre(student_map), target, rotation)
         normaliser = getattr(self, f"alpha{index}") / getattr(self, f"scale{index}") ** 2
         return squared.clamp_min(0) / (n * h * w) / normaliser   # per position, mean over images
+
+    def after_step(self) -> None:
+        self.rotations.retract_()
 
     def sampled_positions(self, student_map: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both maps at `layer_positions` random positions (the same for every image), as (n, k, positions, 1)."""

@@ -110,7 +110,7 @@ class TeacherOutputs:
             return self.compute(raw)
         logits, targets = self.cached
         if self.projected:
-            return logits[idx].to(self.device), {i: self.method.from_projection(i, t[idx].to(self.device))
+            return logits[idx].to(self.device), {i: self.method.from_projection(i, t.index_select(0, idx).to(self.device))
                                                  for i, t in targets.items()}
         return logits[idx].to(self.device), {i: t[idx].to(self.device) for i, t in targets.items()}
 
@@ -171,25 +171,58 @@ class DistillSettings:
     outliers: Any = None
 
 
-def distill(models: Models, method: DistillMethod, train, val, settings: DistillSettings) -> dict:
-    """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
-    cfg, seed, augment, device, progress = settings.cfg, settings.seed, settings.augment, settings.device, settings.progress
-    precomputed, projected, bank, micro_batch = settings.precomputed, settings.projected, settings.bank, settings.micro_batch
+@dataclass
+class LoopParts:
+    """What the training loop steps with: built once per distillation."""
+
+    step: nn.Module               # TrainStep, DDP-wrapped under torchrun
+    teacher_out: TeacherOutputs
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    images: torch.Tensor
+    labels: torch.Tensor
+
+
+def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSettings) -> LoopParts:
+    cfg, augment, device, bank = settings.cfg, settings.augment, settings.device, settings.bank
     student = models.student.to(device)
     # The frozen teacher runs in channels_last (about 2x faster for convolution networks, on CPU as on CUDA).
-    teacher = models.teacher.to(device).to(memory_format=torch.channels_last)
+    models.teacher.to(device).to(memory_format=torch.channels_last)
     method.to(device)
     step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers).to(device), device)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     fixed = not augment or bank is not None          # the teacher sees a finite set of inputs: cache them
     teacher_out = TeacherOutputs(models, method, images if bank is None else bank.images, device,
-                                 cached=cfg.cache_teacher and fixed, progress=progress,
-                                 precomputed=precomputed if fixed else None,
-                                 projected=projected if fixed and bank is None else None)
+                                 cached=cfg.cache_teacher and fixed, progress=settings.progress,
+                                 precomputed=settings.precomputed if fixed else None,
+                                 projected=settings.projected if fixed and bank is None else None)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
+    return LoopParts(step, teacher_out, optimizer, scaler, images, labels)
+
+
+def optimizer_step(parts: LoopParts, method: DistillMethod, idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
+    """One step of the loop on the transfer images `idx` (no augmentation, one micro-batch): what
+    bench/subdistill_steps.py times, step by step, for two methods in turn."""
+    parts.optimizer.zero_grad(set_to_none=True)
+    losses = _accumulate(parts.step, parts.teacher_out, idx, parts.images[idx], parts.labels[idx], 1.0, parts.scaler,
+                         device, last=True)
+    parts.scaler.step(parts.optimizer)
+    parts.scaler.update()
+    method.after_step()
+    return losses
+
+
+def distill(models: Models, method: DistillMethod, train, val, settings: DistillSettings) -> dict:
+    """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
+    cfg, seed, augment, device, progress = settings.cfg, settings.seed, settings.augment, settings.device, settings.progress
+    bank, micro_batch = settings.bank, settings.micro_batch
+    student, teacher = models.student, models.teacher
+    parts = loop_parts(models, method, train, settings)
+    step, teacher_out, optimizer, scaler, images, labels = (parts.step, parts.teacher_out, parts.optimizer,
+                                                            parts.scaler, parts.images, parts.labels)
+    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     generator = torch.Generator().manual_seed(seed)        # settings.seed: the build's distill.batches stream
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     history, images_seen, train_time = [], 0, 0.0
@@ -219,6 +252,7 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
                         sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * len(pos) * (weight > 0)
                 scaler.step(optimizer)
                 scaler.update()
+                method.after_step()
                 images_seen += len(idx)
             train_time += time.perf_counter() - start
             schedule.step()

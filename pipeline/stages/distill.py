@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 from ..data.for_config import subtask_data
 from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
@@ -12,6 +15,18 @@ from ..models.predict import accuracy, predict_logits
 from ..ood.exposure import outlier_exposure
 from ..seeds import seed_for
 from ..stage import Stage, StageContext
+
+
+@dataclass(frozen=True)
+class DistillRun:
+    """The inputs of one distillation: the subtask data, models, method, transfer set and loop settings."""
+
+    data: Any
+    models: Models
+    method: Any
+    train: Any
+    known: Any
+    settings: DistillSettings
 
 
 class DistillStage(Stage):
@@ -28,6 +43,17 @@ class DistillStage(Stage):
         return ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
 
     def run(self, ctx: StageContext) -> dict:
+        run = self.prepare(ctx)
+        result = distill(run.models, run.method, run.train, run.data.val, run.settings)
+        self.save(ctx, run.models, run.data)
+        bank = run.settings.bank
+        views = {"view_bank_images": len(bank.images)} if bank is not None else {}
+        return {**self.measure(ctx, run.models, run.data, run.known), **self.budget(run.data, run.train), **views,
+                **result}
+
+    def prepare(self, ctx: StageContext) -> "DistillRun":
+        """Everything the training loop gets, built as the stage builds it (bench/subdistill_steps.py times steps
+        of it)."""
         cfg = ctx.config
         data = subtask_data(cfg)
         models = load_models(cfg, ctx.inputs["adapt"].dir, data)
@@ -41,10 +67,7 @@ class DistillStage(Stage):
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
             precomputed=self.known_outputs(ctx, models, method, train, known, bank),
             projected=self.projected_targets(ctx, method, train), bank=bank, outliers=outliers)
-        result = distill(models, method, train, data.val, settings)
-        self.save(ctx, models, data)
-        views = {"view_bank_images": len(bank.images)} if bank is not None else {}
-        return {**self.measure(ctx, models, data, known), **self.budget(data, train), **views, **result}
+        return DistillRun(data, models, method, train, known, settings)
 
     def transfer_set(self, ctx: StageContext, method, data):
         """Labelled images + the unlabelled pool (labels only where they exist); a method without a teacher has

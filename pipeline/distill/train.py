@@ -202,16 +202,22 @@ def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSe
     return LoopParts(step, teacher_out, optimizer, scaler, images, labels)
 
 
-def optimizer_step(parts: LoopParts, method: DistillMethod, idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
-    """One step of the loop on the transfer images `idx` (no augmentation, one micro-batch): what
-    bench/subdistill_steps.py times, step by step, for two methods in turn."""
+def optimizer_step(parts: LoopParts, method: DistillMethod, rows: torch.Tensor, raw: torch.Tensor, labels: torch.Tensor,
+                   device, micro_batch: int | None = None) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """One optimizer step on a global batch: `raw` images (`rows` of the teacher's cache, their `labels`), this
+    process's share of it in micro-batches, gradients accumulated, then the update and the method's after_step.
+    Returns each micro-batch's losses with the number of images they count for (0 for padding)."""
     parts.optimizer.zero_grad(set_to_none=True)
-    losses = _accumulate(parts.step, parts.teacher_out, idx, parts.images[idx], parts.labels[idx], 1.0, parts.scaler,
-                         device, last=True)
+    chunks = distributed.local_chunks(torch.arange(len(rows)), micro_batch)
+    done = []
+    for j, (pos, weight) in enumerate(chunks):
+        losses = _accumulate(parts.step, parts.teacher_out, rows[pos], raw[pos], labels[pos], weight, parts.scaler,
+                             device, last=j == len(chunks) - 1)
+        done.append((losses, len(pos) * (weight > 0)))
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
     method.after_step()
-    return losses
+    return done
 
 
 def distill(models: Models, method: DistillMethod, train, val, settings: DistillSettings) -> dict:
@@ -220,9 +226,8 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
     bank, micro_batch = settings.bank, settings.micro_batch
     student, teacher = models.student, models.teacher
     parts = loop_parts(models, method, train, settings)
-    step, teacher_out, optimizer, scaler, images, labels = (parts.step, parts.teacher_out, parts.optimizer,
-                                                            parts.scaler, parts.images, parts.labels)
-    schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
+    images, labels = parts.images, parts.labels
+    schedule = torch.optim.lr_scheduler.StepLR(parts.optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     generator = torch.Generator().manual_seed(seed)        # settings.seed: the build's distill.batches stream
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     history, images_seen, train_time = [], 0, 0.0
@@ -243,16 +248,9 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
                 else:
                     rows = idx
                     raw = augment_batch(images[idx], generator) if augment else images[idx]
-                optimizer.zero_grad(set_to_none=True)
-                chunks = distributed.local_chunks(torch.arange(len(idx)), micro_batch)
-                for j, (pos, weight) in enumerate(chunks):
-                    losses = _accumulate(step, teacher_out, rows[pos], raw[pos], labels[idx[pos]], weight, scaler,
-                                         device, last=j == len(chunks) - 1)
+                for losses, count in optimizer_step(parts, method, rows, raw, labels[idx], device, micro_batch):
                     for name, value in losses.items():
-                        sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * len(pos) * (weight > 0)
-                scaler.step(optimizer)
-                scaler.update()
-                method.after_step()
+                        sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * count
                 images_seen += len(idx)
             train_time += time.perf_counter() - start
             schedule.step()

@@ -102,18 +102,23 @@ def table(entries: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    rows = run(args)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
-    previous["runs"] = [r for r in previous["runs"] if r["code"] != args.label] + rows
+def record(out: Path, label: str, rows: list[dict], table_of) -> None:
+    """Replace the runs named `label` in the JSON file `out` by `rows` (keeping the others), and write and print
+    table_of(all runs) next to it as .txt."""
+    previous = json.loads(out.read_text()) if out.exists() else {"runs": []}
+    previous["runs"] = [r for r in previous["runs"] if r["code"] != label] + rows
     previous["environment"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
                                "cores": torch.get_num_threads()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(previous, indent=1) + "\n")
-    text = table(previous["runs"])
-    args.out.with_suffix(".txt").write_text(text + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(previous, indent=1) + "\n")
+    text = table_of(previous["runs"])
+    out.with_suffix(".txt").write_text(text + "\n")
     print(text)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    record(args.out, args.label, run(args), table)
 
 
 if __name__ == "__main__":

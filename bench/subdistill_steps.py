@@ -14,8 +14,6 @@ Appends to bench/results/subdistill_steps.json (one entry per label) and prints 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -54,7 +52,8 @@ def stepper(method: str, adapt: Path, subspaces: Path, scratch: Path, progress):
     parts = loop_parts(run.models, run.method, run.train, run.settings)
     run.models.student.train(), run.method.train()
     device = run.settings.device
-    return (lambda idx: optimizer_step(parts, run.method, idx, device)), len(run.train.images)
+    return (lambda idx: optimizer_step(parts, run.method, idx, parts.images[idx], parts.labels[idx], device),
+            len(run.train.images))
 
 
 def measure(args) -> dict:
@@ -101,17 +100,10 @@ def table(entries: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
+    from subdistill_cost import record
+
     args = parse_args(argv)
-    entry = measure(args)
-    previous = json.loads(args.out.read_text()) if args.out.exists() else {"runs": []}
-    previous["runs"] = [r for r in previous["runs"] if r["code"] != args.label] + [entry]
-    previous["environment"] = {"torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                               "cores": torch.get_num_threads()}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(previous, indent=1) + "\n")
-    text = table(previous["runs"])
-    args.out.with_suffix(".txt").write_text(text + "\n")
-    print(text)
+    record(args.out, args.label, [measure(args)], table)
 
 
 if __name__ == "__main__":

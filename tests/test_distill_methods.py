@@ -11,7 +11,7 @@ from pipeline.data.base import ImageSet
 from pipeline.distill.config import DistillConfig
 from pipeline.distill.features import (PairSpec, as_map, auto_pairs, pool_to, resolve_pairs, stage_names,
                                        tap_features)
-from pipeline.distill.matching import Rotations, SubspaceMatch, subspace_match_reference, tangent
+from pipeline.distill.matching import Rotations, SubspaceMatch, pair_target, subspace_match_reference, tangent
 from pipeline.distill.methods import METHODS, MeanCentre, Outputs, SubDistill
 from pipeline.distill.subspace import Moments, Subspace, accumulate, save_subspaces
 from pipeline.distill.train import DistillSettings, Models, TeacherOutputs, distill, layer_pairs
@@ -90,26 +90,38 @@ def test_layer_loss_and_its_gradients_match_the_direct_formula_in_float64(tmp_pa
 
 @pytest.mark.parametrize("shape", [(5, 4, 3, 7), (6, 8, 1, 2)])   # many positions (batched GEMM) and few (P < k)
 def test_closed_form_gradients_equal_autograd_of_the_centred_loss_in_float64(shape):
-    # The training path's hand-written backward against autograd through MeanCentre and the direct formula
-    # ||V c - t~||^2: the student's gradient exactly; V's on the tangent space of the orthogonal matrices, which is
-    # all an orthogonality-keeping optimizer uses (the two formulas agree only on the manifold).
+    # The training path's hand-written backward, for two pairs in one op, against autograd through MeanCentre and
+    # the direct formula ||V c - t~||^2: the students' gradients exactly; V's on the tangent space of the orthogonal
+    # matrices, which is all an orthogonality-keeping optimizer uses (the two formulas agree only on the manifold).
     g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
     n, k, h, w = shape
-    student = torch.randn(*shape, generator=g, dtype=torch.float64) * 2 + 1
-    target = torch.randn(*shape, generator=g, dtype=torch.float64) + 0.5
-    rotation = torch.linalg.qr(torch.randn(k, k, generator=g, dtype=torch.float64))[0]
-    mine = [student.clone().requires_grad_(True), rotation.clone().requires_grad_(True)]
-    theirs = [student.clone().requires_grad_(True), rotation.clone().requires_grad_(True)]
-    fused, mean = SubspaceMatch.apply(mine[0].reshape(n, k, h * w), target.reshape(n, k, h * w), mine[1])
-    reference = subspace_match_reference(MeanCentre(k).double().train()(theirs[0]), target, theirs[1])
-    (fused * 0.7).backward()
-    (reference * 0.7).backward()
-    assert float(fused.detach()) == pytest.approx(float(reference.detach()), rel=1e-12)
-    torch.testing.assert_close(mean, student.mean(dim=(0, 2, 3)))
-    torch.testing.assert_close(mine[0].grad, theirs[0].grad, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(mine[1].grad, tangent(rotation, theirs[1].grad), atol=1e-10, rtol=1e-10)
-    assert torch.autograd.gradcheck(lambda s: SubspaceMatch.apply(s.reshape(n, k, h * w), target.reshape(n, k, h * w),
-                                                                  rotation)[0], (student.clone().requires_grad_(True),))
+    shapes = [shape, (n, 2, 2, 3)]
+    students = [torch.randn(*s, generator=g, dtype=torch.float64) * 2 + 1 for s in shapes]
+    targets = [torch.randn(*s, generator=g, dtype=torch.float64) + 0.5 for s in shapes]
+    rotations = Rotations([k, 2]).double()
+    with torch.no_grad():                       # orthogonal to float64 precision, as the identity needs
+        for i, k_i in enumerate(rotations.sizes):
+            rotations.weight[i, :k_i, :k_i] = torch.linalg.qr(torch.randn(k_i, k_i, generator=g, dtype=torch.float64))[0]
+    mine = [s.clone().requires_grad_(True) for s in students]
+    theirs = [s.clone().requires_grad_(True) for s in students]
+    flat = [x for s, t in zip(mine, targets) for x in (s.flatten(2), *pair_target(t))]
+    fused, *means = SubspaceMatch.apply(rotations.weight, rotations.groups_of([0, 1]), *flat)
+    blocks = [rotations[i].detach().clone().requires_grad_(True) for i in range(2)]
+    reference = torch.stack([subspace_match_reference(MeanCentre(s.shape[1]).double().train()(s), t, v) / s[:, 0].numel()
+                             for s, t, v in zip(theirs, targets, blocks)])
+    weights = torch.tensor([0.7, 1.3], dtype=torch.float64)
+    (fused * weights).sum().backward()
+    (reference * weights).sum().backward()
+    torch.testing.assert_close(fused.detach(), reference.detach(), rtol=1e-12, atol=0)
+    expected_grad = torch.zeros_like(rotations.weight)
+    for i, (k_i, s) in enumerate(zip(rotations.sizes, students)):
+        torch.testing.assert_close(means[i], s.mean(dim=(0, 2, 3)))
+        torch.testing.assert_close(mine[i].grad, theirs[i].grad, atol=1e-10, rtol=1e-10)
+        expected_grad[i, :k_i, :k_i] = tangent(blocks[i].detach(), blocks[i].grad)
+    torch.testing.assert_close(rotations.weight.grad, expected_grad, atol=1e-10, rtol=1e-10)   # zero off the blocks
+    first = lambda s: SubspaceMatch.apply(rotations.weight.detach(), rotations.groups_of([0]), s.flatten(2), *pair_target(targets[0]))[0]  # noqa: E731
+    assert torch.autograd.gradcheck(first, (students[0].clone().requires_grad_(True),))
 
 
 def test_training_step_updates_the_running_mean_like_mean_centre(tmp_path):

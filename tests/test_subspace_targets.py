@@ -65,8 +65,12 @@ def test_cached_float16_targets_equal_the_live_ones(setup, method):
     cached_logits, cached_targets = from_cache.for_batch(idx, raw)
     torch.testing.assert_close(cached_logits, live_logits, rtol=1e-5, atol=1e-5)
     for i in range(len(pairs)):
-        assert cached_targets[i].dtype == torch.float32
-        torch.testing.assert_close(cached_targets[i], live_targets[i], rtol=RTOL, atol=ATOL)
+        cached_map, live_map = cached_targets[i].maps, live_targets[i].flatten(2)
+        assert cached_map.dtype == torch.float32 and cached_map.shape == (len(idx), live_map.shape[1] + 1, live_map.shape[2])
+        torch.testing.assert_close(cached_targets[i].plain, live_map, rtol=RTOL, atol=ATOL)
+        assert bool((cached_map[:, -1] == 1).all())                        # the ones channel the fused loss reads
+        torch.testing.assert_close(cached_targets[i].sums, live_map.sum(dim=(0, 2)), rtol=RTOL, atol=ATOL * live_map[:, 0].numel())
+        assert float(cached_targets[i].squares) == pytest.approx(float(live_map.pow(2).sum()), rel=2 * RTOL)
     # ... and the layer losses they give agree to the same relative precision
     student_feats = {i: torch.randn(len(idx), p.student_channels, *p.student_size) for i, p in enumerate(pairs)}
     sub.train()

@@ -14,7 +14,7 @@ from torch.nn.utils.parametrizations import orthogonal
 from ..errors import ConfigError
 from ..registry import Registry
 from .features import PairSpec, as_map, pool_to, prefix_tokens
-from .matching import Rotations, SubspaceMatch, subspace_match_reference
+from .matching import PairTarget, Rotations, SubspaceMatch, pair_target, subspace_match_reference
 
 METHODS: Registry[type["DistillMethod"]] = Registry("distillation method")
 
@@ -192,6 +192,9 @@ class SubDistill(LayerMethod):
             self.register_buffer(f"scale{i}", scale)
         self.centre = nn.ModuleList(MeanCentre(p.student_channels) for p in self.pairs)
         self.rotations = Rotations(p.student_channels for p in self.pairs)   # V, orthogonal after every step
+        # per pair 1 / (alpha / scale^2): the loss per position is normalised by the teacher energy in U_k
+        weights = [getattr(self, f"scale{i}") ** 2 / getattr(self, f"alpha{i}") for i in range(len(self.pairs))]
+        self.register_buffer("loss_weights", torch.stack(weights).reshape(-1).float(), persistent=False)
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         # Pooling commutes with the affine projection, so pool first: fewer positions to project.
@@ -205,31 +208,52 @@ class SubDistill(LayerMethod):
         projected = projected.float()
         return projected / getattr(self, f"scale{index}") if self.unit_targets else projected
 
-    def pair_loss(self, index: int, student_map: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        student_map, target = self.sampled_positions(student_map, target)
-        n, k, h, w = target.shape
-        centre, rotation = self.centre[index], self.rotations[index]
+    def layer_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
+        if not self.training:
+            return super().layer_losses(out)
+        indices = list(range(len(self.pairs)))
+        students = [pool_to(as_map(out.student_feats[i], self.student_prefix), self.pairs[i].size) for i in indices]
+        losses = self.match(indices, students, [out.teacher_feats[i] for i in indices])
+        return {f"layer{i}": loss for i, loss in zip(indices, losses.unbind())}
+
+    def pair_loss(self, index: int, student_map: torch.Tensor, target) -> torch.Tensor:
         if self.training:
-            # The batch mean, as MeanCentre would subtract it; its running mean is updated here instead.
-            squared, mean = SubspaceMatch.apply(student_map.reshape(n, k, h * w), target.reshape(n, k, h * w), rotation)
-            with torch.no_grad():
-                centre.running_mean.lerp_(mean, centre.momentum)
-        else:
-            squared = subspace_match_reference(centre(student_map), target, rotation)
-        normaliser = getattr(self, f"alpha{index}") / getattr(self, f"scale{index}") ** 2
-        return squared.clamp_min(0) / (n * h * w) / normaliser   # per position, mean over images
+            return self.match([index], [student_map], [target])[0]
+        if isinstance(target, PairTarget):
+            student_map, target = student_map.flatten(2).unsqueeze(3), target.plain.unsqueeze(3)
+        n, _, h, w = target.shape
+        squared = subspace_match_reference(self.centre[index](student_map), target, self.rotations[index])
+        return squared.clamp_min(0) / (n * h * w) * self.loss_weights[index]   # per position, mean over images
+
+    def match(self, indices: list[int], student_maps: list[torch.Tensor], targets: list) -> torch.Tensor:
+        """The training loss of the given pairs, (L,), in one fused op (matching.SubspaceMatch); updates their
+        running means as MeanCentre would. Targets are maps (n, k, h, w) or PairTarget (as the cache gives them)."""
+        flat = []
+        for student_map, target in zip(student_maps, targets):
+            student_map, target = self.sampled_positions(student_map.flatten(2), as_pair_target(target))
+            flat += [student_map, *target]
+        every = len(indices) == len(self.pairs)
+        groups = self.rotations.groups if every else self.rotations.groups_of(indices)
+        losses, *means = SubspaceMatch.apply(self.rotations.weight, groups, *flat)
+        with torch.no_grad():
+            torch._foreach_lerp_([self.centre[i].running_mean for i in indices], list(means), self.centre[0].momentum)
+        weights = self.loss_weights if every else self.loss_weights[indices]
+        return losses.clamp_min(0) * weights
 
     def after_step(self) -> None:
         self.rotations.retract_()
 
-    def sampled_positions(self, student_map: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both maps at `layer_positions` random positions (the same for every image), as (n, k, positions, 1)."""
-        positions, (h, w) = self.cfg.layer_positions, target.shape[-2:]
-        if positions is None or h * w <= positions or not self.training:
+    def sampled_positions(self, student_map: torch.Tensor, target: PairTarget) -> tuple[torch.Tensor, PairTarget]:
+        """Both (n, k, P) maps at `layer_positions` random positions (the same for every image)."""
+        positions, count = self.cfg.layer_positions, target.maps.shape[2]
+        if positions is None or count <= positions:
             return student_map, target
-        chosen = torch.randperm(h * w, generator=self.position_generator)[:positions].to(target.device)
-        pick = lambda m: m.flatten(2).index_select(2, chosen).unsqueeze(3)  # noqa: E731
-        return pick(student_map), pick(target)
+        chosen = torch.randperm(count, generator=self.position_generator)[:positions].to(target.maps.device)
+        return student_map.index_select(2, chosen), pair_target(target.plain.index_select(2, chosen))
+
+
+def as_pair_target(target) -> PairTarget:
+    return target if isinstance(target, PairTarget) else pair_target(target)
 
 
 @METHODS.register("subdistill_unit")

@@ -71,8 +71,9 @@ def save_targets(folder: Path, images: np.ndarray, logits: torch.Tensor, targets
     return sum((folder / f).stat().st_size for f in [DIGESTS_FILE, LOGITS_FILE, *map(target_file, range(len(targets)))])
 
 
-def load_targets(folder: Path, images: np.ndarray, pairs: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]] | None:
-    """The cached (logits, {pair: float16 targets}) when `folder` holds them for exactly these images, else None."""
+def load_targets(folder: Path, images: np.ndarray, pairs: int) -> tuple[torch.Tensor, dict[int, np.ndarray]] | None:
+    """The cached (logits, {pair: float16 targets, memory-mapped}) when `folder` holds them for exactly these
+    images, else None. Mapped, not read: TargetStore copies them chunk by chunk into its own layout."""
     folder = Path(folder)
     if not (folder / DIGESTS_FILE).exists() or not all((folder / target_file(i)).exists() for i in range(pairs)):
         return None
@@ -80,4 +81,42 @@ def load_targets(folder: Path, images: np.ndarray, pairs: int) -> tuple[torch.Te
     if len(digests) != len(images) or not np.array_equal(digests, image_digests(images)):
         return None
     logits = torch.from_numpy(np.load(folder / LOGITS_FILE, allow_pickle=False))
-    return logits, {i: torch.from_numpy(np.load(folder / target_file(i), allow_pickle=False)) for i in range(pairs)}
+    return logits, {i: np.load(folder / target_file(i), mmap_mode="r", allow_pickle=False) for i in range(pairs)}
+
+
+class TargetStore:
+    """The cached targets laid out for the loop: all pairs' maps of an image in one float16 row, each pair's with
+    the ones channel the fused loss reads (matching.PairTarget), and a float32 row of the image's ||t~||^2 and
+    sum of t~ per channel and pair. A batch's targets are then two row gathers, not several per pair.
+    `transform` turns a cached float16 projection into the target (the method's from_projection)."""
+
+    def __init__(self, targets: dict[int, np.ndarray | torch.Tensor], transform, chunk: int = 2048):
+        first = targets[0]
+        self.shapes = [tuple(targets[i].shape[1:]) for i in range(len(targets))]       # (k, h, w)
+        widths = [(k + 1) * h * w for k, h, w in self.shapes]
+        self.offsets = np.cumsum([0, *widths]).tolist()
+        self.table_offsets = np.cumsum([0, *[k + 1 for k, _, _ in self.shapes]]).tolist()
+        total = len(first)
+        self.maps = torch.empty(total, self.offsets[-1], dtype=torch.float16)
+        self.table = torch.empty(total, self.table_offsets[-1], dtype=torch.float32)
+        for start in range(0, total, chunk):
+            rows = slice(start, min(start + chunk, total))
+            for i, (k, h, w) in enumerate(self.shapes):
+                stored = transform(i, torch.as_tensor(np.array(targets[i][rows]))).half().reshape(-1, k, h * w)
+                block = self.maps[rows, self.offsets[i]:self.offsets[i + 1]].view(-1, k + 1, h * w)
+                block[:, :k], block[:, k] = stored, 1.0
+                values = stored.double()            # the sums of what the loss reads, rounded as it is
+                table = self.table[rows, self.table_offsets[i]:self.table_offsets[i + 1]]
+                table[:, 0], table[:, 1:] = values.pow(2).sum(dim=(1, 2)), values.sum(dim=2)
+
+    def batch(self, idx: torch.Tensor, device) -> dict[int, "PairTarget"]:
+        from .matching import PairTarget
+
+        maps = self.maps.index_select(0, idx).to(device).float()
+        sums = self.table.index_select(0, idx).to(device).sum(0)
+        targets = {}
+        for i, (k, h, w) in enumerate(self.shapes):
+            pair_sums = sums[self.table_offsets[i]:self.table_offsets[i + 1]]
+            targets[i] = PairTarget(maps[:, self.offsets[i]:self.offsets[i + 1]].view(-1, k + 1, h * w),
+                                    pair_sums[0], pair_sums[1:])
+        return targets

@@ -65,7 +65,9 @@ class TeacherOutputs:
         self.teacher_layers = [p.teacher for p in method.pairs]
         self.cached, self.projected = None, projected is not None
         if projected is not None:      # SubDistill's targets from the subspaces stage (pipeline.distill.targets)
-            self.cached = projected
+            from .targets import TargetStore
+
+            self.cached = projected[0], TargetStore(projected[1], method.from_projection)
         elif precomputed is not None:
             self.cached = self._targets_of(*precomputed)
         elif cached:
@@ -110,8 +112,7 @@ class TeacherOutputs:
             return self.compute(raw)
         logits, targets = self.cached
         if self.projected:
-            return logits[idx].to(self.device), {i: self.method.from_projection(i, t.index_select(0, idx).to(self.device))
-                                                 for i, t in targets.items()}
+            return logits[idx].to(self.device), targets.batch(idx, self.device)
         return logits[idx].to(self.device), {i: t[idx].to(self.device) for i, t in targets.items()}
 
 

@@ -4,7 +4,9 @@ Two things make the straightforward version (centre, rotate, subtract, square: ~
 pair, plus a Cayley solve per pair and step) slow, and both are fixed here without changing what is computed:
 - The loss per pair is sum_p ||V (s_p - m) - t~_p||^2. As V is orthogonal this is
   ||s - m||^2 - 2 <V, sum_p (s_p - m) t~_p^T> + ||t~||^2: sums and one k x k cross product. SubspaceMatch
-  evaluates that and writes its gradients in closed form, a handful of kernels instead of ~40.
+  evaluates that for all pairs in one autograd node and writes its gradients in closed form. The targets carry a
+  channel of ones (PairTarget), so the one GEMM of the cross product also gives the student's sums and the one
+  GEMM of the backward pass also adds the centring shift; ||t~||^2 and sum t~ come with the cached targets.
 - V stays orthogonal by retraction: a plain k x k parameter that the optimizer updates and `retract_` pulls back
   to the nearest orthogonal matrix after every step (Newton-Schulz polar iterations, a few small matrix
   products), instead of a Cayley parametrization that solves a linear system forward and backward every step.

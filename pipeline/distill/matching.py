@@ -64,8 +64,11 @@ class PairTarget(NamedTuple):
         return self.maps[:, :-1]
 
 
-def pair_target(target: torch.Tensor) -> PairTarget:
-    """PairTarget of an (n, k, h, w) or (n, k, P) target map (the teacher's, live: the cache builds its own)."""
+def pair_target(target: torch.Tensor | PairTarget) -> PairTarget:
+    """PairTarget of an (n, k, h, w) or (n, k, P) target map (the teacher's, live: the cache builds its own, which
+    passes through)."""
+    if isinstance(target, PairTarget):
+        return target
     flat = target.reshape(target.shape[0], target.shape[1], -1)
     maps = torch.cat([flat, flat.new_ones(flat.shape[0], 1, flat.shape[2])], dim=1)
     return PairTarget(maps, flat.pow(2).sum(), flat.sum(dim=(0, 2)))

@@ -230,15 +230,12 @@ class SubDistill(LayerMethod):
         running means as MeanCentre would. Targets are maps (n, k, h, w) or PairTarget (as the cache gives them)."""
         flat = []
         for student_map, target in zip(student_maps, targets):
-            student_map, target = self.sampled_positions(student_map.flatten(2), as_pair_target(target))
+            student_map, target = self.sampled_positions(student_map.flatten(2), pair_target(target))
             flat += [student_map, *target]
-        every = len(indices) == len(self.pairs)
-        groups = self.rotations.groups if every else self.rotations.groups_of(indices)
-        losses, *means = SubspaceMatch.apply(self.rotations.weight, groups, *flat)
+        losses, *means = SubspaceMatch.apply(self.rotations.weight, self.rotations.groups_of(indices), *flat)
         with torch.no_grad():
             torch._foreach_lerp_([self.centre[i].running_mean for i in indices], list(means), self.centre[0].momentum)
-        weights = self.loss_weights if every else self.loss_weights[indices]
-        return losses.clamp_min(0) * weights
+        return losses.clamp_min(0) * self.loss_weights[indices]
 
     def after_step(self) -> None:
         self.rotations.retract_()
@@ -251,9 +248,6 @@ class SubDistill(LayerMethod):
         chosen = torch.randperm(count, generator=self.position_generator)[:positions].to(target.maps.device)
         return student_map.index_select(2, chosen), pair_target(target.plain.index_select(2, chosen))
 
-
-def as_pair_target(target) -> PairTarget:
-    return target if isinstance(target, PairTarget) else pair_target(target)
 
 
 @METHODS.register("subdistill_unit")

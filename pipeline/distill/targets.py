@@ -91,23 +91,23 @@ class TargetStore:
     `transform` turns a cached float16 projection into the target (the method's from_projection)."""
 
     def __init__(self, targets: dict[int, np.ndarray | torch.Tensor], transform, chunk: int = 2048):
-        first = targets[0]
         self.shapes = [tuple(targets[i].shape[1:]) for i in range(len(targets))]       # (k, h, w)
-        widths = [(k + 1) * h * w for k, h, w in self.shapes]
-        self.offsets = np.cumsum([0, *widths]).tolist()
+        self.offsets = np.cumsum([0, *[(k + 1) * h * w for k, h, w in self.shapes]]).tolist()
         self.table_offsets = np.cumsum([0, *[k + 1 for k, _, _ in self.shapes]]).tolist()
-        total = len(first)
+        total = len(targets[0])
         self.maps = torch.empty(total, self.offsets[-1], dtype=torch.float16)
         self.table = torch.empty(total, self.table_offsets[-1], dtype=torch.float32)
         for start in range(0, total, chunk):
             rows = slice(start, min(start + chunk, total))
             for i, (k, h, w) in enumerate(self.shapes):
                 stored = transform(i, torch.as_tensor(np.array(targets[i][rows]))).half().reshape(-1, k, h * w)
-                block = self.maps[rows, self.offsets[i]:self.offsets[i + 1]].view(-1, k + 1, h * w)
+                block = self._pair_maps(i, self.maps[rows])
                 block[:, :k], block[:, k] = stored, 1.0
-                values = stored.double()            # the sums of what the loss reads, rounded as it is
-                table = self.table[rows, self.table_offsets[i]:self.table_offsets[i + 1]]
-                table[:, 0], table[:, 1:] = values.pow(2).sum(dim=(1, 2)), values.sum(dim=2)
+                # Sums of what the loss reads, rounded as it is. ||t~||^2 only enters the loss value: float32, in
+                # one pass (vector_norm, no squared copy); sum t~ enters the gradient: accumulated in float64.
+                values, table = stored.float(), self.table[rows, self.table_offsets[i]:self.table_offsets[i + 1]]
+                table[:, 0] = torch.linalg.vector_norm(values, dim=(1, 2)).square()
+                table[:, 1:] = values.sum(dim=2, dtype=torch.float64)
 
     def batch(self, idx: torch.Tensor, device) -> dict[int, "PairTarget"]:
         from .matching import PairTarget
@@ -115,8 +115,12 @@ class TargetStore:
         maps = self.maps.index_select(0, idx).to(device).float()
         sums = self.table.index_select(0, idx).to(device).sum(0)
         targets = {}
-        for i, (k, h, w) in enumerate(self.shapes):
+        for i in range(len(self.shapes)):
             pair_sums = sums[self.table_offsets[i]:self.table_offsets[i + 1]]
-            targets[i] = PairTarget(maps[:, self.offsets[i]:self.offsets[i + 1]].view(-1, k + 1, h * w),
-                                    pair_sums[0], pair_sums[1:])
+            targets[i] = PairTarget(self._pair_maps(i, maps), pair_sums[0], pair_sums[1:])
         return targets
+
+    def _pair_maps(self, index: int, rows: torch.Tensor) -> torch.Tensor:
+        """Pair `index`'s columns of some rows as (n, k + 1, P) maps (a view)."""
+        k, h, w = self.shapes[index]
+        return rows[:, self.offsets[index]:self.offsets[index + 1]].view(-1, k + 1, h * w)

@@ -39,7 +39,11 @@ def parse_args(argv=None):
     p.add_argument("--methods", nargs=2, default=["kd", "subdistill"], help="baseline first")
     p.add_argument("--ablations", action="store_true", help="also time SubDistill steps with parts taken out")
     p.add_argument("--out", type=Path, default=RESULTS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.ablations and not args.methods[1].startswith("subdistill"):
+        p.error(f"--ablations takes parts out of a SubDistill step; the second method is {args.methods[1]!r}. "
+                "Use --methods kd subdistill (or subdistill_unit), or drop --ablations.")
+    return args
 
 
 def no_layer_loss(method, teacher_out) -> None:
@@ -49,13 +53,14 @@ def no_layer_loss(method, teacher_out) -> None:
 def no_layer_loss_no_targets(method, teacher_out) -> None:
     no_layer_loss(method, teacher_out)
     logits = teacher_out.cached[0]
-    teacher_out.for_batch = lambda idx, _raw: (logits[idx], {})
+    teacher_out.for_batch = lambda idx, _raw: (logits[idx].to(teacher_out.device), {})
 
 
 def layer_loss_on_8_images(method, teacher_out, images: int = 8) -> None:
     # Batches are shuffled, so the first images are a random subset; only their targets are gathered.
     logits, store = teacher_out.cached
-    teacher_out.for_batch = lambda idx, _raw: (logits[idx], store.batch(idx[:images], teacher_out.device))
+    teacher_out.for_batch = lambda idx, _raw: (logits[idx].to(teacher_out.device),
+                                            store.batch(idx[:images], teacher_out.device))
     full = type(method).layer_losses
 
     def layer_losses(out):

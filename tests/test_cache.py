@@ -42,6 +42,25 @@ def test_key_changes_with_package_versions(monkeypatch, write_config):
     assert all(k1 != k2 for k1, k2 in zip(base.values(), keys(write_config()).values()))
 
 
+def test_a_runtime_or_explainer_upgrade_re_keys_validate(monkeypatch, write_config):
+    """Each runtime the device suite can run, and zennit (validate.explain), enters the validate stage's key: a
+    cached validation must not outlive what measured it. (zennit was missing once; the runtimes then entered only
+    through the export stage's key.)"""
+    import pipeline.runner as runner
+    from device_tests.runners.base import RUNNERS
+
+    with_validate = {"export.formats": ["onnx"], "validate.targets": ["local"]}
+    base = keys(write_config(**with_validate))
+    real = runner.package_versions
+    distributions = {name: cls.distribution or name for name, cls in RUNNERS.items()} | {"explain": "zennit"}
+    for what, distribution in distributions.items():
+        monkeypatch.setattr(runner, "package_versions",
+                            lambda names, d=distribution: {**real(names), **({d: "0.0-other"} if d in names else {})})
+        changed = keys(write_config(**with_validate))
+        assert changed["validate"] != base["validate"], f"upgrading {distribution} ({what}) leaves the validate key"
+        assert changed["distill"] == base["distill"]
+
+
 def test_failed_stage_leaves_nothing_that_would_be_reused(tmp_path):
     cache = BuildCache(tmp_path / "b")
     with pytest.raises(RuntimeError):

@@ -22,7 +22,11 @@ from ..validation.targets import parse_target
 class ValidateStage(Stage):
     name = "validate"
     sections = ("validate",)
-    packages = ("numpy", "onnxruntime", "openvino", "paramiko", "matplotlib")
+    # Every runtime the device suite can run (device_tests.runners) and the explainer: a cached result must not
+    # outlive what measured it (the runtimes also enter through the export stage's key, zennit only here).
+    # tensorrt reads "absent" where it is not installed.
+    packages = ("numpy", "onnxruntime", "openvino", "tensorrt", "ai-edge-litert", "tflite-micro", "executorch",
+                "zennit", "paramiko", "matplotlib")
 
     def inputs(self, cfg):
         # validate.explain compares the FP32 student with the adapted teacher: it needs both.

@@ -123,11 +123,12 @@ class LayerMethod(DistillMethod):
         return self.teacher_side(index, pool_to(as_map(feature, self.teacher_prefix), self.pairs[index].size))
 
     def layer_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
-        losses = {}
-        for i, pair in enumerate(self.pairs):
-            student_map = pool_to(as_map(out.student_feats[i], self.student_prefix), pair.size)
-            losses[f"layer{i}"] = self.pair_loss(i, student_map, out.teacher_feats[i])
-        return losses
+        return {f"layer{i}": self.pair_loss(i, self.student_map(out, i), out.teacher_feats[i])
+                for i in range(len(self.pairs))}
+
+    def student_map(self, out: Outputs, index: int) -> torch.Tensor:
+        """Pair `index`'s student feature as a map at the size the pair is compared at."""
+        return pool_to(as_map(out.student_feats[index], self.student_prefix), self.pairs[index].size)
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
         return teacher_map
@@ -212,8 +213,8 @@ class SubDistill(LayerMethod):
         if not self.training:
             return super().layer_losses(out)
         indices = list(range(len(self.pairs)))
-        students = [pool_to(as_map(out.student_feats[i], self.student_prefix), self.pairs[i].size) for i in indices]
-        losses = self.match(indices, students, [out.teacher_feats[i] for i in indices])
+        students, targets = [self.student_map(out, i) for i in indices], [out.teacher_feats[i] for i in indices]
+        losses = self.match(indices, students, targets)
         return {f"layer{i}": loss for i, loss in zip(indices, losses.unbind())}
 
     def pair_loss(self, index: int, student_map: torch.Tensor, target) -> torch.Tensor:
@@ -247,7 +248,6 @@ class SubDistill(LayerMethod):
             return student_map, target
         chosen = torch.randperm(count, generator=self.position_generator)[:positions].to(target.maps.device)
         return student_map.index_select(2, chosen), pair_target(target.plain.index_select(2, chosen))
-
 
 
 @METHODS.register("subdistill_unit")

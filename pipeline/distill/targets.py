@@ -23,6 +23,7 @@ from ..data.views import as_tensor, batches
 from ..models.known_logits import image_digests
 from ..models.layout import channels_last, channels_last_model
 from .features import PairSpec, as_map, pool_to, prefix_tokens, tap_features
+from .matching import PairTarget
 
 LOGITS_FILE, DIGESTS_FILE = "target_logits.npy", "target_digests.npy"
 STORE_DTYPE = np.float16
@@ -109,9 +110,7 @@ class TargetStore:
                 table[:, 0] = torch.linalg.vector_norm(values, dim=(1, 2)).square()
                 table[:, 1:] = values.sum(dim=2, dtype=torch.float64)
 
-    def batch(self, idx: torch.Tensor, device) -> dict[int, "PairTarget"]:
-        from .matching import PairTarget
-
+    def batch(self, idx: torch.Tensor, device) -> dict[int, PairTarget]:
         maps = self.maps.index_select(0, idx).to(device).float()
         sums = self.table.index_select(0, idx).to(device).sum(0)
         targets = {}

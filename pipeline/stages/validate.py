@@ -22,11 +22,16 @@ from ..validation.targets import parse_target
 class ValidateStage(Stage):
     name = "validate"
     sections = ("validate",)
-    # Every runtime the device suite can run (device_tests.runners) and the explainer: a cached result must not
-    # outlive what measured it (the runtimes also enter through the export stage's key, zennit only here).
-    # tensorrt reads "absent" where it is not installed.
-    packages = ("numpy", "onnxruntime", "openvino", "tensorrt", "ai-edge-litert", "tflite-micro", "executorch",
-                "zennit", "paramiko", "matplotlib")
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        # Every runtime the device suite can run and the explainer (zennit): a cached result must not outlive what
+        # measured it. From the runner registry, so a new runtime enters the key by being registered; one that is
+        # not installed reads "absent".
+        from device_tests.runners import RUNNERS
+
+        runtimes = sorted(runner.distribution or name for name, runner in RUNNERS.items())
+        return ("numpy", *runtimes, "zennit", "paramiko", "matplotlib")
 
     def inputs(self, cfg):
         # validate.explain compares the FP32 student with the adapted teacher: it needs both.

@@ -42,15 +42,33 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def config_for(method: str, epochs: int, layer_positions: int | None = None):
-    """The default config with distill.method, epochs and (if given) distill.layer_positions replaced."""
+def config_for(method: str, epochs: int, layer_positions: int | None = None, layer_every: int | None = None,
+               seed: int | None = None):
+    """The default config with distill.method, epochs and (if given) distill.layer_positions,
+    distill.layer_every and build.seed replaced."""
     from pipeline.config import parse_config
 
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
     raw["distill"].update({"method": method, "epochs": epochs})
+    if seed is not None:
+        raw["build"]["seed"] = seed
     if layer_positions:
         raw["distill"]["layer_positions"] = layer_positions
+    if layer_every:
+        raw["distill"]["layer_every"] = layer_every
     return parse_config(raw)
+
+
+def config_for_variant(variant: str, epochs: int = 1, seed: int | None = None):
+    """The config of a variant: a method, optionally with `:positions=N` (distill.layer_positions; a bare `:N`
+    means the same) and `:every=N` (distill.layer_every), e.g. subdistill:every=4."""
+    method, *options = variant.split(":")
+    settings = dict(option.partition("=")[::2] if "=" in option else ("positions", option) for option in options)
+    unknown = set(settings) - {"positions", "every"}
+    if unknown:
+        raise SystemExit(f"variant {variant!r}: unknown option(s) {sorted(unknown)}; use :positions=N or :every=N")
+    number = lambda name: int(settings[name]) if name in settings else None  # noqa: E731
+    return config_for(method, epochs, number("positions"), number("every"), seed)
 
 
 def run(args) -> list[dict]:

@@ -1,10 +1,11 @@
 """Benchmark: SubDistill's distill-loop throughput next to KD's, interleaved over rounds (medians), on a noisy host.
 
 One `subspaces` stage, then the real `distill` stage of configs/fashion_tops.yaml for each variant in turn, one
-epoch each, `rounds` times; a variant is a method, optionally with `:positions` (distill.layer_positions):
+epoch each, `rounds` times; a variant is a method, optionally with `:positions=N` (distill.layer_positions; a bare
+`:N` means the same) and `:every=N` (distill.layer_every):
 
     .venv/bin/python bench/subdistill_rounds.py --adapt builds/fashion_tops/adapt-<key> --rounds 3 \
-        kd subdistill subdistill:64
+        kd subdistill:every=1 subdistill:positions=64 subdistill:every=4
 Single runs of bench/subdistill_cost.py swing by +-25 % on a shared 2-core VM; interleaving keeps the drift out of
 the ratios. Writes bench/results/subdistill_rounds.json and prints the medians.
 """
@@ -22,15 +23,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def config_for(variant: str):
-    from subdistill_cost import config_for as config_of_method   # bench/ is this script's folder on sys.path
-
-    method, _, positions = variant.partition(":")
-    return config_of_method(method, 1, int(positions) if positions else None)
-
-
 def main(argv=None) -> None:
     from rich.console import Console
+    from subdistill_cost import config_for_variant as config_for   # bench/ is this script's folder on sys.path
 
     from pipeline.progress import ProgressDisplay
     from pipeline.runner import run_stage

@@ -237,10 +237,11 @@ def sync_unless_last(model, last: bool):
     return nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
 
 
-def wrap_ddp(module, device):
+def wrap_ddp(module, device, find_unused_parameters: bool = False):
     """DistributedDataParallel over `module` (every trainable part of one training step); the module itself
     when not distributed. Parameters are broadcast from rank 0 here, buffers (BatchNorm statistics) before each
-    forward pass."""
+    forward pass. `find_unused_parameters`: some steps leave parameters without a gradient (DDP then looks for
+    them after each forward pass instead of waiting for their gradients)."""
     if not active():
         return module
     import torch.distributed as dist
@@ -249,7 +250,8 @@ def wrap_ddp(module, device):
     cuda = device.type == "cuda"
     # A model kept on the CPU (the QAT loop) under nccl all-reduces through a gloo group: nccl needs GPU tensors.
     group = None if cuda or dist.get_backend() == "gloo" else _cpu_group()
-    return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, process_group=group)
+    return DistributedDataParallel(module, device_ids=[device.index] if cuda else None, process_group=group,
+                                   find_unused_parameters=find_unused_parameters)
 
 
 _CPU_GROUP: list = []

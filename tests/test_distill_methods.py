@@ -254,7 +254,7 @@ def test_every_method_returns_named_losses_and_trains_its_parts(name, tmp_path):
     assert set(losses) == expected
     layer_sum = sum(v for k, v in losses.items() if k.startswith("layer"))
     head = losses["kd"] if "kd" in losses else losses["ce"]
-    expected_total = head + method.lambda_layer * layer_sum
+    expected_total = head + method.lambda_layer * method.layer_every * layer_sum   # lazy: n x on its steps
     assert float(losses["total"].detach()) == pytest.approx(float(expected_total.detach()), rel=1e-5)
     losses["total"].backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.parameters())
@@ -394,3 +394,78 @@ def test_unit_targets_rescale_the_target_and_keep_zero_prediction_at_one(tmp_pat
     assert float(scaled.pow(2).sum(1).mean()) == pytest.approx(3.0, rel=0.05)     # unit energy per direction
     zeros = torch.zeros(16, 3, 4, 4)
     assert float(unit.train().pair_loss(0, zeros, scaled).detach()) == pytest.approx(1.0, abs=0.05)
+
+
+def lazy_subdistill_run(tmp_path, every: int | None, steps: int = 7):
+    """A CNN teacher -> cnn_tiny SubDistill distillation over `steps` optimizer steps (one epoch) with
+    distill.layer_every = `every`; returns which steps evaluated the layer loss and V after every step."""
+    teacher, student, pairs = cnn_pair()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    view = View(28, 1, (0.5,), (0.5,))
+    models = Models(teacher, student, view, view, [0, 2, 6])
+    rng = np.random.default_rng(2)
+    train = ImageSet(rng.integers(0, 256, (8 * steps, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 8 * steps))
+    images = models.teacher_view(torch.from_numpy(train.images))
+    moments = accumulate(teacher, [images], pairs, models.teacher_ids, positions=20, seed=0)
+    save_subspaces(tmp_path, pairs, [Subspace.from_moments(m, p.student_channels, "subdistill", 0)
+                                     for m, p in zip(moments, pairs)], {})
+    cfg = DistillConfig(method="subdistill", epochs=1, batch_size=8, lr=1e-2, layer_every=every)
+    method = SubDistill(cfg, pairs=pairs, teacher=teacher, student=student, subspaces_dir=tmp_path)
+    with_layers, rotations = [], []
+    layer_losses, after_step = method.layer_losses, method.after_step
+
+    def recording_layer_losses(out):
+        with_layers.append(method.steps - 1)          # begin_step has counted this step already
+        return layer_losses(out)
+
+    def recording_after_step():
+        after_step()
+        rotations.append(method.rotations.weight.detach().clone())
+
+    method.layer_losses, method.after_step = recording_layer_losses, recording_after_step
+    result = distill(models, method, train, train, DistillSettings(cfg, 0, torch.device("cpu"),
+                                                                   ProgressDisplay(enabled=False)))
+    return with_layers, rotations, result["history"][0]
+
+
+def test_a_lazy_layer_loss_runs_on_every_nth_step_and_only_then_moves_v(tmp_path):
+    with_layers, rotations, history = lazy_subdistill_run(tmp_path, every=3)
+    assert with_layers == [0, 3, 6]
+    moved = [not torch.equal(after, before) for before, after in zip(rotations, rotations[1:])]
+    assert moved == [False, False, True, False, False, True]     # steps 1..6: V moves on 3 and 6 only
+    assert {"layer0", "layer1", "kd", "total"} <= set(history) and np.isfinite(history["layer0"])
+    (tmp_path / "every").mkdir()
+    every_step, _, _ = lazy_subdistill_run(tmp_path / "every", every=1)
+    assert every_step == list(range(7))
+
+
+def test_a_lazy_layer_loss_weighs_n_times_in_training_and_once_in_eval(tmp_path):
+    teacher, student, pairs = cnn_pair()
+    x = torch.randn(6, 1, 28, 28)
+    moments = accumulate(teacher, [x], pairs, [0, 1, 2], positions=20, seed=0)
+    save_subspaces(tmp_path, pairs, [Subspace.from_moments(m, p.student_channels, "subdistill", 0)
+                                     for m, p in zip(moments, pairs)], {})
+    method = SubDistill(DistillConfig(method="subdistill", layer_every=3), pairs=pairs, subspaces_dir=tmp_path)
+    with torch.no_grad(), tap_features(teacher, [p.teacher for p in pairs]) as feats:
+        outputs = Outputs(torch.zeros(6, 3), teacher(x)[:, :3], torch.zeros(6, dtype=torch.long), {},
+                          {i: method.teacher_target(i, f) for i, f in feats.items()})
+    with torch.no_grad(), tap_features(student, [p.student for p in pairs]) as s_feats:
+        outputs.student_logits = student(x)
+    outputs.student_feats = dict(s_feats)
+    for training, weight in ((True, 3), (False, 1)):
+        method.train(training)
+        losses = method(outputs)
+        layer_sum = sum(v for k, v in losses.items() if k.startswith("layer"))
+        assert float(losses["total"]) == pytest.approx(float(losses["kd"] + weight * method.lambda_layer * layer_sum),
+                                                       rel=1e-6)
+    method.train()
+    assert [method.begin_step() for _ in range(7)] == [True, False, False, True, False, False, True]
+    assert set(method(outputs)) == {"kd", "layer0", "layer1", "total"}     # step 6: a layer step
+    method.begin_step()
+    assert set(method(outputs)) == {"kd", "total"}                         # step 7: KD only
+
+
+def test_layer_every_is_refused_for_methods_without_a_layer_loss():
+    with pytest.raises(ValueError, match="layer_every spaces out the layer loss; method 'kd' has none"):
+        DistillConfig(method="kd", layer_every=4)

@@ -60,6 +60,7 @@ class DistillMethod(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.pairs = list(pairs) if self.uses_layers else []
+        self.steps, self.layers_now = 0, bool(self.pairs)
 
     def teacher_target(self, index: int, feature: torch.Tensor) -> torch.Tensor:
         """What is kept of a teacher feature map (cacheable, since the teacher is frozen)."""
@@ -67,6 +68,13 @@ class DistillMethod(nn.Module):
 
     def layer_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         return {}
+
+    def begin_step(self) -> bool:
+        """Called before every optimizer step; whether this step evaluates the layer loss (`layers_now`): every
+        layer_every-th step, counted from the first, so that every process of a distributed run agrees."""
+        self.layers_now = bool(self.pairs) and self.steps % self.layer_every == 0
+        self.steps += 1
+        return self.layers_now
 
     def after_step(self) -> None:
         """Called after every optimizer step (constraints kept by projection go here)."""
@@ -77,11 +85,12 @@ class DistillMethod(nn.Module):
             losses["kd"] = kd_loss(out.student_logits, out.teacher_logits, self.cfg.temperature)
         if self.cfg.label_weight or not self.uses_kd:
             losses["ce"] = label_loss(out.student_logits, out.labels)
-        layers = self.layer_losses(out)
+        layers = self.layer_losses(out) if self.layers_now or not self.training else {}
         losses.update(layers)
         total = losses.get("kd", 0.0) + (self.cfg.label_weight or (0.0 if self.uses_kd else 1.0)) * losses.get("ce", 0.0)
         if layers:
-            total = total + self.lambda_layer * sum(layers.values())
+            # A lazy layer term counts n times on the steps that have it: the same expected gradient.
+            total = total + self.lambda_layer * (self.layer_every if self.training else 1) * sum(layers.values())
         losses["total"] = total
         return losses
 
@@ -89,6 +98,11 @@ class DistillMethod(nn.Module):
     def lambda_layer(self) -> float:
         configured = getattr(self.cfg, "lambda_layer", None)
         return self.default_lambda if configured is None else configured
+
+    @property
+    def layer_every(self) -> int:
+        """The layer loss on every n-th step (distill.layer_every; unset: every step)."""
+        return getattr(self.cfg, "layer_every", None) or 1
 
 
 @METHODS.register("kd")
@@ -239,7 +253,8 @@ class SubDistill(LayerMethod):
         return losses.clamp_min(0) * self.loss_weights[indices]
 
     def after_step(self) -> None:
-        self.rotations.retract_()
+        if self.layers_now:          # V moved only on a step with the layer loss
+            self.rotations.retract_()
 
     def sampled_positions(self, student_map: torch.Tensor, target: PairTarget) -> tuple[torch.Tensor, PairTarget]:
         """Both (n, k, P) maps at `layer_positions` random positions (the same for every image)."""

@@ -80,10 +80,10 @@ class TeacherOutputs:
         return logits, targets
 
     @torch.no_grad()  # not inference_mode: cached targets enter losses that autograd records
-    def compute(self, raw: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def compute(self, raw: torch.Tensor, layers: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         teacher = self.models.teacher
         autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
-        with tap_features(teacher, self.teacher_layers) as feats, autocast:
+        with tap_features(teacher, self.teacher_layers if layers else []) as feats, autocast:
             x = channels_last(self.models.teacher_view(raw.to(self.device)))
             logits = teacher(x)[:, self.models.teacher_ids].float()
         targets = {i: self.method.teacher_target(i, f.float()) for i, f in feats.items()}
@@ -107,10 +107,13 @@ class TeacherOutputs:
         gather = lambda parts: distributed.all_gather_rows(torch.cat(parts), total)  # noqa: E731
         return gather(logits), {i: gather(t) for i, t in targets.items()}
 
-    def for_batch(self, idx: torch.Tensor, raw: torch.Tensor):
+    def for_batch(self, idx: torch.Tensor, raw: torch.Tensor, layers: bool = True):
+        """The batch's teacher logits and, if `layers`, its layer targets (else {})."""
         if self.cached is None:
-            return self.compute(raw)
+            return self.compute(raw, layers)
         logits, targets = self.cached
+        if not layers:
+            return logits[idx].to(self.device), {}
         if self.projected:
             return logits[idx].to(self.device), targets.batch(idx, self.device)
         return logits[idx].to(self.device), {i: t[idx].to(self.device) for i, t in targets.items()}
@@ -128,7 +131,7 @@ class TrainStep(nn.Module):
 
     def forward(self, raw: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
                 t_targets: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
-        with tap_features(self.student, self.layers) as s_feats:
+        with tap_features(self.student, self.layers if self.method.layers_now else []) as s_feats:
             s_logits = self.student(self.view(raw))
             losses = self.method(Outputs(s_logits.float(), t_logits, labels,
                                          {i: f.float() for i, f in s_feats.items()}, t_targets))
@@ -190,7 +193,9 @@ def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSe
     # The frozen teacher runs in channels_last (about 2x faster for convolution networks, on CPU as on CUDA).
     models.teacher.to(device).to(memory_format=torch.channels_last)
     method.to(device)
-    step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers).to(device), device)
+    # A lazy layer loss leaves the method's own parameters without a gradient on the steps between.
+    step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers).to(device), device,
+                                find_unused_parameters=method.layer_every > 1)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     fixed = not augment or bank is not None          # the teacher sees a finite set of inputs: cache them
     teacher_out = TeacherOutputs(models, method, images if bank is None else bank.images, device,
@@ -209,11 +214,12 @@ def optimizer_step(parts: LoopParts, method: DistillMethod, rows: torch.Tensor, 
     process's share of it in micro-batches, gradients accumulated, then the update and the method's after_step.
     Returns each micro-batch's losses with the number of images they count for (0 for padding)."""
     parts.optimizer.zero_grad(set_to_none=True)
+    layers = method.begin_step()
     chunks = distributed.local_chunks(torch.arange(len(rows)), micro_batch)
     done = []
     for j, (pos, weight) in enumerate(chunks):
         losses = _accumulate(parts.step, parts.teacher_out, rows[pos], raw[pos], labels[pos], weight, parts.scaler,
-                             device, last=j == len(chunks) - 1)
+                             device, last=j == len(chunks) - 1, layers=layers)
         done.append((losses, len(pos) * (weight > 0)))
     parts.scaler.step(parts.optimizer)
     parts.scaler.update()
@@ -238,6 +244,7 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
             # never update its BatchNorm statistics.
             student.train(), method.train(), teacher.eval()
             sums: dict[str, float] = {}
+            counts: dict[str, float] = {}       # images each loss was computed on (a lazy layer loss: fewer)
             start = time.perf_counter()
             for idx in batches(len(images), cfg.batch_size, shuffle=True, generator=generator):
                 distributed.fault_point("distill")
@@ -252,12 +259,13 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
                 for losses, count in optimizer_step(parts, method, rows, raw, labels[idx], device, micro_batch):
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * count
+                        counts[name] = counts.get(name, 0.0) + count
                 images_seen += len(idx)
             train_time += time.perf_counter() - start
             schedule.step()
             val_acc = split_accuracy(student, models.student_view, val, device)
-            sums = distributed.all_reduce_floats(sums)
-            epoch_losses = {k: v / len(images) for k, v in sums.items()}
+            sums, counts = distributed.all_reduce_floats(sums), distributed.all_reduce_floats(counts)
+            epoch_losses = {k: v / counts[k] for k, v in sums.items()}
             history.append({"epoch": epoch, "val_acc": val_acc, **epoch_losses})
             if val_acc > best["val_acc"]:
                 best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(student.state_dict())}
@@ -272,10 +280,10 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
 
 
 def _accumulate(step: nn.Module, teacher_out: TeacherOutputs, rows: torch.Tensor, raw: torch.Tensor, labels, weight: float,
-                scaler, device, last: bool) -> dict[str, torch.Tensor]:
+                scaler, device, last: bool, layers: bool = True) -> dict[str, torch.Tensor]:
     """Forward and backward of one micro-batch (`rows` of the teacher's cache, `labels` of its images); DDP
-    all-reduces the gradients at the last one."""
-    t_logits, t_targets = teacher_out.for_batch(rows, raw)
+    all-reduces the gradients at the last one. `layers`: whether this step has the layer loss (its targets)."""
+    t_logits, t_targets = teacher_out.for_batch(rows, raw, layers)
     autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
     with distributed.sync_unless_last(step, last):
         with autocast:

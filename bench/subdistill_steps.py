@@ -61,14 +61,14 @@ def no_layer_loss(method, teacher_out) -> None:
 def no_layer_loss_no_targets(method, teacher_out) -> None:
     no_layer_loss(method, teacher_out)
     logits = teacher_out.cached[0]
-    teacher_out.for_batch = lambda idx, _raw: (logits[idx].to(teacher_out.device), {})
+    teacher_out.for_batch = lambda idx, _raw, _layers=True: (logits[idx].to(teacher_out.device), {})
 
 
 def layer_loss_on_8_images(method, teacher_out, images: int = 8) -> None:
     # Batches are shuffled, so the first images are a random subset; only their targets are gathered.
     logits, store = teacher_out.cached
-    teacher_out.for_batch = lambda idx, _raw: (logits[idx].to(teacher_out.device),
-                                            store.batch(idx[:images], teacher_out.device))
+    teacher_out.for_batch = lambda idx, _raw, layers=True: (logits[idx].to(teacher_out.device),
+                                                         store.batch(idx[:images], teacher_out.device) if layers else {})
     full = type(method).layer_losses
 
     def layer_losses(out):

@@ -114,8 +114,11 @@ def merged(out: Path, rows: list[dict]) -> list[dict]:
 def main(argv=None) -> None:
     args = parse_args(argv)
     rows = merged(args.out, run(args))
-    variants = list(dict.fromkeys([*args.variants, *(r["variant"] for r in rows)]))
-    summaries = summary(rows, variants)
+    summaries = summary(rows, list(dict.fromkeys(r["variant"] for r in rows)))   # the first recorded is the baseline
+    write(args, rows, summaries)
+
+
+def write(args, rows: list[dict], summaries: list[dict]) -> None:
     text = table(summaries)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({

@@ -50,10 +50,10 @@ def run(args) -> list[dict]:
     from pipeline.runner import run_stage
 
     quiet = ProgressDisplay(Console(quiet=True), enabled=False)
+    layered = next((v for v in args.variants if v.startswith("subdistill")), None)
     rows = []
     for seed in args.seeds:
         with tempfile.TemporaryDirectory() as subspaces:
-            layered = next((v for v in args.variants if v.startswith("subdistill")), None)
             if layered is not None:
                 run_stage(config_for_variant(layered, args.epochs, seed), "subspaces", Path(subspaces),
                           {"adapt": args.adapt}, quiet)
@@ -78,12 +78,12 @@ def summary(rows: list[dict], variants: list[str]) -> list[dict]:
     """Per variant: test accuracy mean and std over seeds, and the loop throughput relative to the baseline's
     in the same seed (mean and std of the per-seed ratios)."""
     base = {r["seed"]: r["loop_img_s"] for r in rows if r["variant"] == variants[0]}
+    spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731
     out = []
     for variant in variants:
         mine = [r for r in rows if r["variant"] == variant]
         acc = [100 * r["test_acc"] for r in mine]
         ratio = [r["loop_img_s"] / base[r["seed"]] for r in mine]
-        spread = lambda xs: statistics.stdev(xs) if len(xs) > 1 else float("nan")  # noqa: E731
         out.append({"variant": variant, "seeds": [r["seed"] for r in mine],
                     "test_acc_mean": round(statistics.mean(acc), 3), "test_acc_std": round(spread(acc), 3),
                     "test_acc": [round(a, 2) for a in acc], "best_epochs": [r["best_epoch"] for r in mine],

@@ -64,7 +64,10 @@ class DistillConfig(OmitNoneOptions):
 
     @model_validator(mode="after")
     def _every_only_for_layer_methods(self):
-        if self.layer_every is not None and self.method in {"kd", "student_only"}:
+        from .methods import METHODS     # the registry says which methods have a layer loss (an unknown name: later)
+
+        if self.layer_every is not None and self.method in METHODS and not METHODS.get(self.method).uses_layers:
+            layered = ", ".join(name for name in METHODS if METHODS.get(name).uses_layers)
             raise ValueError(f"layer_every spaces out the layer loss; method {self.method!r} has none: remove "
-                             "distill.layer_every or use a layer method (subdistill, fitnet, attention, vkd)")
+                             f"distill.layer_every or use a layer method ({layered})")
         return self

@@ -30,7 +30,7 @@ DOWNSTREAM_SECTIONS = ("validate", "release")
 
 def config_digest(config) -> str:
     """sha256 of the config sections that shape the artifacts (everything up to and including export)."""
-    dump = {k: v for k, v in config.dump().items() if k not in DOWNSTREAM_SECTIONS}
+    dump = {k: v for k, v in config.recorded().items() if k not in DOWNSTREAM_SECTIONS}
     return hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -22,15 +22,23 @@ from .validation.cli import profile
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Distil a foundation model into a small, quantized, validated model for one edge device.")
 console = Console()
+SET_HELP = "override one config key, validated like the file: --set distill.epochs=4 (repeatable)"
+
+
+def load_with_overrides(config: Path, sets: List[str]):
+    """The config file with the command line's --set key=value overrides applied."""
+    from .config import load_config, parse_overrides
+
+    return load_config(config, parse_overrides(sets))
 
 
 @app.command()
-def check(config: Path = typer.Argument(..., help="YAML build config")) -> None:
+def check(config: Path = typer.Argument(..., help="YAML build config"),
+          sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP)) -> None:
     """Validate a config and resolve its subtask classes against the dataset."""
-    from .config import load_config
     from .preflight import check_data, check_names
 
-    cfg = load_config(config)
+    cfg = load_with_overrides(config, sets)
     check_names(cfg)
     data, note = check_data(cfg)
     if data is None:
@@ -49,19 +57,19 @@ def build(
     until: Optional[str] = typer.Option(None, "--until", help="stop after this stage"),
     no_wait: bool = typer.Option(False, "--no-wait", help="fail instead of waiting when another build holds the cache"),
     nproc: int = typer.Option(1, "--nproc", min=1, help="processes on this machine (torchrun; one per GPU on CUDA)"),
+    sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP),
 ) -> None:
     """Run the chain of stages, reusing every cached one."""
     from . import distributed
-    from .config import load_config
     from .preflight import check_names
     from .progress import ProgressDisplay
     from .runner import Build
     from .data.for_config import subtask_data
 
-    cfg = load_config(config)
+    cfg = load_with_overrides(config, sets)
     check_names(cfg)
     if nproc > 1:
-        return launch_build(nproc, config, force, until, no_wait)
+        return launch_build(nproc, config, force, until, no_wait, sets)
     subtask_data(cfg)  # missing data or unknown classes fail here, before the cache is touched
     # Under torchrun only rank 0 shows progress and the summary; the other processes stay quiet (libraries'
     # own progress bars included) until an error of theirs is printed.
@@ -75,7 +83,8 @@ def build(
         print_summary(summary)
 
 
-def launch_build(nproc: int, config: Path, force: List[str], until: Optional[str], no_wait: bool) -> None:
+def launch_build(nproc: int, config: Path, force: List[str], until: Optional[str], no_wait: bool,
+                 sets: List[str] = ()) -> None:
     """`build --nproc N`: the same build command in N processes started by torchrun on this machine."""
     from . import distributed
     from .errors import DistributedError
@@ -84,7 +93,7 @@ def launch_build(nproc: int, config: Path, force: List[str], until: Optional[str
         raise DistributedError("--nproc was given to a build that torchrun already started in several processes.",
                                "Use either torchrun or --nproc, not both.")
     argv = ["build", str(config), *(a for f in force for a in ("--force", f)), *(["--until", until] if until else []),
-            *(["--no-wait"] if no_wait else [])]
+            *(["--no-wait"] if no_wait else []), *(a for s in sets for a in ("--set", s))]
     failure = distributed.launch(nproc, argv)
     if failure is not None:
         rank, code, message = failure
@@ -94,12 +103,12 @@ def launch_build(nproc: int, config: Path, force: List[str], until: Optional[str
 
 
 @app.command()
-def status(config: Path = typer.Argument(..., help="YAML build config")) -> None:
+def status(config: Path = typer.Argument(..., help="YAML build config"),
+           sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP)) -> None:
     """List the stages of a build and whether each is cached."""
-    from .config import load_config
     from .runner import Build
 
-    cfg = load_config(config)
+    cfg = load_with_overrides(config, sets)
     b = Build(cfg)
     table = Table("stage", "key", "state", "folder")
     for name, key, cached in b.status():

@@ -24,6 +24,10 @@ from .validation.config import ValidateConfig
 
 
 class BuildConfig(Section):
+    """Where the build's cache lives and what every stage runs with. Only seed, threads and the device (as resolved
+    on this machine) change results, so only they enter the stage keys (`result_fields`): moving `output`
+    elsewhere, or switching on `verify_cache`, reuses every cached stage."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="build name: the folder under output")
     seed: int = Field(0, description="seeds data splits, initialisation, sampling and shuffling")
     output: str = Field("builds", description="cache root; stage outputs go to <output>/<name>/<stage>-<key>/")
@@ -31,6 +35,23 @@ class BuildConfig(Section):
     threads: int = Field(0, ge=0, description="torch CPU threads for training (0: all cores)")
     verify_cache: bool = Field(
         False, description="on every cache hit, check the sha256 of each file the stage wrote (default: sizes only)")
+
+    def result_fields(self) -> dict:
+        """What of this section a stage's result depends on: its cache key holds this, not the whole section."""
+        return {"seed": self.seed, "threads": self.threads, "device": resolved_device(self.device)}
+
+
+# build options that say where the cache is and how a hit is checked: no stage result, digest or manifest holds them
+CACHE_ONLY_KEYS = ("output", "verify_cache")
+
+
+def resolved_device(requested: str) -> str:
+    """'auto' as this machine resolves it (a key must not differ between 'auto' and what it means here)."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class SpuriousConfig(Section):
@@ -47,7 +68,7 @@ class SpuriousConfig(Section):
 
 class DataConfig(OmitNoneOptions):
     # The label-budget keys are left out of the dump while unset: configs without a budget keep their keys.
-    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images", "views")
+    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images")
 
     dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar100 or image_folder (the dataset registry)")
     root: Optional[str] = Field(None, description="image_folder: folder with train/<class>/ and test/<class>/")
@@ -67,10 +88,6 @@ class DataConfig(OmitNoneOptions):
         "image of the dataset, all classes), none, or a folder of images (searched recursively); None: rest "
         "under a label budget, else none")
     unlabelled_max_images: Optional[int] = Field(None, ge=1, description="seeded cap on the unlabelled pool")
-    views: Optional[int] = Field(
-        None, ge=1, le=64, description="view bank (with augment: true): K seeded augmented views of every training "
-        "image whose teacher outputs are computed once; epoch e shows image i as its view (e + i) mod K. None: a "
-        "fresh augmentation every step (the teacher then runs every step)")
 
     @field_validator("labels_per_class")
     @classmethod
@@ -79,13 +96,6 @@ class DataConfig(OmitNoneOptions):
             raise ValueError(f"labels_per_class {v} leaves no labelled image to adapt the teacher on and one to "
                              "validate with; use at least 2 (null keeps every label)")
         return v
-
-    @model_validator(mode="after")
-    def _views_need_augment(self):
-        if self.views is not None and not self.augment:
-            raise ValueError("views (the view bank) holds augmented views, but augment is false; set "
-                             "data.augment: true, or remove data.views")
-        return self
 
     @field_validator("unlabelled")
     @classmethod
@@ -156,8 +166,9 @@ class StudentConfig(Section):
 
 
 class DistributedConfig(Section):
-    """How a build launched with torchrun / --nproc shares out its work. Not part of any stage key: see
-    docs/distributed.md for what it changes numerically."""
+    """How a build launched with torchrun / --nproc shares out its work. Not part of the training stages' keys
+    (only the release, which records the whole config, hashes it): see docs/distributed.md for what it changes
+    numerically."""
 
     micro_batch: Optional[int] = Field(
         None, ge=1, description="most images one process runs forward/backward at once; its share of a global "
@@ -199,14 +210,36 @@ class EdgesmithConfig(Section):
     def dump(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
 
+    def recorded(self) -> dict:
+        """The config as a release manifest records it and its digest hashes it: without the options that only say
+        where the cache lives (CACHE_ONLY_KEYS), so that the same build from another folder is the same record."""
+        raw = self.dump()
+        raw["build"] = {k: v for k, v in raw["build"].items() if k not in CACHE_ONLY_KEYS}
+        return raw
+
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.dump(), sort_keys=True).encode()).hexdigest()
+        return hashlib.sha256(json.dumps(self.recorded(), sort_keys=True).encode()).hexdigest()
 
 
 # The config's sections by their YAML names; the optional ones (left out: None) switch their stages off.
 SECTIONS = tuple(f.alias or name for name, f in EdgesmithConfig.model_fields.items())
 OPTIONAL_SECTIONS = tuple(f.alias or name for name, f in EdgesmithConfig.model_fields.items()
                           if not f.is_required() and f.default is None)
+
+
+# Keys that were taken out because no measurement showed them helping. An old config that sets one is told why
+# and what to do, instead of "unknown key".
+RETIRED_KEYS = {
+    "data.views": "the view bank (K fixed augmented views per image) cost about 4 points of accuracy at 50 labels "
+                  "per class, where it was measured. Remove the key; data.augment: true augments every step.",
+    "distill.layer_positions": "sampling SubDistill's loss at fewer positions did not make a step measurably "
+                               "faster. Remove the key; distill.layer_every is the setting that brings SubDistill "
+                               "close to KD's step cost.",
+    "distill.cache_teacher": "the frozen teacher's outputs are always computed once when the training images do not "
+                             "change (data.augment: false) and on every step when they do. Remove the key.",
+    "subspaces.basis": "the alternative bases (pca, prca, random) were ablations that no build result favoured; "
+                       "the subspaces stage always estimates SubDistill's relevant subspace. Remove the key.",
+}
 
 
 def _fields_at(model: type, loc: tuple) -> list[str]:
@@ -236,6 +269,8 @@ def _section_type(annotation: Any) -> Any:
 def _describe(err: dict) -> str:
     loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-after")))
     path = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden" and path in RETIRED_KEYS:
+        return f"{path} was removed: {RETIRED_KEYS[path]}"
     if err["type"] == "extra_forbidden":
         valid = _fields_at(EdgesmithConfig, loc[:-1])
         return f"{path}: unknown key.{did_you_mean(str(loc[-1]), valid)} Valid keys here: {', '.join(valid)}."
@@ -256,7 +291,7 @@ def parse_config(raw: Any, source: str = "<config>") -> EdgesmithConfig:
         lines = [_describe(e) for e in exc.errors()]
         raise ConfigError(
             f"{source} has {len(lines)} problem{'s' * (len(lines) > 1)}:\n  - " + "\n  - ".join(lines),
-            "\nFix these keys (the README's config reference lists every key) and run `edgesmith check` again.",
+            "\nFix these keys (docs/config.md lists every key) and run `edgesmith check` again.",
         ) from None
 
 
@@ -264,21 +299,48 @@ def config_with(base: str | os.PathLike | EdgesmithConfig, overrides: dict[str, 
                 remove: tuple[str, ...] = ()) -> EdgesmithConfig:
     """A config file (or config) with dotted-key overrides, e.g. {"distill.method": "subdistill", "data.labels_per_class":
     50}, and whole sections removed (their stages then leave the chain): how benchmarks and tools vary a build."""
-    raw = base.dump() if isinstance(base, EdgesmithConfig) else load_config(base).dump()
-    for dotted, value in (overrides or {}).items():
+    if not isinstance(base, EdgesmithConfig):
+        return load_config(base, overrides, remove)
+    raw = apply_overrides(base.dump(), overrides or {}, remove)
+    return parse_config(raw, f"{base.build.name} (with overrides)")
+
+
+def apply_overrides(raw: dict, overrides: dict[str, Any], remove: tuple[str, ...] = ()) -> dict:
+    """Drop whole sections from a raw config mapping, then set dotted keys (an absent or disabled section starts
+    empty, so an override can switch a dropped section back on)."""
+    for section in remove:
+        raw.pop(section, None)
+    for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split(".")
         for key in parents:
-            if not isinstance(node.get(key), dict):     # an absent (or disabled: None) section starts empty
+            if not isinstance(node.get(key), dict):
                 node[key] = {}
             node = node[key]
         node[leaf] = value
-    for section in remove:
-        raw.pop(section, None)
-    return parse_config(raw, f"{base if not isinstance(base, EdgesmithConfig) else base.build.name} (with overrides)")
+    return raw
 
 
-def load_config(path: str | os.PathLike) -> EdgesmithConfig:
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """`--set key=value` arguments -> {dotted key: value}; values are read as YAML (4, 0.5, null, [a, b], text)."""
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+            raise ConfigError(f"--set {pair!r} is not of the form section.key=value.",
+                              "Write it like --set distill.epochs=4 (repeat --set for each key).")
+        try:
+            overrides[key.strip()] = yaml.safe_load(text) if text.strip() else text
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({exc.problem}).",
+                              "Quote text values, e.g. --set 'build.name=\"my build\"'.") from None
+    return overrides
+
+
+def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None,
+                remove: tuple[str, ...] = ()) -> EdgesmithConfig:
+    """Read and validate a YAML config; `overrides` ({dotted key: value}, e.g. from --set) are applied to the file's
+    mapping first and validated with it."""
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path} is a folder, not a config file.",
@@ -297,4 +359,10 @@ def load_config(path: str | os.PathLike) -> EdgesmithConfig:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}", "Fix the YAML syntax at the line shown.") from None
-    return parse_config(raw, str(path))
+    if not (overrides or remove) or not isinstance(raw, dict):
+        return parse_config(raw, str(path))
+    return parse_config(apply_overrides(raw, overrides or {}, remove), f"{path} (with {_shown(overrides)})")
+
+
+def _shown(overrides: dict[str, Any] | None) -> str:
+    return " ".join(f"{k}={v}" for k, v in (overrides or {}).items()) or "(sections removed)"

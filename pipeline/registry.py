@@ -19,6 +19,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
         self._items: dict[str, T] = {}
+        self._retired: dict[str, str] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(obj: T) -> T:
@@ -29,11 +30,18 @@ class Registry(Generic[T]):
 
         return add
 
+    def retire(self, name: str, why: str) -> None:
+        """A name that was taken out: asking for it says why and what to use instead (not just "unknown")."""
+        self._retired[name] = why
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]
         except KeyError:
             names = sorted(self._items)
+            if name in self._retired:
+                raise ConfigError(f"The {self.kind} '{name}' was removed: {self._retired[name]}",
+                                  f"Valid names: {', '.join(names)}.") from None
             raise ConfigError(
                 f"Unknown {self.kind} '{name}'.{did_you_mean(name, names)}",
                 f"Valid names: {', '.join(names)}.",

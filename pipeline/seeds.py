@@ -12,7 +12,6 @@ STREAMS = (
     "data.labels",             # which training images keep their labels under a label budget
     "data.pool",               # the cap on the unlabelled pool
     "data.spurious",           # which images get a marker (stress test), with data.spurious.seed
-    "data.views",              # the view bank's augmentations
     "teacher.batches",         # from-scratch teacher: shuffling
     "teacher.augment",         # its augmentation (data.augment)
     "adapt.images",            # adapt.max_images: which training images adapt the head
@@ -20,9 +19,8 @@ STREAMS = (
     "adapt.augment",           # its augmentation (data.augment, a fit on images rather than on a cached prefix)
     "subspaces.images",        # subspaces.max_images
     "subspaces.positions",     # the spatial positions sampled for the moments
-    "subspaces.basis",         # random bases (subspaces.basis: random), + ".<pair index>"
+    "subspaces.basis",         # the random-basis baseline of pipeline.distill.subspace, + ".<pair index>"
     "distill.batches",         # distillation: shuffling, augmentation
-    "distill.positions",       # distill.layer_positions: the positions SubDistill's loss is evaluated at
     "ood.exposure.images",     # which outside images outlier exposure trains on
     "ood.exposure.batches",    # their order
     "qat.calibration",         # the INT8 calibration images (qat stage and the export stage's PT2E formats)

@@ -67,7 +67,7 @@ class Stage:
 
     def key_sections(self, cfg: EdgesmithConfig) -> dict:
         """The config hashed into the key: `sections`; a stage may add optional parts only when they are set."""
-        return {s: dump_section(cfg.section(s)) for s in self.sections}
+        return {s: cfg.build.result_fields() if s == "build" else dump_section(cfg.section(s)) for s in self.sections}
 
     def run(self, ctx: StageContext) -> dict:
         raise NotImplementedError

@@ -33,6 +33,28 @@ def test_keys_are_stable_and_only_downstream_stages_change(write_config):
     assert all(reseeded[name] != base[name] for name in base)
 
 
+def test_where_the_cache_lives_and_how_hits_are_checked_change_no_key(write_config, tmp_path):
+    base = keys(write_config("a.yaml"))
+    assert keys(write_config("moved.yaml", **{"build.output": str(tmp_path / "elsewhere")})) == base
+    assert keys(write_config("verified.yaml", **{"build.verify_cache": True})) == base
+    # "auto" resolves to this machine's device: a config naming that device keys the same
+    import torch
+
+    here = "cuda" if torch.cuda.is_available() else "cpu"
+    assert keys(write_config("auto.yaml", **{"build.device": "auto"})) == keys(write_config("here.yaml", **{"build.device": here}))
+
+
+@pytest.mark.slow
+def test_a_moved_cache_folder_is_reused_whole(tmp_path):
+    tiny = REPO / "configs" / "tiny.yaml"
+    first, moved = tmp_path / "first", tmp_path / "moved"
+    assert run_cli("build", tiny, "--set", f"build.output={first}").returncode == 0
+    first.rename(moved)
+    rows = Build(load_config(tiny, {"build.output": str(moved), "build.verify_cache": True})).status()
+    assert [name for name, _, _ in rows] == ["teacher", "adapt", "distill", "qat", "export", "validate", "release"]
+    assert all(cached for _, _, cached in rows), rows
+
+
 def test_key_changes_with_package_versions(monkeypatch, write_config):
     import pipeline.runner as runner
 

@@ -19,7 +19,7 @@ from pipeline.errors import ConfigError, ModelError
 from pipeline.models import create_model
 from pipeline.progress import ProgressDisplay
 
-LAYER_METHODS = ("subdistill", "subdistill_unit", "fitnet", "attention", "vkd")
+LAYER_METHODS = ("subdistill", "fitnet", "attention", "vkd")
 
 
 def subspace_from_maps(teacher_maps: torch.Tensor, k: int, seed: int = 0) -> Subspace:
@@ -177,42 +177,6 @@ def test_rotation_stays_orthogonal_after_optimizer_steps(tmp_path):
     torch.testing.assert_close(weight.T @ weight, torch.eye(4), atol=1e-5, rtol=0)
     assert not torch.allclose(weight, before, atol=1e-3)
     assert losses[-1] < 0.8 * losses[0]
-
-
-def test_layer_positions_estimate_the_full_loss_without_bias(tmp_path):
-    maps = teacher_maps(n=32, size=8)
-    full = make_subdistill(tmp_path, maps, k=3, size=(8, 8)).train()
-    sampled = make_subdistill(tmp_path, maps, k=3, size=(8, 8), layer_positions=8).train()
-    everything = make_subdistill(tmp_path, maps, k=3, size=(8, 8), layer_positions=64).train()
-    for method in (sampled, everything):                     # the same rotation V: only the positions differ
-        method.load_state_dict(full.state_dict())
-    target = full.teacher_target(0, maps)
-    student = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(3))
-    reference = float(full.pair_loss(0, student, target))
-    assert float(everything.pair_loss(0, student, target)) == pytest.approx(reference, rel=1e-6)  # 64 = all of 8x8
-    draws = [float(sampled.pair_loss(0, student, target)) for _ in range(400)]
-    assert len(set(draws)) > 100                             # each step another 8 of the 64 positions
-    assert np.mean(draws) == pytest.approx(reference, rel=0.03)
-
-
-def test_layer_positions_are_drawn_from_the_build_seed(tmp_path):
-    maps = teacher_maps(size=8)
-    target = make_subdistill(tmp_path, maps, k=3, size=(8, 8)).teacher_target(0, maps)
-    student = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(4))
-
-    def losses(seed: int) -> list[float]:
-        pair = PairSpec("t", "s", maps.shape[1], 3, (8, 8), (8, 8))
-        torch.manual_seed(0)                                 # the same initial rotation V for every seed
-        method = SubDistill(DistillConfig(method="subdistill", layer_positions=4), pairs=[pair],
-                            subspaces_dir=tmp_path, seed=seed).train()
-        return [float(method.pair_loss(0, student, target)) for _ in range(5)]
-
-    assert losses(7) == losses(7) and losses(7) != losses(8)
-
-
-def test_layer_positions_are_refused_for_methods_without_that_loss():
-    with pytest.raises(ValueError, match="layer_positions samples SubDistill"):
-        DistillConfig(method="kd", layer_positions=16)
 
 
 def test_mean_centre_uses_batch_mean_in_training_and_running_mean_in_eval():
@@ -389,16 +353,20 @@ def test_cnn_teacher_vit_student_pairs_and_trains(tmp_path):
     assert result["history"][-1]["layer1"] < result["history"][0]["layer1"]
 
 
-def test_unit_targets_rescale_the_target_and_keep_zero_prediction_at_one(tmp_path):
-    maps = 7.0 * teacher_maps()                               # a teacher with large activations
-    reference = make_subdistill(tmp_path, maps, k=3)
-    unit = METHODS.get("subdistill_unit")(DistillConfig(method="subdistill_unit"), pairs=reference.pairs,
-                                          subspaces_dir=tmp_path)
-    raw, scaled = reference.teacher_target(0, maps), unit.teacher_target(0, maps)
-    torch.testing.assert_close(scaled, raw / torch.sqrt(reference.alpha0 / 3))
-    assert float(scaled.pow(2).sum(1).mean()) == pytest.approx(3.0, rel=0.05)     # unit energy per direction
-    zeros = torch.zeros(16, 3, 4, 4)
-    assert float(unit.train().pair_loss(0, zeros, scaled).detach()) == pytest.approx(1.0, abs=0.05)
+def test_retired_options_name_what_replaced_them():
+    from pipeline.config import parse_config
+    from tests.conftest import tiny_config_dict
+
+    with pytest.raises(ConfigError, match="subdistill_unit' was removed.*Use distill.method: subdistill"):
+        METHODS.get("subdistill_unit")
+    raw = tiny_config_dict("builds", **{"data.views": 4, "distill.layer_positions": 8, "distill.cache_teacher": False,
+                                         "subspaces.basis": "pca"})
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw, "old.yaml")
+    message = str(err.value)
+    assert "has 4 problems" in message and "unknown key" not in message
+    for key in ("data.views", "distill.layer_positions", "distill.cache_teacher", "subspaces.basis"):
+        assert f"{key} was removed: " in message
 
 
 def lazy_subdistill_run(tmp_path, every: int | None, steps: int = 7):

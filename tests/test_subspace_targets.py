@@ -43,7 +43,7 @@ def setup(tmp_path_factory):
     return models, pairs, images, folder
 
 
-@pytest.mark.parametrize("method", ["subdistill", "subdistill_unit"])
+@pytest.mark.parametrize("method", ["subdistill"])
 def test_cached_float16_targets_equal_the_live_ones(setup, method):
     models, pairs, images, folder = setup
     _, layers = load_subspaces(folder)

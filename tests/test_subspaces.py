@@ -160,7 +160,6 @@ def test_subspaces_stage_is_in_the_chain_only_when_the_method_needs_it():
         return [s.name for s in Build(parse_config(_config(method))).stages()]
 
     assert stages("subdistill") == ["teacher", "adapt", "subspaces", "distill"]
-    assert stages("subdistill_unit") == stages("subdistill")
     for method in ("kd", "fitnet", "attention", "vkd", "student_only"):
         assert "subspaces" not in stages(method)
     plan = {p.stage.name: p for p in Build(parse_config(_config("subdistill"))).plan()}

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..seeds import seed_for
 
 
 @dataclass(frozen=True)
@@ -61,31 +60,6 @@ def augment_batch(images: torch.Tensor, generator: torch.Generator, pad: int = 2
     flip = torch.rand(n, generator=generator) < 0.5
     cropped[flip] = cropped[flip].flip(-1)
     return cropped
-
-
-@dataclass(frozen=True)
-class ViewBank:
-    """K seeded augmented views of every training image (crop + flip, as augment_batch), view-major: row
-    k * n + i is view k of image i. The teacher's outputs on all K n rows are computed once, so training on
-    augmented images no longer runs the teacher every step (function matching on a fixed set of views)."""
-
-    images: torch.Tensor     # uint8, K n x C x H x W
-    views: int
-
-    @classmethod
-    def build(cls, images: torch.Tensor, views: int, seed: int, chunk: int = 4096) -> "ViewBank":
-        generator = torch.Generator().manual_seed(seed_for(seed, "data.views"))
-        parts = [augment_batch(images[start:start + chunk], generator)
-                 for _ in range(views) for start in range(0, len(images), chunk)]
-        return cls(torch.cat(parts), views)
-
-    @property
-    def per_view(self) -> int:
-        return len(self.images) // self.views
-
-    def rows(self, idx: torch.Tensor, epoch: int) -> torch.Tensor:
-        """Rows of the bank for images `idx` in `epoch` (1-based): every image cycles through its views."""
-        return ((epoch - 1 + idx) % self.views) * self.per_view + idx
 
 
 def batches(n: int, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None

@@ -15,9 +15,6 @@ class LayerPair(Section):
 
 
 class SubspacesConfig(Section):
-    basis: Literal["subdistill", "pca", "prca", "random"] = Field(
-        "subdistill", description="subdistill (relevance of activations x margin gradients); ablations: pca "
-        "(activations only), prca (cross term only), random (a random orthonormal basis)")
     positions_per_image: int = Field(20, ge=1, description="random spatial positions kept per image and layer")
     max_images: Optional[int] = Field(
         2048, ge=1, description="cap on training images (None: all); the teacher backward pass dominates the cost")
@@ -25,9 +22,9 @@ class SubspacesConfig(Section):
 
 
 class DistillConfig(OmitNoneOptions):
-    omit_when_none = ("layer_positions", "layer_every")
+    omit_when_none = ("layer_every",)
 
-    method: str = Field("kd", description="subdistill, subdistill_unit, kd, student_only, fitnet, attention, vkd")
+    method: str = Field("kd", description="subdistill, kd, student_only, fitnet, attention, vkd")
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
     label_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy added to the KD loss")
     lambda_layer: Optional[float] = Field(
@@ -41,26 +38,12 @@ class DistillConfig(OmitNoneOptions):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_step_epochs: int = Field(25, ge=1, description="halve the learning rate every this many epochs")
     lr_gamma: float = Field(0.5, gt=0, le=1, description="factor applied every lr_step_epochs")
-    layer_positions: Optional[int] = Field(
-        None, ge=1, description="subdistill: the layer loss at this many seeded random spatial positions per pair and "
-        "step (the same for every image of the batch) instead of all: an unbiased estimate of the same per-position "
-        "loss; on the default config it does not make the step measurably faster (64 positions 0.77x KD's step "
-        "throughput, all 0.76x: docs/label_efficiency.md); None: every position")
     layer_every: Optional[int] = Field(
         None, ge=1, description="layer methods: the layer loss on every n-th optimizer step only, weighted n x so that "
         "its expected gradient is unchanged (lazy regularisation, as StyleGAN2's R1 term); the steps between are KD "
-        "steps that neither tap features nor gather targets. Default config with subdistill, 5 seeds: 8 gives 0.99x KD's "
-        "step throughput (every step: 0.78x) and 86.23 +- 0.34 % test accuracy (every step: 86.17 +- 0.10; 4: 0.91-0.92x, "
-        "85.97 +- 0.45; docs/label_efficiency.md); None: every step, as the method's reference code does")
-    cache_teacher: bool = Field(True, description="compute the frozen teacher's outputs once (no augmentation)")
+        "steps that neither tap features nor gather targets (docs/subdistill.md: how large n may be); None: every "
+        "step, as the method's reference code does")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-
-    @model_validator(mode="after")
-    def _positions_only_for_subdistill(self):
-        if self.layer_positions is not None and not self.method.startswith("subdistill"):
-            raise ValueError(f"layer_positions samples SubDistill's per-position loss; method {self.method!r} does not "
-                             "use it: remove distill.layer_positions or use method subdistill")
-        return self
 
     @model_validator(mode="after")
     def _every_only_for_layer_methods(self):

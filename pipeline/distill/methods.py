@@ -17,6 +17,8 @@ from .features import PairSpec, as_map, pool_to, prefix_tokens
 from .matching import PairTarget, Rotations, SubspaceMatch, pair_target, subspace_match_reference
 
 METHODS: Registry[type["DistillMethod"]] = Registry("distillation method")
+METHODS.retire("subdistill_unit", "rescaling SubDistill's targets to unit energy scored below plain subdistill with "
+               "both teachers it was measured with. Use distill.method: subdistill.")
 
 
 @dataclass
@@ -184,12 +186,9 @@ class SubDistill(LayerMethod):
 
     needs_subspaces = True
     default_lambda = 1.0
-    unit_targets = False     # the reference keeps the teacher's own scale
 
-    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, seed: int = 0,
-                 **context):
+    def __init__(self, cfg, pairs: Sequence[PairSpec] = (), subspaces_dir: Path | None = None, **context):
         super().__init__(cfg, pairs, **context)
-        self.position_generator = torch.Generator().manual_seed(seed)   # the build's distill.positions stream
         if subspaces_dir is None:
             raise ConfigError("Method 'subdistill' needs the output of the `subspaces` stage.",
                               "Build with the `subspaces` stage enabled (it is whenever distill.method is subdistill).")
@@ -201,14 +200,10 @@ class SubDistill(LayerMethod):
             self.register_buffer(f"basis{i}", layer["basis"])
             self.register_buffer(f"mean{i}", layer["mean"])
             self.register_buffer(f"alpha{i}", layer["alpha"])
-            # unit_targets: divide t~ by sqrt(alpha / k) so each subspace direction carries unit energy on average
-            # (the loss normaliser alpha becomes k; predicting zero still costs about 1).
-            scale = torch.sqrt(layer["alpha"] / self.pairs[i].student_channels) if self.unit_targets else torch.tensor(1.0)
-            self.register_buffer(f"scale{i}", scale)
         self.centre = nn.ModuleList(MeanCentre(p.student_channels) for p in self.pairs)
         self.rotations = Rotations(p.student_channels for p in self.pairs)   # V, orthogonal after every step
-        # per pair 1 / (alpha / scale^2): the loss per position is normalised by the teacher energy in U_k
-        weights = [getattr(self, f"scale{i}") ** 2 / getattr(self, f"alpha{i}") for i in range(len(self.pairs))]
+        # per pair 1 / alpha: the loss per position is normalised by the teacher energy in U_k
+        weights = [1.0 / getattr(self, f"alpha{i}") for i in range(len(self.pairs))]
         self.register_buffer("loss_weights", torch.stack(weights).reshape(-1).float(), persistent=False)
 
     def teacher_side(self, index: int, teacher_map: torch.Tensor) -> torch.Tensor:
@@ -220,8 +215,7 @@ class SubDistill(LayerMethod):
 
     def from_projection(self, index: int, projected: torch.Tensor) -> torch.Tensor:
         """The target from U_k^T (t - mu) (what pipeline.distill.targets caches, maybe float16)."""
-        projected = projected.float()
-        return projected / getattr(self, f"scale{index}") if self.unit_targets else projected
+        return projected.float()
 
     def layer_losses(self, out: Outputs) -> dict[str, torch.Tensor]:
         if not self.training:
@@ -245,8 +239,7 @@ class SubDistill(LayerMethod):
         running means as MeanCentre would. Targets are maps (n, k, h, w) or PairTarget (as the cache gives them)."""
         flat = []
         for student_map, target in zip(student_maps, targets):
-            student_map, target = self.sampled_positions(student_map.flatten(2), pair_target(target))
-            flat += [student_map, *target]
+            flat += [student_map.flatten(2), *pair_target(target)]
         losses, *means = SubspaceMatch.apply(self.rotations.weight, self.rotations.groups_of(indices), *flat)
         with torch.no_grad():
             torch._foreach_lerp_([self.centre[i].running_mean for i in indices], list(means), self.centre[0].momentum)
@@ -255,23 +248,6 @@ class SubDistill(LayerMethod):
     def after_step(self) -> None:
         if self.layers_now:          # V moved only on a step with the layer loss
             self.rotations.retract_()
-
-    def sampled_positions(self, student_map: torch.Tensor, target: PairTarget) -> tuple[torch.Tensor, PairTarget]:
-        """Both (n, k, P) maps at `layer_positions` random positions (the same for every image)."""
-        positions, count = self.cfg.layer_positions, target.maps.shape[2]
-        if positions is None or count <= positions:
-            return student_map, target
-        chosen = torch.randperm(count, generator=self.position_generator)[:positions].to(target.maps.device)
-        return student_map.index_select(2, chosen), pair_target(target.plain.index_select(2, chosen))
-
-
-@METHODS.register("subdistill_unit")
-class SubDistillUnitTargets(SubDistill):
-    """SubDistill with the teacher targets rescaled to unit energy per subspace direction. Not in the reference:
-    a teacher whose activations are much larger than a BatchNorm'd student's (EfficientNet-Lite blocks: std ~10)
-    makes the student grow its BatchNorm scales by an order of magnitude before the layer loss can drop below 1."""
-
-    unit_targets = True
 
 
 def _check_same_pairs(pairs: Sequence[PairSpec], estimated: Sequence[PairSpec]) -> None:

@@ -156,10 +156,8 @@ def split_accuracy(model: nn.Module, view: View, split, device) -> float:
 class DistillSettings:
     """How one distillation run trains, besides the models, the method and the images.
 
-    `bank` (pipeline.data.views.ViewBank of the training images) replaces the fresh augmentation of every step:
-    in epoch e image i shows its view (e + i) mod K, and the teacher's outputs on all views are computed once
-    (`precomputed`, if given, is then over the bank's rows). `projected`: SubDistill's targets as the subspaces
-    stage cached them. Under torchrun every process draws the same global batches and trains on its share of each
+    `precomputed`: the teacher's outputs on every training image, computed elsewhere (the adapt stage's logits);
+    `projected`: SubDistill's targets as the subspaces stage cached them. Under torchrun every process draws the same global batches and trains on its share of each
     (DDP); `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
 
@@ -171,7 +169,6 @@ class DistillSettings:
     micro_batch: int | None = None
     precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
     projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
-    bank: Any = None
     outliers: Any = None
 
 
@@ -188,7 +185,7 @@ class LoopParts:
 
 
 def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSettings) -> LoopParts:
-    cfg, augment, device, bank = settings.cfg, settings.augment, settings.device, settings.bank
+    cfg, augment, device = settings.cfg, settings.augment, settings.device
     student = models.student.to(device)
     # The frozen teacher runs in channels_last (about 2x faster for convolution networks, on CPU as on CUDA).
     models.teacher.to(device).to(memory_format=torch.channels_last)
@@ -197,11 +194,10 @@ def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSe
     step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers).to(device), device,
                                 find_unused_parameters=method.layer_every > 1)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
-    fixed = not augment or bank is not None          # the teacher sees a finite set of inputs: cache them
-    teacher_out = TeacherOutputs(models, method, images if bank is None else bank.images, device,
-                                 cached=cfg.cache_teacher and fixed, progress=settings.progress,
+    fixed = not augment          # the teacher sees a fixed set of inputs: its outputs are computed once
+    teacher_out = TeacherOutputs(models, method, images, device, cached=fixed, progress=settings.progress,
                                  precomputed=settings.precomputed if fixed else None,
-                                 projected=settings.projected if fixed and bank is None else None)
+                                 projected=settings.projected if fixed else None)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
@@ -230,7 +226,7 @@ def optimizer_step(parts: LoopParts, method: DistillMethod, rows: torch.Tensor, 
 def distill(models: Models, method: DistillMethod, train, val, settings: DistillSettings) -> dict:
     """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
     cfg, seed, augment, device, progress = settings.cfg, settings.seed, settings.augment, settings.device, settings.progress
-    bank, micro_batch = settings.bank, settings.micro_batch
+    micro_batch = settings.micro_batch
     student, teacher = models.student, models.teacher
     parts = loop_parts(models, method, train, settings)
     images, labels = parts.images, parts.labels
@@ -250,13 +246,8 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
                 distributed.fault_point("distill")
                 # The whole global batch is drawn (and augmented) on every process, which keeps the generator in
                 # step; each process then trains on its share, in micro-batches.
-                if bank is not None:
-                    rows = bank.rows(idx, epoch)
-                    raw = bank.images[rows]
-                else:
-                    rows = idx
-                    raw = augment_batch(images[idx], generator) if augment else images[idx]
-                for losses, count in optimizer_step(parts, method, rows, raw, labels[idx], device, micro_batch):
+                raw = augment_batch(images[idx], generator) if augment else images[idx]
+                for losses, count in optimizer_step(parts, method, idx, raw, labels[idx], device, micro_batch):
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * count
                         counts[name] = counts.get(name, 0.0) + count

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..data.for_config import subtask_data
-from ..data.views import ViewBank, as_tensor
 from ..distill.methods import METHODS
 from ..distill.train import DistillSettings, Models, distill, layer_pairs, load_models
 from ..models import StudentSpec, count_macs, count_params, save_model
@@ -46,10 +45,7 @@ class DistillStage(Stage):
         run = self.prepare(ctx)
         result = distill(run.models, run.method, run.train, run.data.val, run.settings)
         self.save(ctx, run.models, run.data)
-        bank = run.settings.bank
-        views = {"view_bank_images": len(bank.images)} if bank is not None else {}
-        return {**self.measure(ctx, run.models, run.data, run.known), **self.budget(run.data, run.train), **views,
-                **result}
+        return {**self.measure(ctx, run.models, run.data, run.known), **self.budget(run.data, run.train), **result}
 
     def prepare(self, ctx: StageContext) -> "DistillRun":
         """Everything the training loop gets, built as the stage builds it (bench/subdistill_steps.py times steps
@@ -61,12 +57,11 @@ class DistillStage(Stage):
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
         train = self.transfer_set(ctx, method, data)
-        bank = self.view_bank(ctx, train)
         settings = DistillSettings(
             cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
-            precomputed=self.known_outputs(ctx, models, method, train, known, bank),
-            projected=self.projected_targets(ctx, method, train), bank=bank, outliers=outliers)
+            precomputed=self.known_outputs(ctx, models, method, train, known),
+            projected=self.projected_targets(ctx, method, train), outliers=outliers)
         return DistillRun(data, models, method, train, known, settings)
 
     def transfer_set(self, ctx: StageContext, method, data):
@@ -83,34 +78,18 @@ class DistillStage(Stage):
         return {"labels_per_class": data.labels_per_class, "label_budget": data.budget,
                 "labelled_train_images": len(data.train), "val_images": len(data.val), "transfer_images": len(train)}
 
-    def view_bank(self, ctx: StageContext, train):
-        """data.views: K seeded augmented views of every training image, the teacher's outputs on them computed once."""
-        cfg = ctx.config
-        if not (cfg.data.augment and cfg.data.views and cfg.distill.cache_teacher):
+    def known_outputs(self, ctx: StageContext, models: Models, method, train, known):
+        """The teacher's subtask logits on the training images, looked up in the adapt stage's table where it has
+        them, when the method needs nothing else from the teacher (no layer targets) and the teacher's inputs are
+        fixed (no augmentation)."""
+        if method.pairs or ctx.config.data.augment or known is None:
             return None
-        bank = ViewBank.build(as_tensor(train.images), cfg.data.views, cfg.build.seed)
-        ctx.log(f"  view bank: {cfg.data.views} augmented views of {len(train)} images ({len(bank.images)} teacher inputs)")
-        return bank
-
-    def known_outputs(self, ctx: StageContext, models: Models, method, train, known, bank=None):
-        """The teacher's subtask logits on the training images (looked up in the adapt stage's table where it has
-        them), or on the view bank's images, when the method needs nothing else from the teacher (no layer targets)
-        and the teacher's inputs are fixed (no augmentation, or a view bank)."""
-        cfg = ctx.config
-        if method.pairs or (cfg.data.augment and bank is None) or not cfg.distill.cache_teacher:
-            return None
-        if bank is not None:
-            images = bank.images.numpy()
-        elif known is None:
-            return None
-        else:
-            images = train.images
-        logits = teacher_logits(models.teacher, models.teacher_view, images, ctx.device, models.teacher_ids, known)
+        logits = teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device, models.teacher_ids, known)
         return logits, {}
 
     def projected_targets(self, ctx: StageContext, method, train):
         """SubDistill's layer targets and the teacher's logits as the subspaces stage cached them, if it did."""
-        if "subspaces" not in ctx.inputs or ctx.config.data.augment or not ctx.config.distill.cache_teacher:
+        if "subspaces" not in ctx.inputs or ctx.config.data.augment:
             return None
         from ..distill.targets import load_targets
 
@@ -125,7 +104,7 @@ class DistillStage(Stage):
         pairs = layer_pairs(cfg.layers, models, ctx.log) if method_cls.uses_layers else []
         subspaces = ctx.inputs["subspaces"].dir if "subspaces" in ctx.inputs else None
         return method_cls(cfg, pairs=pairs, teacher=models.teacher, student=models.student, models=models,
-                          subspaces_dir=subspaces, seed=seed_for(ctx.config, "distill.positions"))
+                          subspaces_dir=subspaces)
 
     def save(self, ctx: StageContext, models: Models, data) -> None:
         view = models.student_view

@@ -27,6 +27,9 @@ class ReleaseStage(Stage):
     sections = SECTIONS      # the manifest records the full resolved config: every section is in the key
     packages = RECORDED_PACKAGES
 
+    def key_sections(self, cfg: EdgesmithConfig) -> dict:
+        return cfg.recorded()     # what the manifest records, so a moved cache folder reuses the release too
+
     def enabled(self, cfg: EdgesmithConfig) -> bool:
         return cfg.section("release") is not None
 
@@ -77,7 +80,7 @@ def release_info(cfg: EdgesmithConfig, records: Iterable[StageRecord]) -> Releas
     validate = next((r for r in records if r.name == "validate"), None)
     return ReleaseInfo(
         build=cfg.build.name, version=release.version, seed=cfg.build.seed,
-        source_date_epoch=source_date_epoch(release.source_date_epoch), config=cfg.dump(),
+        source_date_epoch=source_date_epoch(release.source_date_epoch), config=cfg.recorded(),
         stages=stage_chain(records), budgets=budgets_of(validate.metrics if validate else {}),
         packages=package_versions(RECORDED_PACKAGES), source=git_state(), host=host_info(),
         intended_use=release.intended_use,

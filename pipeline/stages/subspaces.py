@@ -27,8 +27,7 @@ class SubspacesStage(Stage):
     def key_sections(self, cfg) -> dict:
         # Of the distill section only what the subspaces and targets depend on: changing the training settings
         # (epochs, lambda, lr, ...) reuses them.
-        return {**super().key_sections(cfg), "distill.layers": _dump_layers(cfg.distill.layers),
-                "distill.cache_teacher": cfg.distill.cache_teacher}
+        return {**super().key_sections(cfg), "distill.layers": _dump_layers(cfg.distill.layers)}
 
     def enabled(self, cfg) -> bool:
         return METHODS.get(cfg.distill.method).needs_subspaces
@@ -44,10 +43,9 @@ class SubspacesStage(Stage):
         images = self.choose_images(data.transfer.images, cfg.subspaces.max_images, seed_for(cfg, "subspaces.images"))
         start = time.perf_counter()
         moments = self.accumulate(ctx, models, pairs, images)
-        subspaces = [Subspace.from_moments(m, p.student_channels, cfg.subspaces.basis, seed_for(cfg, f"subspaces.basis.{i}"))
-                     for i, (m, p) in enumerate(zip(moments, pairs))]
+        subspaces = [Subspace.from_moments(m, p.student_channels, "subdistill", seed=0) for m, p in zip(moments, pairs)]
         seconds = time.perf_counter() - start
-        save_subspaces(ctx.out, pairs, subspaces, {"basis": cfg.subspaces.basis, "images": len(images),
+        save_subspaces(ctx.out, pairs, subspaces, {"basis": "subdistill", "images": len(images),
                                                    "positions_per_image": cfg.subspaces.positions_per_image})
         return {**self.measure(pairs, subspaces, len(images), seconds), **self.cache_targets(ctx, models, pairs, data)}
 
@@ -55,7 +53,7 @@ class SubspacesStage(Stage):
         """The projected layer targets and logits of the frozen teacher on the whole transfer set, once, so that
         distill never runs the teacher (pipeline.distill.targets). Not when the images change every epoch."""
         cfg = ctx.config
-        if cfg.data.augment or not cfg.distill.cache_teacher:
+        if cfg.data.augment:
             return {}
         _, layers = load_subspaces(ctx.out)
         images = data.transfer.images

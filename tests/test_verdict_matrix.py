@@ -3,7 +3,7 @@
 from html.parser import HTMLParser
 
 from pipeline.validation.budgets import Verdict
-from pipeline.validation.matrix import verdict_matrix
+from pipeline.validation.matrix import short_matrix_text, verdict_matrix
 from pipeline.validation.sections import verdict_section
 
 HOSTILE = '<img src=x onerror="alert(1)">.onnx'
@@ -94,3 +94,11 @@ def test_several_targets_get_a_target_column_and_a_per_target_limit_per_cell():
 def test_markdown_marks_misses():
     md = verdict_section(VERDICTS).markdown
     assert "| tflm/model.int8.tflite (tflm) | 0.868 | 12.5 ✗ | — | 40 |" in md
+
+
+def test_the_log_gets_the_matrix_only_when_it_fits_a_terminal():
+    text = short_matrix_text(VERDICTS[5:])
+    assert text is not None and text.splitlines()[2].split() == ["tflm/model.int8.tflite", "(tflm)", "0.868",
+                                                                  "12.5", "✗", "40"]
+    wide = [local(f"model{i}.onnx", "onnxruntime", "min_accuracy", 0.9, 0.8, True) for i in range(13)]
+    assert short_matrix_text(wide) is None  # 13 rows: report.html has it

@@ -131,3 +131,11 @@ def matrix_text(matrix: VerdictMatrix) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def short_matrix_text(verdicts: list[Verdict], width: int = 120, max_rows: int = 12) -> Optional[str]:
+    """The matrix for the build's log, or None when it would not fit a terminal (then report.html has it)."""
+    matrix = verdict_matrix(verdicts)
+    text = matrix_text(matrix)
+    fits = len(matrix.rows) <= max_rows and max(len(line) for line in text.splitlines()) <= width
+    return text if fits else None

@@ -11,14 +11,11 @@ from ..seeds import seed_for
 from ..stage import Stage, StageContext
 
 from exporters.artifacts import ArtifactListing
-from exporters.config import ExportConfig
+from exporters.config import INT8_ONLY_FORMATS, MOBILE_FORMATS, ExportConfig, in_order
 from exporters.eval_set import write_npz
-from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names, in_order
+from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names
 from exporters.mobile import check_mobile_extra
 from exporters.metadata import config_digest, model_metadata, preprocessing
-
-INT8_FORMATS = ("onnx_int8", "tflm")
-MOBILE_INT8 = {"litert", "tflm", "executorch"}   # INT8 by PT2E, calibrated on the qat stage's images
 
 
 class ExportStage(Stage):
@@ -35,7 +32,7 @@ class ExportStage(Stage):
         export: ExportConfig = cfg.section("export")
         check_format_names(export.formats)
         check_mobile_extra(export.formats)
-        needs_int8 = any(f in INT8_FORMATS for f in export.formats) or (
+        needs_int8 = any(f in INT8_ONLY_FORMATS for f in export.formats) or (
             "tensorrt" in export.formats and export.tensorrt.precision == "int8")
         if needs_int8 and cfg.section("qat") is None:
             raise ConfigError("export.formats asks for an INT8 artifact, but the config has no qat section.",
@@ -103,7 +100,7 @@ class ExportStage(Stage):
         from quantize.nncf_ops import calibration_images
 
         qat = ctx.config.section("qat")
-        if qat is None or not MOBILE_INT8.intersection(ctx.config.section("export").formats):
+        if qat is None or not set(MOBILE_FORMATS).intersection(ctx.config.section("export").formats):
             return []
         return calibration_images(data.train.images, view, qat.calibration_size, seed_for(ctx.config, "qat.calibration"))
 

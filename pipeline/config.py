@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -14,6 +12,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from exporters.config import ExportConfig
 from quantize.config import QATConfig
 
+from .cache import config_sha256
 from .distill.config import DistillConfig, SubspacesConfig
 from .errors import ConfigError
 from .ood.config import OODConfig
@@ -199,8 +198,9 @@ class EdgesmithConfig(Section):
     def dump(self) -> dict:
         return self.model_dump(mode="json", by_alias=True)
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.dump(), sort_keys=True).encode()).hexdigest()
+    def digest(self, sections: Optional[Iterable[str]] = None) -> str:
+        """sha256 of the config (the manifest's config_sha256), or of the named sections only."""
+        return config_sha256(self.dump(), sections)
 
 
 # The config's sections by their YAML names; the optional ones (left out: None) switch their stages off.

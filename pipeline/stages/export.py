@@ -15,7 +15,7 @@ from exporters.config import INT8_ONLY_FORMATS, MOBILE_FORMATS, ExportConfig, in
 from exporters.eval_set import write_npz
 from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names
 from exporters.mobile import check_mobile_extra
-from exporters.metadata import config_digest, model_metadata, preprocessing
+from exporters.metadata import artifact_config_digest, model_metadata, preprocessing
 
 
 class ExportStage(Stage):
@@ -86,7 +86,7 @@ class ExportStage(Stage):
         parity_set = data.val.images[:cfg.parity_limit]
         job = ExportJob(
             out=ctx.out, cfg=cfg, log=ctx.log,
-            meta=model_metadata(spec, config_digest(ctx.config), cfg.dynamic_batch, build_key=ctx.key),
+            meta=model_metadata(spec, artifact_config_digest(ctx.config), cfg.dynamic_batch, build_key=ctx.key),
             example=view(torch.as_tensor(data.val.images[:1])),
             models={"fp32": student.eval(), "int8": quantized},
             parity_inputs=view(torch.as_tensor(parity_set)).numpy(),

@@ -55,6 +55,11 @@ class ExportConfig(Section):
     eval_images: int = Field(2000, ge=1, description="test images written to eval.npz for the device tests")
     tensorrt: TensorRTConfig = TensorRTConfig()
 
+    def int8_only(self) -> list[str]:
+        """The asked-for formats that can only be written from the qat stage's INT8 model."""
+        int8_engine = "tensorrt" in self.formats and self.tensorrt.precision == "int8"
+        return [f for f in self.formats if f in INT8_ONLY_FORMATS] + (["tensorrt"] if int8_engine else [])
+
     @field_validator("formats")
     @classmethod
     def _distinct(cls, v):

@@ -192,6 +192,16 @@ class EdgesmithConfig(Section):
                 "ood.outlier_exposure: false (the unlabelled pool already holds such images, without labels)")
         return self
 
+    @model_validator(mode="after")
+    def _int8_formats_need_qat(self):
+        int8 = self.export.int8_only() if self.export is not None else []
+        if int8 and self.qat is None:
+            raise ValueError(
+                f"export.formats asks for INT8 artifacts ({', '.join(int8)}), but the config has no qat section; add "
+                "a `qat:` section (its defaults are fine), or drop onnx_int8 / tflm from export.formats and set "
+                "export.tensorrt.precision: fp16")
+        return self
+
     def section(self, name: str) -> Any:
         return getattr(self, "validate_" if name == "validate" else name)
 

@@ -252,13 +252,13 @@ def test_artifact_config_hash_ignores_sections_read_after_export():
 
 
 def test_int8_format_without_qat_section_is_a_config_error():
-    from pipeline.stages.export import ExportStage
-
     raw = tiny_config().dump()
     raw["qat"] = None
     with pytest.raises(ConfigError) as err:
-        ExportStage().inputs(parse_config(raw))
-    assert "qat" in err.value.problem and "onnx_int8" in err.value.fix
+        parse_config(raw)
+    assert "INT8 artifacts (onnx_int8, tensorrt)" in err.value.problem and "no qat section" in err.value.problem
+    raw["export"] = {"formats": ["onnx", "tensorrt"], "tensorrt": {"precision": "fp16"}}
+    assert parse_config(raw).qat is None  # FP32 and FP16 formats need no INT8 model
 
 
 def test_unknown_format_name_is_a_config_error_with_its_key_path():

@@ -5,16 +5,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import ConfigError
 from ..models.spec import StudentSpec
 from ..seeds import seed_for
 from ..stage import Stage, StageContext
 
 from exporters.artifacts import ArtifactListing
-from exporters.config import INT8_ONLY_FORMATS, MOBILE_FORMATS, ExportConfig, in_order
+from exporters.config import MOBILE_FORMATS, ExportConfig, in_order
 from exporters.eval_set import write_npz
 from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names
-from exporters.mobile import check_mobile_extra
 from exporters.metadata import artifact_config_digest, model_metadata, preprocessing
 
 
@@ -29,15 +27,8 @@ class ExportStage(Stage):
         return {**keys, "ood": cfg.ood.model_dump(mode="json")} if cfg.ood is not None else keys
 
     def inputs(self, cfg):
-        export: ExportConfig = cfg.section("export")
-        check_format_names(export.formats)
-        check_mobile_extra(export.formats)
-        needs_int8 = any(f in INT8_ONLY_FORMATS for f in export.formats) or (
-            "tensorrt" in export.formats and export.tensorrt.precision == "int8")
-        if needs_int8 and cfg.section("qat") is None:
-            raise ConfigError("export.formats asks for an INT8 artifact, but the config has no qat section.",
-                              "Add a `qat:` section (its defaults are fine) or drop onnx_int8 / set "
-                              "export.tensorrt.precision: fp16 (tflm is INT8 only).")
+        # The config refuses INT8 formats without a qat section; pipeline/preflight.py a missing `mobile` extra.
+        check_format_names(cfg.section("export").formats)
         return ("adapt", "distill", "qat") if cfg.section("qat") is not None else ("adapt", "distill")
 
     def run(self, ctx: StageContext) -> dict:

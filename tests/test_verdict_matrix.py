@@ -102,3 +102,7 @@ def test_the_log_gets_the_matrix_only_when_it_fits_a_terminal():
                                                                   "12.5", "✗", "40"]
     wide = [local(f"model{i}.onnx", "onnxruntime", "min_accuracy", 0.9, 0.8, True) for i in range(13)]
     assert short_matrix_text(wide) is None  # 13 rows: report.html has it
+
+
+def test_no_checks_no_matrix():
+    assert 'class="matrix"' not in verdict_section([]).html

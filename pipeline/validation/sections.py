@@ -33,6 +33,8 @@ def verdict_section(verdicts: list[Verdict]) -> Section:
     matrix = verdict_matrix(verdicts)
     matrix_note = ('<p class="note">One row per artifact and runtime, rows that miss a budget first; '
                    f"{NOT_APPLICABLE}: the budget does not apply (or is not set). Hover a cell for its limit.</p>")
+    if not matrix.rows:  # no check at all: nothing to tabulate twice
+        return Section("Verdict and budgets", headline + table + note, md + md_table(headers, rows))
     body = headline + matrix_html(matrix) + matrix_note + "<h3>Every check</h3>" + table + note
     return Section("Verdict and budgets", body,
                    md + md_table(*matrix_rows(matrix)) + "\n\nEvery check:\n\n" + md_table(headers, rows))

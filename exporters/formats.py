@@ -22,9 +22,7 @@ from .onnx_export import INPUT_NAME, export_onnx, export_onnx_int8
 from .parity import onnxruntime_runner, openvino_runner, parity, run_batched, tensorrt_runner
 
 ExportFn = Callable[["ExportJob"], list[dict]]
-EXPORT_FORMATS: Registry[ExportFn] = Registry("export format")
-# Formats run in this order whatever the config's order: later ones convert the earlier ones' files.
-ORDER = ("onnx", "onnx_int8", "openvino", "tensorrt", "litert", "tflm", "executorch")
+EXPORT_FORMATS: Registry[ExportFn] = Registry("export format")  # one function per exporters.config.FORMATS name
 FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 PARITY_BATCH = 64
 
@@ -292,6 +290,3 @@ def check_format_names(names: list[str]) -> None:
     for name in names:
         EXPORT_FORMATS.get(name)  # raises ConfigError with did-you-mean and the valid names
 
-
-def in_order(names: list[str]) -> list[str]:
-    return sorted(names, key=lambda n: ORDER.index(n) if n in ORDER else len(ORDER))

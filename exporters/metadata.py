@@ -3,35 +3,25 @@ metadata_props / the IR's rt_info and into a JSON sidecar, always with sorted ke
 
 from __future__ import annotations
 
-import hashlib
 import json
-from importlib import metadata as importlib_metadata
 from pathlib import Path
+
+from pipeline.cache import package_versions
 
 from .onnx_export import INPUT_NAME, OUTPUT_NAME
 
 VERSIONED_PACKAGES = ("edgesmith", "torch", "nncf", "onnx", "onnxruntime", "openvino")
-
-
-def package_versions(names=VERSIONED_PACKAGES) -> dict[str, str]:
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = importlib_metadata.version(name)
-        except importlib_metadata.PackageNotFoundError:
-            versions[name] = "absent"
-    return versions
-
 
 # Sections read after export: they do not change the artifacts, so they do not enter their config hash
 # (otherwise a cached export would carry the hash of an older config).
 DOWNSTREAM_SECTIONS = ("validate", "release")
 
 
-def config_digest(config) -> str:
-    """sha256 of the config sections that shape the artifacts (everything up to and including export)."""
-    dump = {k: v for k, v in config.recorded().items() if k not in DOWNSTREAM_SECTIONS}
-    return hashlib.sha256(json.dumps(dump, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def artifact_config_digest(config) -> str:
+    """sha256 of the config sections that shape the artifacts (every section but those read after export), as the
+    config records them (without where the cache lives). Not the release manifest's config_sha256, which covers
+    the whole config: hence its own metadata key."""
+    return config.digest(sections=[name for name in config.dump() if name not in DOWNSTREAM_SECTIONS])
 
 
 def model_metadata(spec, config_digest: str, dynamic_batch: bool, build_key: str = "") -> dict:
@@ -45,9 +35,9 @@ def model_metadata(spec, config_digest: str, dynamic_batch: bool, build_key: str
         "output": {"name": OUTPUT_NAME, "meaning": "logits over class_names (argmax = prediction)"},
         "preprocessing": preprocessing(spec),
         "arch": spec.arch,
-        "config_sha256": config_digest,
+        "artifact_config_sha256": config_digest,
         "build_key": build_key,
-        "versions": package_versions(),
+        "versions": package_versions(VERSIONED_PACKAGES),
     }
 
 

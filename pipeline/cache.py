@@ -43,6 +43,15 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def config_sha256(config: dict, sections: Iterable[str] | None = None) -> str:
+    """sha256 of a config dump as JSON with sorted keys, or of the named sections only. Release manifests record
+    the whole-config value, so its serialisation (json's default separators) must stay as it is."""
+    if sections is not None:
+        wanted = set(sections)
+        config = {name: value for name, value in config.items() if name in wanted}
+    return sha256_text(json.dumps(config, sort_keys=True))
+
+
 def code_digest(paths: Iterable[str] = CODE_PACKAGES) -> str:
     """Hash of the source files a stage depends on, so a code change is never served a stale output."""
     digest = hashlib.sha256()
@@ -56,6 +65,7 @@ def code_digest(paths: Iterable[str] = CODE_PACKAGES) -> str:
 
 
 def package_versions(names: Iterable[str]) -> dict[str, str]:
+    """The Python version and each installed package's version ("absent" when it is not installed)."""
     versions = {"python": "%d.%d" % sys.version_info[:2]}
     for name in sorted(names):
         try:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -14,6 +12,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from exporters.config import ExportConfig
 from quantize.config import QATConfig
 
+from .cache import config_sha256
 from .distill.config import DistillConfig, SubspacesConfig
 from .errors import ConfigError
 from .ood.config import OODConfig
@@ -204,6 +203,16 @@ class EdgesmithConfig(Section):
                 "ood.outlier_exposure: false (the unlabelled pool already holds such images, without labels)")
         return self
 
+    @model_validator(mode="after")
+    def _int8_formats_need_qat(self):
+        int8 = self.export.int8_only() if self.export is not None else []
+        if int8 and self.qat is None:
+            raise ValueError(
+                f"export.formats asks for INT8 artifacts ({', '.join(int8)}), but the config has no qat section; add "
+                "a `qat:` section (its defaults are fine), or drop onnx_int8 / tflm from export.formats and set "
+                "export.tensorrt.precision: fp16")
+        return self
+
     def section(self, name: str) -> Any:
         return getattr(self, "validate_" if name == "validate" else name)
 
@@ -217,8 +226,9 @@ class EdgesmithConfig(Section):
         raw["build"] = {k: v for k, v in raw["build"].items() if k not in CACHE_ONLY_KEYS}
         return raw
 
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.recorded(), sort_keys=True).encode()).hexdigest()
+    def digest(self, sections: Optional[Iterable[str]] = None) -> str:
+        """sha256 of the recorded config (the manifest's config_sha256), or of the named sections only."""
+        return config_sha256(self.recorded(), sections)
 
 
 # The config's sections by their YAML names; the optional ones (left out: None) switch their stages off.

@@ -7,9 +7,15 @@ from .registry import did_you_mean
 
 
 def check_names(cfg) -> None:
-    """Architecture, method and teacher names; raises the first unknown one with the valid names."""
+    """Architecture, method and teacher names, and the extras the export formats need; raises the first problem
+    (an unknown name with the valid ones)."""
+    from exporters.mobile import check_mobile_extra
+
     from .distill.methods import METHODS
     from .models.registry import ARCHS
+
+    if cfg.export is not None:
+        check_mobile_extra(cfg.export.formats)  # installed packages: a fact of this machine, not of the config
 
     METHODS.get(cfg.distill.method)
     _check_arch(cfg.student.arch, ARCHS.names())

@@ -22,6 +22,8 @@ td.l,th.l{text-align:left} tr.fail td{background:#fde8e8} tr.ok td.v{color:#1a7f
 img{max-width:100%;height:auto;border:1px solid #eee} .note{color:#555;font-size:.9em}
 .verdict{display:inline-block;padding:.3em .8em;border-radius:4px;font-weight:bold}
 .pass{background:#e6f4ea;color:#1a7f37} .failv{background:#fde8e8;color:#c62828}
+td.miss{background:#f6c6c6;color:#b71c1c;font-weight:bold}
+td.na{color:#999;text-align:center} td.l.fail{color:#c62828;font-weight:bold}
 """
 
 

@@ -59,6 +59,21 @@ def test_config_digest_depends_on_content(tmp_path):
     assert a.digest() != b.digest()
 
 
+def test_one_config_digest_serves_the_manifest_and_the_artifacts(tmp_path):
+    import hashlib
+    import json
+
+    from exporters.metadata import artifact_config_digest
+    from pipeline.release.manifest import config_sha256
+
+    cfg = parse_config(tiny_config_dict(tmp_path))
+    # the value every release manifest records as config_sha256: its serialisation must not change
+    manifest_value = hashlib.sha256(json.dumps(cfg.dump(), sort_keys=True).encode()).hexdigest()
+    assert cfg.digest() == config_sha256(cfg.dump()) == manifest_value
+    assert cfg.digest(sections=["data", "distill"]) == config_sha256({k: cfg.dump()[k] for k in ("data", "distill")})
+    assert artifact_config_digest(cfg) == cfg.digest(sections=[s for s in cfg.dump() if s not in ("validate", "release")])
+
+
 def test_malformed_yaml_is_a_clear_error(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("build: {name: x\nsubtask: [")

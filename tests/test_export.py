@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from exporters.config import ExportConfig, TensorRTConfig
+from exporters.config import MOBILE_FORMATS, ExportConfig, TensorRTConfig, in_order
 from exporters.errors import ExportError
 from exporters.eval_set import write_npz
 from exporters.onnx_export import export_onnx, export_onnx_int8
@@ -208,11 +208,17 @@ def test_export_config_defaults_and_validation():
         ExportConfig(formats=["openvno"])
 
 
-def test_config_format_names_match_the_registry():
+def test_every_format_in_the_table_is_registered_and_nothing_else():
     from exporters.config import FORMAT_NAMES
     from exporters.formats import EXPORT_FORMATS
+    from exporters.mobile import NEEDS
 
     assert sorted(FORMAT_NAMES) == EXPORT_FORMATS.names()
+    assert sorted(MOBILE_FORMATS) == sorted(NEEDS)
+
+
+def test_formats_run_in_the_tables_order():
+    assert in_order(["executorch", "onnx_int8", "litert", "onnx"]) == ["onnx", "onnx_int8", "litert", "executorch"]
 
 
 def test_mixed_preset_gives_asymmetric_activations_that_onnxruntime_still_fuses(tmp_path):

@@ -171,7 +171,7 @@ def test_int8_onnx_stores_int8_weights_and_is_smaller(export_run):
 
 
 def test_onnx_files_pass_the_checker_and_carry_metadata(export_run):
-    from exporters.metadata import config_digest, read_onnx_metadata
+    from exporters.metadata import artifact_config_digest, read_onnx_metadata
     from exporters.openvino_ir import read_ir_metadata
 
     out, _, listing = export_run
@@ -180,7 +180,7 @@ def test_onnx_files_pass_the_checker_and_carry_metadata(export_run):
         meta = read_onnx_metadata(out / name)
         assert meta["class_names"] == CLASSES and meta["precision"] == precision
         assert meta["preprocessing"]["mean"] == [0.5] and meta["input"]["shape"] == ["batch", 1, 28, 28]
-        assert meta["config_sha256"] == config_digest(tiny_config()) and meta["build_key"] == "test"
+        assert meta["artifact_config_sha256"] == artifact_config_digest(tiny_config()) and meta["build_key"] == "test"
         assert "onnxruntime" in meta["versions"]
         assert json.loads((out / f"{name}.json").read_text())["precision"] == precision
     assert read_ir_metadata(out / "openvino/model.int8.xml")["precision"] == "int8"
@@ -241,23 +241,24 @@ def test_reexport_gives_identical_bytes(upstream, qat_run, export_run, tmp_path)
         assert (first / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
 
 
-def test_config_hash_ignores_sections_read_after_export():
-    from exporters.metadata import config_digest
+def test_artifact_config_hash_ignores_sections_read_after_export():
+    from exporters.metadata import artifact_config_digest
 
     base = tiny_config()
     later = tiny_config(release={"version": "9.9.9"})
-    assert config_digest(base) == config_digest(later)
-    assert config_digest(base) != config_digest(tiny_config(export={"opset": 18}))
+    assert artifact_config_digest(base) == artifact_config_digest(later)
+    assert artifact_config_digest(base) != artifact_config_digest(tiny_config(export={"opset": 18}))
+    assert artifact_config_digest(later) != later.digest()  # the whole config's hash: another key, another value
 
 
 def test_int8_format_without_qat_section_is_a_config_error():
-    from pipeline.stages.export import ExportStage
-
     raw = tiny_config().dump()
     raw["qat"] = None
     with pytest.raises(ConfigError) as err:
-        ExportStage().inputs(parse_config(raw))
-    assert "qat" in err.value.problem and "onnx_int8" in err.value.fix
+        parse_config(raw)
+    assert "INT8 artifacts (onnx_int8, tensorrt)" in err.value.problem and "no qat section" in err.value.problem
+    raw["export"] = {"formats": ["onnx", "tensorrt"], "tensorrt": {"precision": "fp16"}}
+    assert parse_config(raw).qat is None  # FP32 and FP16 formats need no INT8 model
 
 
 def test_unknown_format_name_is_a_config_error_with_its_key_path():

@@ -158,3 +158,15 @@ def test_missing_extra_is_a_config_error_naming_the_extra(monkeypatch):
     assert "executorch" not in err.value.problem.split("asks for")[1].split(",")[0]
     assert ".[mobile]" in err.value.fix
     check_mobile_extra(["onnx", "executorch"])  # installed: no error
+
+
+def test_edgesmith_check_refuses_a_mobile_format_without_the_extra(monkeypatch, tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from pipeline.preflight import check_names
+    from tests.conftest import tiny_config_dict
+
+    cfg = parse_config(tiny_config_dict(tmp_path, **{"export.formats": ["onnx", "litert"]}))
+    monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if litert-torch were not installed
+    with pytest.raises(ConfigError, match="`mobile` extra"):
+        check_names(cfg)  # what `edgesmith check` and `edgesmith build` run before anything else

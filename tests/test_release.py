@@ -30,7 +30,7 @@ BUDGETS = [{"artifact": "model.int8.onnx", "target": "cpu", "runtime": "onnxrunt
 def release_config(**release) -> dict:
     raw = {"build": {"name": "tiny", "seed": 7}, "subtask": {"classes": CLASSES},
            "teacher": {"source": "timm", "name": "tf_efficientnet_lite0"}, "student": {"arch": "cnn_s"},
-           "export": {}, "validate": {}, "release": {"version": "1.2.3", **release}}
+           "export": {"formats": ["onnx", "openvino"]}, "validate": {}, "release": {"version": "1.2.3", **release}}
     return raw
 
 

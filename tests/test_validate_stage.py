@@ -127,3 +127,12 @@ def test_defaults_follow_the_measurement_protocol(tmp_path):
     assert cfg.targets == ["local"] and cfg.runtimes == ["onnxruntime", "openvino"] and cfg.threads == 1
     assert cfg.latency.min_queries == 1024 and cfg.latency.min_duration_s == 2.0 and cfg.precision_hint == "f32"
     assert all(v is None for v in cfg.budgets.model_dump().values())
+
+
+def test_every_registered_runner_is_a_valid_runtime_and_nothing_else(tmp_path):
+    from device_tests.runners import RUNNERS
+
+    raw = {**tiny_config_dict(tmp_path), "validate": {"runtimes": sorted(RUNNERS)}}
+    assert parse_config(raw).section("validate").runtimes == sorted(RUNNERS)
+    with pytest.raises(ConfigError, match="'onnxruntime'"):  # the error lists the valid names
+        parse_config({**raw, "validate": {"runtimes": ["onnxrt"]}})

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from pydantic import Field, model_validator
 
 from ..schema import OmitNoneOptions, Section
+from .methods import METHODS
 
 
 class LayerPair(Section):
@@ -24,7 +25,7 @@ class SubspacesConfig(Section):
 class DistillConfig(OmitNoneOptions):
     omit_when_none = ("layer_every",)
 
-    method: str = Field("kd", description="subdistill, kd, student_only, fitnet, attention, vkd")
+    method: str = Field("kd", description=", ".join(METHODS.names()))  # the METHODS registry
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
     label_weight: float = Field(0.0, ge=0, description="weight of the label cross-entropy added to the KD loss")
     lambda_layer: Optional[float] = Field(
@@ -47,8 +48,7 @@ class DistillConfig(OmitNoneOptions):
 
     @model_validator(mode="after")
     def _every_only_for_layer_methods(self):
-        from .methods import METHODS     # the registry says which methods have a layer loss (an unknown name: later)
-
+        # The registry says which methods have a layer loss (an unknown name is reported later).
         if self.layer_every is not None and self.method in METHODS and not METHODS.get(self.method).uses_layers:
             layered = ", ".join(name for name in METHODS if METHODS.get(name).uses_layers)
             raise ValueError(f"layer_every spaces out the layer loss; method {self.method!r} has none: remove "

@@ -16,7 +16,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..cache import CODE_PACKAGES, PROJECT_ROOT, sha256_file
+from ..cache import CODE_PACKAGES, PROJECT_ROOT, config_sha256, sha256_file
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_ID = "edgesmith.release.manifest"
@@ -204,11 +204,6 @@ def schema_problems(raw: Any) -> list[str]:
 def parse_manifest(raw: Any) -> Manifest:
     """A validated Manifest; assumes schema_problems(raw) is empty."""
     return Manifest.model_validate(raw)
-
-
-def config_sha256(config: dict) -> str:
-    # Same as EdgesmithConfig.digest(): sha256 of the JSON dump with sorted keys.
-    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 __all__ = ["MANIFEST_NAME", "Manifest", "FileEntry", "StageEntry", "SourceState", "HostInfo", "file_entries",

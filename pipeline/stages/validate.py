@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from ..errors import BudgetError
 from ..stage import Stage, StageContext, StageRecord
 from ..validation.budgets import Verdict, check, table
 from ..validation.layers import bundle_layer_error, layer_error_section
+from ..validation.matrix import short_matrix_text
 from ..report import write_report
 from ..validation.sections import label_budget_sections, validation_sections
 from ..validation.run import run_target
@@ -52,6 +55,8 @@ class ValidateStage(Stage):
         report_error = self._report(ctx, bundle, cfg, runs, verdicts, extra_sections)
         missed = [v for v in verdicts if not v.ok]
         ctx.log(f"validate: {len(verdicts) - len(missed)}/{len(verdicts)} checks met (report.html in the validate folder)")
+        if verdicts and (matrix := short_matrix_text(verdicts)):
+            ctx.log(escape(matrix))  # artifact names are data, not console markup
         # complete=False: some target could not run the suite (unreachable, runtime missing); the runner may
         # choose not to reuse such a result, so that the next build tries the target again.
         return {"passed": not missed, "complete": all(r.error is None for r in runs), "checks": len(verdicts),

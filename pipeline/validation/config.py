@@ -7,11 +7,14 @@ from typing import Literal, Optional, Union
 
 from pydantic import Field, field_validator, model_validator
 
+from device_tests.runners import RUNNERS
+
 from ..schema import OmitNoneOptions, Section
 from ..xai.config import ExplainConfig
 from .targets import parse_target
 
-Runtime = Literal["onnxruntime", "openvino", "tensorrt", "litert", "tflm", "executorch"]
+# The device suite's runners (device_tests/runners, RUNNERS): a registered runner is a valid name here.
+Runtime = Literal[tuple(sorted(RUNNERS))]  # type: ignore[valid-type]
 PerTarget = Union[float, dict[str, float]]
 PER_TARGET_BUDGETS = ("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb")
 

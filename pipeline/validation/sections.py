@@ -10,6 +10,7 @@ from ..report import (Section, esc, figure_html, html_table, md_table, once_per_
                       subplot_grid)
 from .budgets import MIB, Verdict, fmt
 from .layers import layer_latency_section, tool_section
+from .matrix import NOT_APPLICABLE, matrix_html, matrix_rows, verdict_matrix
 from .mcu import mcu_section
 from .suite import TargetRun
 
@@ -29,7 +30,14 @@ def verdict_section(verdicts: list[Verdict]) -> Section:
             "Latency budgets apply to the model call at batch 1; memory is the peak RSS of the measuring process.</p>")
     md = ("**FAILED**" if missed else "**PASSED**") + f": {len(verdicts) - len(missed)}/{len(verdicts)} checks met.\n\n"
     table = html_table(headers, rows, ["ok" if v.ok else "fail" for v in verdicts], left=4)
-    return Section("Verdict and budgets", headline + table + note, md + md_table(headers, rows))
+    matrix = verdict_matrix(verdicts)
+    matrix_note = ('<p class="note">One row per artifact and runtime, rows that miss a budget first; '
+                   f"{NOT_APPLICABLE}: the budget does not apply (or is not set). Hover a cell for its limit.</p>")
+    if not matrix.rows:  # no check at all: nothing to tabulate twice
+        return Section("Verdict and budgets", headline + table + note, md + md_table(headers, rows))
+    body = headline + matrix_html(matrix) + matrix_note + "<h3>Every check</h3>" + table + note
+    return Section("Verdict and budgets", body,
+                   md + md_table(*matrix_rows(matrix)) + "\n\nEvery check:\n\n" + md_table(headers, rows))
 
 
 def results_section(runs: list[TargetRun]) -> Section:

@@ -101,7 +101,8 @@ def write_results(path: Path, report: dict, command: str, table: str | None = No
     header line with the same stamp. Returns the stamp (for figures and merged files)."""
     stamp = provenance(command)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"provenance": stamp, **report}, indent=1, default=_json_value) + "\n")
+    body = {k: v for k, v in report.items() if k != "provenance"}     # a merged report's old stamp: replaced
+    path.write_text(json.dumps({"provenance": stamp, **body}, indent=1, default=_json_value) + "\n")
     if table is not None:
         path.with_suffix(".txt").write_text(stamp_line(stamp) + "\n" + table + "\n")
     return stamp

@@ -114,9 +114,9 @@ def save_figure(fig: Any, path: Path, stamp: dict, dpi: int = 110) -> None:
 
 
 def _json_value(value: Any) -> Any:
-    if isinstance(value, Path):
-        return str(value)
-    return float(value)      # numpy scalars
+    """numpy and torch values as Python ones; anything else JSON lacks (paths, dtypes) as text."""
+    to_python = getattr(value, "tolist", None)
+    return to_python() if callable(to_python) else str(value)
 
 
 def quiet_progress():

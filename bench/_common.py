@@ -14,7 +14,7 @@ import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -40,13 +40,15 @@ def parser(name: str, doc: str, results: str | None = None) -> argparse.Argument
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parsed arguments plus `command` (the exact command line, for the provenance stamp) and a resolved --out."""
+def parse(p: argparse.ArgumentParser, argv: Optional[Sequence[str]] = None,
+          results_for: Optional[Callable[[argparse.Namespace], str]] = None) -> argparse.Namespace:
+    """Parsed arguments plus `command` (the exact command line, for the provenance stamp) and a resolved --out;
+    `results_for(args)`, if given, names the default results file of a bench whose modes write different files."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = p.parse_args(argv)
     args.command = shlex.join(["python", "-m", "bench", args.bench, *argv])
     if args.out is None:
-        args.out = default_out(args.results_name, args.quick)
+        args.out = default_out(results_for(args) if results_for else args.results_name, args.quick)
     return args
 
 

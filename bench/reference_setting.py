@@ -7,7 +7,7 @@ KD + 100 x their layer loss, 80/20 train/val split with the best validation epoc
 Every row is the real pipeline (`Build(...).run(until="distill")`): the teacher stage is built once and cached,
 each method adds its own distill (and, for subdistill, subspaces) stage.
 
-    python -m bench reference_setting                    # every method (about 1.5 h on 2 cores, cold)
+    python -m bench reference_setting                    # every method (1332 s on 2 cores, cold)
     python -m bench reference_setting --methods kd       # one row
     python -m bench reference_setting --quick            # 1 teacher epoch, 1 distill epoch, few images
 Prints a table and writes bench/results/reference_setting.json (per method: student test accuracy, best epoch,

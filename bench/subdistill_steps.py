@@ -185,7 +185,10 @@ def alternated_block_times(steps: dict, rows: list, args) -> dict[str, list[floa
 def step_entry(times: dict[str, list[float]], args) -> dict:
     median = {m: statistics.median(t) for m, t in times.items()}
     base = median[args.methods[0]]
-    versus = lambda m: {"median_ms": round(median[m], 3), "throughput_vs_baseline": round(base / median[m], 3)}  # noqa: E731
+
+    def versus(m: str) -> dict:
+        return {"median_ms": round(median[m], 3), "throughput_vs_baseline": round(base / median[m], 3)}
+
     entry = {"code": args.label, "methods": list(args.methods[:2]), "steps": args.steps, "block": args.block,
              "threads": args.threads,
              "median_ms": {m: round(median[m], 3) for m in args.methods},

@@ -1,4 +1,4 @@
-"""Benchmark: the adapt stage's settings for few labels, chosen on the labelled validation split.
+"""Which adapt settings suit few labels? Chosen on the labelled validation split.
 
 For a label budget of N images per subtask class (data.labels_per_class; round(0.2 N), at most N/4, held out for
 validation), the ImageNet EfficientNet-Lite0 of configs/fashion_tops.yaml gets a new head over the subtask classes
@@ -7,49 +7,41 @@ and is fitted on the N - N/5 training labels per class with every setting of a g
 frozen prefix runs once per image (its outputs are cached and pushed through the later stages for the deeper cuts),
 so the whole grid costs a few teacher passes. The setting with the best VALIDATION accuracy is chosen (ties: the
 cheaper one, i.e. fewer trainable stages, then fewer epochs); its test accuracy is reported next to all others'.
+configs/fashion_tops_50labels.yaml uses its choice at N = 50.
 
-    flock /work/heavy.lock .venv/bin/python bench/adapt_small_n.py --labels 50 --seeds 0 1 2
-    .venv/bin/python bench/adapt_small_n.py --quick          # smoke run: 2 settings, 300 test images
+    python -m bench adapt_small_n --labels 50 --seeds 0 1 2
+    python -m bench adapt_small_n --quick          # 2 settings, 300 test images
 Writes bench/results/adapt_small_n.json and .txt.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from rich.console import Console
-
-from pipeline.config import parse_config
+from bench._common import DEFAULT_CONFIG, parse, parser, quiet_progress, settings, write_results
+from pipeline.config import config_with
 from pipeline.data import View
+from pipeline.data.for_config import subtask_data
 from pipeline.data.views import as_tensor
 from pipeline.models import load_teacher
 from pipeline.models.fit import FitSettings, fit_classifier
 from pipeline.models.layout import channels_last, channels_last_model
-from pipeline.models.split import sequential_parts
-from pipeline.progress import ProgressDisplay
-from pipeline.runner import Build
-from pipeline.data.for_config import subtask_data
 from pipeline.models.predict import accuracy
+from pipeline.models.split import sequential_parts
+from pipeline.runner import Build
 
-DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
-RESULTS = ROOT / "bench" / "results" / "adapt_small_n.json"
-QUIET = ProgressDisplay(Console(quiet=True), enabled=False)
+QUIET = quiet_progress()
 CUTS = ["classifier", "conv_head", "blocks.6", "blocks.5"]       # cheapest first (the tie-break order)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("adapt_small_n", __doc__)
     p.add_argument("--labels", type=int, nargs="+", default=[50], help="labels per class N")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--classes", nargs="+", default=["T-shirt/top", "Pullover", "Coat", "Shirt"])
@@ -62,15 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--test-per-class", type=int, default=None)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on a shared 2-core machine 2 threads can be much slower)")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+                   help="torch threads (1: with other work on 2 cores, 2 threads can be much slower)")
+    args = parse(p, argv)
     if args.quick:
         args.labels, args.seeds, args.cuts, args.epochs, args.probe_epochs = [8], [0], ["classifier", "blocks.6"], [1], [2]
         args.lrs, args.probe_lrs, args.weight_decays, args.test_per_class = [1e-3], [1e-2], [1e-4], 75
-    if args.out is None:
-        args.out = RESULTS.with_name("adapt_small_n_quick.json") if args.quick else RESULTS
     return args
 
 
@@ -86,14 +74,11 @@ def grid(args) -> list[dict]:
 
 
 def base_config(args, n: int, seed: int):
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw["build"]["seed"] = seed
-    raw["subtask"] = {"classes": args.classes}
-    raw["data"].update({"labels_per_class": n, "unlabelled": "none"})
+    overrides = {"build.seed": seed, "subtask": {"classes": args.classes}, "data.labels_per_class": n,
+                 "data.unlabelled": "none"}
     if args.test_per_class:
-        raw["data"]["test_per_class"] = args.test_per_class
-    raw["ood"] = None
-    return parse_config(raw)
+        overrides["data.test_per_class"] = args.test_per_class
+    return config_with(DEFAULT_CONFIG, overrides, remove=("ood",))
 
 
 @torch.no_grad()
@@ -208,12 +193,9 @@ def main(argv=None) -> dict:
     runs = [run_one(args, n, seed) for n in args.labels for seed in args.seeds]
     text = report(runs)
     print(text)
-    out = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "runs": runs,
-           "wall_s": round(time.perf_counter() - start, 1), "environment": {"torch": torch.__version__,
-                                                                            "threads": torch.get_num_threads()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
-    args.out.with_suffix(".txt").write_text(text + "\n")
+    out = {"args": settings(args), "runs": runs, "wall_s": round(time.perf_counter() - start, 1),
+           "threads": torch.get_num_threads()}
+    write_results(args.out, out, args.command, table=text)
     return out
 
 

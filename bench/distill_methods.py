@@ -1,4 +1,4 @@
-"""Benchmark: every distillation method on several Fashion-MNIST subtasks, seeds and two teachers.
+"""Which distillation method gives the best student, on several Fashion-MNIST subtasks, seeds and two teachers?
 
 Teachers: (1) the adapted ImageNet-pretrained EfficientNet-Lite0 of configs/fashion_tops.yaml (built with the
 pipeline up to `adapt`, so a cached adaptation is reused), and (2) a small CNN trained from scratch on the 10
@@ -7,29 +7,24 @@ seed), the relevant subspaces (timed), then every method x seed with the same st
 learning rate. Each layer method's lambda_layer is chosen from a grid on VALIDATION accuracy (first subtask,
 first seed) before the runs that are reported; the test split is only used for the reported accuracies.
 
-    nice -n 10 .venv/bin/python bench/distill_methods.py                 # full scale (long)
-    nice -n 10 .venv/bin/python bench/distill_methods.py --epochs 8 --train-per-class 400 --subtasks 3
-    .venv/bin/python bench/distill_methods.py --quick                    # smoke run, tiny data, ~1 min
+    python -m bench distill_methods --quick                  # tiny data, CNN teacher, about 1 min
+    python -m bench distill_methods                          # every method x 3 subtasks x 3 seeds x 2 teachers
 Prints a table (mean +- std of subtask test accuracy per method and teacher) and writes
 bench/results/distill_methods.json (runs, lambda choice, timings, throughput).
 
-The committed results (12 min on 2 idle cores) came from: the stage timing alone, then one process per teacher
-(1 thread each), then a merge:
+The full run takes about 12 min on 2 idle cores as the stage timing, then one process per teacher (1 thread
+each, in parallel), then a merge:
     A=builds/fashion_tops/adapt-<key>; C="--subtasks 3 --seeds 3 --epochs 6 --train-per-class 600 --test-per-class 500 --threads 1"
-    nice -n 10 .venv/bin/python bench/distill_methods.py --teachers --efficientnet-adapt $A --out bench/results/distill_stage_timing.json
-    nice -n 10 .venv/bin/python bench/distill_methods.py --teachers efficientnet --efficientnet-adapt $A $C --no-stage-timing \
-        --out bench/results/distill_methods_efficientnet.json &
-    nice -n 10 .venv/bin/python bench/distill_methods.py --teachers cnn $C --no-stage-timing --out bench/results/distill_methods_cnn.json
-    .venv/bin/python bench/distill_methods.py --merge bench/results/distill_stage_timing.json \
-        bench/results/distill_methods_efficientnet.json bench/results/distill_methods_cnn.json --out bench/results/distill_methods.json
+    python -m bench distill_methods --teachers --efficientnet-adapt $A --out /tmp/timing.json
+    python -m bench distill_methods --teachers efficientnet --efficientnet-adapt $A $C --no-stage-timing --out /tmp/efficientnet.json &
+    python -m bench distill_methods --teachers cnn $C --no-stage-timing --out /tmp/cnn.json
+    python -m bench distill_methods --merge /tmp/timing.json /tmp/efficientnet.json /tmp/cnn.json
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -37,13 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from rich.console import Console
-
-from pipeline.config import parse_config
+from bench._common import DEFAULT_CONFIG, parse, parser, quiet_progress, settings, write_results
+from pipeline.config import config_with
 from pipeline.data import View
 from pipeline.data.for_config import subtask_data
 from pipeline.data.views import as_tensor, batches
@@ -55,12 +46,9 @@ from pipeline.distill.train import DistillSettings, Models, distill, layer_pairs
 from pipeline.models import create_model, load_teacher
 from pipeline.models.adapt import teacher_class_ids
 from pipeline.models.predict import accuracy, predict_logits
-from pipeline.progress import ProgressDisplay
 from pipeline.runner import Build, run_stage
 
-DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
-RESULTS = ROOT / "bench" / "results" / "distill_methods.json"
-METHOD_ORDER = ["student_only", "kd", "subdistill", "subdistill_unit", "fitnet", "attention", "vkd"]
+METHOD_ORDER = ["student_only", "kd", "subdistill", "fitnet", "attention", "vkd"]
 SUBTASKS = [
     ["T-shirt/top", "Pullover", "Coat", "Shirt"],          # the default: the hard "tops"
     ["Sandal", "Sneaker", "Ankle boot"],                   # footwear
@@ -68,11 +56,11 @@ SUBTASKS = [
     ["Trouser", "Pullover", "Dress", "Coat", "Sandal"],
     ["Pullover", "Coat", "Shirt"],
 ]
-QUIET = ProgressDisplay(Console(quiet=True), enabled=False)
+QUIET = quiet_progress()
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("distill_methods", __doc__)
     p.add_argument("--teachers", nargs="*", default=["efficientnet", "cnn"], choices=["efficientnet", "cnn"],
                    help="none given: only the stage timing")
     p.add_argument("--methods", nargs="+", default=METHOD_ORDER, choices=METHOD_ORDER)
@@ -96,50 +84,44 @@ def parse_args(argv=None):
     p.add_argument("--stage-timing", action=argparse.BooleanOptionalAction, default=True,
                    help="also time the real `subspaces` stage of the default config (full training split)")
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on a shared 2-core machine 2 threads can run 10x SLOWER from contention)")
+                   help="torch threads (1: with two processes on 2 cores, 2 threads each ran up to 10x slower)")
     p.add_argument("--stage-threads", type=int, default=2, help="torch threads for the subspaces stage timing")
     p.add_argument("--stability-images", type=int, default=1024,
                    help="subspace stability: two disjoint sets of this many images (0: skip)")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="only merge these JSON reports (e.g. one per teacher, run in parallel) into --out")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, CNN teacher, 1 seed, 2 epochs")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.quick:
+    args = parse(p, argv)
+    if args.quick:      # tiny data, CNN teacher, 1 seed, 2 epochs
         args.teachers, args.subtasks, args.seeds, args.epochs = ["cnn"], 1, 1, 2
         args.train_per_class, args.test_per_class, args.teacher_train_per_class, args.teacher_epochs = 60, 50, 100, 1
         args.lambda_grid, args.stage_timing = [1.0], False
-        args.out = args.out.with_name("distill_methods_quick.json")
     return args
 
 
 # -- teachers -----------------------------------------------------------------------------------------------------
 
-def default_raw() -> dict:
-    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+def teacher_config(kind: str, args):
+    """The default config, or for the CNN teacher one trained from scratch on the 10 classes."""
+    if kind != "cnn":
+        return config_with(DEFAULT_CONFIG)
+    return config_with(DEFAULT_CONFIG, {
+        "build.name": "bench_cnn_teacher", "data.train_per_class": args.teacher_train_per_class,
+        "teacher": {"source": "train", "input": {"size": 28, "channels": 1},
+                    "train": {"arch": "cnn_teacher", "epochs": args.teacher_epochs}}})
 
 
-def teacher_raw(kind: str, args) -> dict:
-    raw = default_raw()
-    if kind == "cnn":
-        raw["build"]["name"] = "bench_cnn_teacher"
-        raw["data"]["train_per_class"] = args.teacher_train_per_class
-        raw["teacher"] = {"source": "train", "input": {"size": 28, "channels": 1},
-                          "train": {"arch": "cnn_teacher", "epochs": args.teacher_epochs}}
-    return raw
-
-
-def adapted_teacher(kind: str, args) -> tuple[Path, dict]:
-    """The pipeline's own teacher and adapt stages (cached across runs of the benchmark and real builds)."""
-    raw = teacher_raw(kind, args)
+def adapted_teacher(kind: str, args, cfg=None) -> tuple[Path, object]:
+    """The pipeline's own teacher and adapt stages (cached across runs of the benchmark and real builds), of
+    `cfg` if given, else of teacher_config(kind); returns the adapt folder and the config."""
+    cfg = cfg or teacher_config(kind, args)
     if kind == "efficientnet" and args.efficientnet_adapt:
         log(f"teacher {kind}: given {args.efficientnet_adapt}")
-        return args.efficientnet_adapt, raw
+        return args.efficientnet_adapt, cfg
     start = time.perf_counter()
-    summary = Build(parse_config(raw)).run(QUIET, until="adapt")
+    summary = Build(cfg).run(QUIET, until="adapt")
     log(f"teacher {kind}: {'cached' if all(s['cached'] for s in summary) else 'built'} "
         f"in {time.perf_counter() - start:.0f} s ({summary[-1]['dir']})")
-    return Path(summary[-1]["dir"]), raw
+    return Path(summary[-1]["dir"]), cfg
 
 
 def subspace_stability(cfg, adapt_dir: Path, images: int) -> list[dict]:
@@ -165,9 +147,7 @@ def subspace_stability(cfg, adapt_dir: Path, images: int) -> list[dict]:
 def subspaces_stage_seconds(adapt_dir: Path | None, threads: int, stability_images: int) -> dict:
     """The real `subspaces` stage's run() on the default config with method subdistill (its full subtask training
     split, the default image cap), on the default config's adapted teacher, with `threads` torch threads."""
-    raw = default_raw()
-    raw["distill"] = {**raw.get("distill", {}), "method": "subdistill", "layers": "auto"}
-    cfg = parse_config(raw)
+    cfg = config_with(DEFAULT_CONFIG, {"distill.method": "subdistill", "distill.layers": "auto"})
     if adapt_dir is None:
         adapt_dir = Path(Build(cfg).run(QUIET, until="adapt")[-1]["dir"])
     previous = torch.get_num_threads()
@@ -203,11 +183,9 @@ def student_view() -> View:
     return View(28, 1, (0.5,), (0.5,))
 
 
-def prepare_subtask(teacher, spec: dict, raw: dict, classes: list[str], args, workdir: Path) -> Subtask:
-    raw = copy.deepcopy(raw)
-    raw["subtask"] = {"classes": classes}
-    raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class})
-    data = subtask_data(parse_config(raw))
+def prepare_subtask(teacher, spec: dict, cfg, classes: list[str], args, workdir: Path) -> Subtask:
+    data = subtask_data(config_with(cfg, {"subtask": {"classes": classes}, "data.train_per_class": args.train_per_class,
+                                          "data.test_per_class": args.test_per_class}))
     tview = spec.input
     probe = create_model("cnn_small", len(classes), 1)
     models = Models(teacher, probe, tview, student_view(), teacher_class_ids(spec.class_names, data))
@@ -249,7 +227,7 @@ def teacher_pass(models: Models, pairs, images: torch.Tensor) -> tuple[torch.Ten
 
 def run_method(task: Subtask, method: str, seed: int, lambda_layer: float | None, args,
                keep: dict | None = None) -> dict:
-    """One distillation run; `keep`, if given, receives the trained student (bench/xai_spurious.py explains it)."""
+    """One distillation run; `keep`, if given, receives the trained student (xai_spurious explains it)."""
     torch.manual_seed(seed)
     student = create_model("cnn_small", task.data.num_classes, 1)
     if keep is not None:
@@ -353,37 +331,35 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
-def merge(paths: list[Path], out: Path) -> None:
+def merge(paths: list[Path], out: Path, command: str) -> None:
+    """One report of several (e.g. one per teacher, run in parallel); the parts' stamps are kept in it."""
     reports = [json.loads(p.read_text()) for p in paths]
-    merged = {**reports[0], "teachers": {}, "merged_from": [str(p) for p in paths]}
+    merged = {**reports[0], "teachers": {}, "merged_from": {str(p): r.get("provenance") for p, r in zip(paths, reports)}}
     for report in reports:
         merged["teachers"].update(report["teachers"])
         merged.update({k: report[k] for k in ("stage_timing",) if k in report})
     merged["wall_s"] = max(r["wall_s"] for r in reports)
     methods = [m for m in METHOD_ORDER if all(m in t["summary"] for t in merged["teachers"].values())]
     print_table(merged, methods)
-    out.write_text(json.dumps(merged, indent=1) + "\n")
+    write_results(out, merged, command)
     print(f"\nwrote {out}")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.merge:
-        return merge(args.merge, args.out)
+        return merge(args.merge, args.out, args.command)
     torch.set_num_threads(args.threads)
     methods = [m for m in METHOD_ORDER if m in args.methods]
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpu": platform.processor() or platform.machine()},
-              "teachers": {}}
+    report = {"args": settings(args), "threads": torch.get_num_threads(), "teachers": {}}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for kind in args.teachers:
-            folder, raw = adapted_teacher(kind, args)
+            folder, cfg = adapted_teacher(kind, args)
             teacher, spec = load_teacher(folder)
             for p in teacher.parameters():
                 p.requires_grad_(False)
-            tasks = [prepare_subtask(teacher, spec, raw, classes, args, Path(tmp) / kind)
+            tasks = [prepare_subtask(teacher, spec, cfg, classes, args, Path(tmp) / kind)
                      for classes in SUBTASKS[:args.subtasks]]
             log(f"{kind}: pairs {[(p.teacher, p.student) for p in tasks[0].pairs]}; teacher test acc "
                 + ", ".join(f"{t.name} {100 * t.teacher_test_acc:.1f}" for t in tasks))
@@ -407,8 +383,7 @@ def main(argv=None) -> None:
                                                          args.stability_images)
     report["wall_s"] = time.perf_counter() - started
     print_table(report, methods)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(args.out, report, args.command)
     print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
 
 

@@ -1,21 +1,22 @@
-"""Fault injection: SIGKILL a real (tiny) build at random moments in every stage and during the commit renames,
-rebuild each time, and check that no cache entry is ever half-written and that the final artifacts are
-byte-identical to an uninterrupted build. Also: two builds of one config started together, and a build on a
-full disk (a small tmpfs mounted here: needs root; skipped with a note otherwise).
+"""Is the stage cache crash-safe? SIGKILL a tiny build at random moments and between commit renames.
 
-    flock /work/heavy.lock .venv/bin/python bench/faults.py            # ~10-15 min on 2 cores
-    .venv/bin/python bench/faults.py --kills 8 --renames 2             # a quick look
+Kills a real build of configs/tiny.yaml at random moments in every stage and during the commit renames, rebuilds
+each time, and checks that no cache entry is ever half-written and that the final artifacts are byte-identical to
+an uninterrupted build. Also: two builds of one config started together, and a build on a full disk (a small tmpfs
+mounted here: needs root; skipped with a note otherwise).
 
-Prints a table and writes bench/results/faults.json. The config is a TINY one (a few dozen Fashion-MNIST images,
-tiny CNNs, one epoch per stage, a 16-query latency run): the point is the cache's behaviour under faults, and a
-short build lets many kills land in every stage. Every file that two uninterrupted builds write identically is
-compared; files that differ between two uninterrupted builds (latency measurements and what embeds them) are
-listed as such and only checked for integrity.
+    python -m bench faults                  # 30 random kills + 6 between renames, about 10-15 min on 2 cores
+    python -m bench faults --quick          # 8 + 2 kills
+
+Prints a table and writes bench/results/faults.json. The config is the tiny one made smaller still (a few dozen
+Fashion-MNIST images, one epoch per stage, a 16-query latency run) and carried through every stage: the point is
+the cache's behaviour under faults, and a short build lets many kills land in every stage. Every file that two
+uninterrupted builds write identically is compared; files that differ between two uninterrupted builds (latency
+measurements and what embeds them) are listed as such and only checked for integrity.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import queue
@@ -31,9 +32,9 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
+from bench._common import ROOT, TINY_CONFIG, parse, parser, write_results
 from pipeline.cache import BuildCache, sha256_file
+from pipeline.config import config_with
 
 BUILD = "faults"
 STAGES = ("teacher", "adapt", "distill", "qat", "export", "validate", "release")
@@ -44,27 +45,22 @@ BUILD_ENV = {"PYTHONUNBUFFERED": "1", "COLUMNS": "200", "NNCF_EXTENSION_LOAD_TIM
              "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".venv" / "torch_extensions"))}
 
 
-def tiny_config(output: Path) -> dict:
-    return {
-        "build": {"name": BUILD, "seed": 0, "output": str(output), "threads": 1},
-        "data": {"dataset": "fashion_mnist", "train_per_class": 16, "test_per_class": 8},
-        "subtask": {"classes": ["T-shirt/top", "Pullover", "Coat", "Shirt"]},
-        "teacher": {"source": "train", "train": {"arch": "cnn_tiny", "epochs": 1}},
-        "student": {"arch": "cnn_tiny"},
-        "distill": {"method": "kd", "epochs": 1, "batch_size": 16},
-        "qat": {"calibration_size": 16, "epochs": 1, "batch_size": 16, "max_images": 32},
-        "export": {"formats": ["onnx"], "parity_limit": 16, "eval_images": 16},
-        "validate": {"latency": {"min_queries": 16, "min_duration_s": 0.01, "warmup": 1, "throughput_batch": 4}},
-        "release": {"version": "0.0.1"},
-    }
+# configs/tiny.yaml, smaller, with every stage after distill switched on.
+FAULTS_CONFIG = {
+    "build.name": BUILD, "data.train_per_class": 16, "data.test_per_class": 8,
+    "distill.epochs": 1, "distill.batch_size": 16,
+    "qat": {"calibration_size": 16, "epochs": 1, "batch_size": 16, "max_images": 32},
+    "export": {"formats": ["onnx"], "parity_limit": 16, "eval_images": 16},
+    "validate": {"latency": {"min_queries": 16, "min_duration_s": 0.01, "warmup": 1, "throughput_batch": 4}},
+    "release": {"version": "0.0.1"},
+}
 
 
 def write_config(folder: Path, output: Path) -> Path:
-    """The config in folder; builds run with folder as working directory and a RELATIVE build.output, because
-    build.output is part of the keys: every copy of the cache must be keyed like the reference."""
+    """The faults config with its builds under `output`, as a YAML file in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "faults.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(os.path.relpath(output, folder))))
+    path.write_text(yaml.safe_dump(config_with(TINY_CONFIG, {**FAULTS_CONFIG, "build.output": str(output)}).dump()))
     return path
 
 
@@ -76,7 +72,7 @@ class BuildProcess:
     def __init__(self, config: Path, *args: str, env: dict | None = None):
         self.start = time.monotonic()
         self.proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "build", str(config), *args],
-                                     cwd=config.parent,
+                                     cwd=ROOT,      # this checkout's pipeline, whatever the venv has installed
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
                                      start_new_session=True,
                                      env={**os.environ, **BUILD_ENV, **(env or {})})
@@ -331,16 +327,22 @@ def table(trials: list[Trial]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    p = parser("faults", __doc__)
     p.add_argument("--kills", type=int, default=30, help="random kill moments, spread over the stages")
     p.add_argument("--renames", type=int, default=6, help="kills between the renames of a commit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new trial after this many seconds (the report says how many ran)")
     p.add_argument("--work", type=Path, default=Path("/tmp/edgesmith-faults"))
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "faults.json")
-    args = p.parse_args(argv)
+    args = parse(p, argv)
+    if args.quick:
+        args.kills, args.renames = 8, 2
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     rng = random.Random(args.seed)
     shutil.rmtree(args.work, ignore_errors=True)
     started = time.monotonic()
@@ -398,7 +400,7 @@ def main(argv=None) -> None:
               f"committed {disk['stages_committed']}, corrupt {len(disk['corrupt'])}, leftover temp folders "
               f"{len(disk['leftover_tmp'])}; message: {disk['message'][:300]}")
         print(f"  the same build with room: exit {disk['exit_code_with_room']}, corrupt {len(disk['corrupt_with_room'])}")
-    result = {"config": tiny_config("<work>"), "reference_s": round(total, 1),
+    result = {"config": {"base": "configs/tiny.yaml", "overrides": FAULTS_CONFIG}, "reference_s": round(total, 1),
               "stage_spans_s": {s: [round(b, 2), round(e, 2)] for s, (b, e) in spans.items()},
               "deterministic_files": len(deterministic), "measurement_files": measurements,
               "trials_planned": planned, "trials": [asdict(t) for t in trials], "concurrent": together, "full_disk": disk,
@@ -406,9 +408,8 @@ def main(argv=None) -> None:
                           "rebuilds_ok": sum(t.rebuild_exit == 0 for t in trials),
                           "corrupt_entries": sum(len(t.corrupt_after_kill) + len(t.corrupt_after_rebuild) for t in trials),
                           "identical": sum(t.identical for t in trials)},
-              "wall_s": round(time.monotonic() - started, 1), "machine": {"cpus": os.cpu_count()}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+              "wall_s": round(time.monotonic() - started, 1)}
+    write_results(args.out, result, args.command)
     print(f"\nwrote {args.out} ({result['wall_s']:.0f} s)")
 
 

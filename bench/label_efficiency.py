@@ -1,22 +1,19 @@
-"""Benchmark: few labels and a big teacher. Student and teacher accuracy against the label budget.
+"""Few labels and a big teacher: how does student and teacher accuracy grow with the label budget?
 
 For labels per class N (data.labels_per_class) x subtasks x seeds, everything runs through the real pipeline
 stages (edgesmith's Build, cached under --output, so a rerun only does what is missing):
   teacher rows   the ImageNet EfficientNet-Lite0 of configs/fashion_tops.yaml adapted on the N labels, as a linear
-                 probe and fine-tuned (settings: bench/adapt_small_n.py's choice on the labelled validation split);
+                 probe and fine-tuned (settings: adapt_small_n's choice on the labelled validation split);
                  a CNN teacher trained from scratch on the same N labels
   student rows   student_only (the N labels alone); kd / subdistill / fitnet / attention with the unlabelled pool
                  (data.unlabelled: rest, capped); kd and subdistill without the pool; kd with every label (N = all)
 Each student distils from the fine-tuned foundation teacher; model selection uses only the budget's labelled
 validation split; test accuracy is on the subtask's official test split.
-  view bank rows kd and subdistill with the pool and data.views: K (augment: true: flips and small shifts, K seeded
-                 views per image whose teacher targets are computed once), at N in --views-at (default 50)
 
-    flock /work/heavy.lock .venv/bin/python bench/label_efficiency.py          # full scale (see the docstring of
-                                                                                  # the committed results for time)
-    .venv/bin/python bench/label_efficiency.py --quick                         # smoke run, tiny data
-    .venv/bin/python bench/label_efficiency.py --rows student_only --student-only-epochs 100 --no-all-labels \
-        --out bench/results/label_efficiency_student_only.json                   # one row, its own schedule
+    python -m bench label_efficiency                   # full scale (bench/README.md: time)
+    python -m bench label_efficiency --quick           # tiny data, every row once
+    python -m bench label_efficiency --rows student_only --student-only-epochs 100 --no-all-labels \
+        --out bench/results/label_efficiency_student_only.json        # one row, its own schedule
 Writes bench/results/label_efficiency.{json,txt,png} (accuracy vs labels per class, one line per method, the
 teachers dashed).
 """
@@ -25,38 +22,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
-import yaml
-
-ROOT = Path(__file__).resolve().parent.parent
-
-from rich.console import Console
-
-from pipeline.config import parse_config
-from pipeline.progress import ProgressDisplay
+from bench._common import DEFAULT_CONFIG, ROOT, parse, parser, quiet_progress, save_figure, settings, write_results
+from pipeline.config import config_with
 from pipeline.runner import Build
 
-DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
-RESULTS = ROOT / "bench" / "results" / "label_efficiency.json"
-QUIET = ProgressDisplay(Console(quiet=True), enabled=False)
-SUBTASKS = [                                    # the first three of bench/distill_methods.py
+QUIET = quiet_progress()
+SUBTASKS = [                                    # the first three of distill_methods
     ["T-shirt/top", "Pullover", "Coat", "Shirt"],
     ["Sandal", "Sneaker", "Ankle boot"],
     ["T-shirt/top", "Dress", "Shirt", "Bag"],
 ]
 POOL_METHODS = ["kd", "subdistill", "fitnet", "attention"]
 NO_POOL_METHODS = ["kd", "subdistill"]
-VIEW_METHODS = ["kd", "subdistill"]
-ROW_GROUPS = ["teachers", "student_only", "pool", "no_pool", "views"]
+ROW_GROUPS = ["teachers", "student_only", "pool", "no_pool"]
 TEACHER_ROWS = ["teacher: foundation, linear probe", "teacher: foundation, finetune", "teacher: CNN from scratch"]
+# Sections whose stages the benchmark never reaches: left out, so they cannot fail a build.
+UNUSED_SECTIONS = ("qat", "export", "validate", "release", "ood")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("label_efficiency", __doc__)
     p.add_argument("--labels", type=int, nargs="+", default=[10, 50, 200])
     p.add_argument("--all-labels", action=argparse.BooleanOptionalAction, default=True, help="also kd with every label")
     p.add_argument("--subtasks", type=int, default=3)
@@ -71,27 +60,17 @@ def parse_args(argv=None):
     p.add_argument("--test-per-class", type=int, default=None)
     p.add_argument("--pool-methods", nargs="*", default=POOL_METHODS)
     p.add_argument("--no-pool-methods", nargs="*", default=NO_POOL_METHODS)
-    p.add_argument("--view-methods", nargs="*", default=VIEW_METHODS)
-    p.add_argument("--views", type=int, nargs="*", default=[4], help="view bank sizes K (data.views)")
-    p.add_argument("--views-at", type=int, nargs="*", default=[50], help="labels per class N with view bank rows")
-    p.add_argument("--views-seeds", type=int, default=1, help="seeds with view bank rows (each K costs K teacher "
-                   "passes over the pool)")
     p.add_argument("--probe", default="classifier:100:0.01:0.0001", help="linear probe train_from:epochs:lr:wd")
     p.add_argument("--finetune", default="blocks.5:10:0.001:0.05", help="finetune train_from:epochs:lr:wd")
     p.add_argument("--cnn-epochs", type=int, default=30, help="from-scratch CNN teacher: epochs on the N labels")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_efficiency"), help="cache root")
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 subtask, N = 8, 1 seed, 1 epoch, tiny pool")
-    p.add_argument("--out", type=Path, default=None, help=f"default {RESULTS.relative_to(ROOT)} (--quick: *_quick.json)")
-    args = p.parse_args(argv)
-    if args.quick:
+    args = parse(p, argv)
+    if args.quick:      # 1 subtask, N = 8, 1 seed, 1 epoch, a tiny pool
         args.labels, args.all_labels, args.subtasks, args.seeds, args.seeds_at_50 = [8], False, 1, 1, 1
         args.pool_cap, args.epochs, args.test_per_class, args.student = 64, 1, 25, "cnn_tiny"
         args.pool_methods, args.no_pool_methods = ["kd", "subdistill"], ["kd"]
-        args.view_methods, args.views, args.views_at = ["kd"], [2], [8]
         args.probe, args.finetune, args.cnn_epochs = "classifier:2:0.01:0.0001", "blocks.6:1:0.001:0.05", 1
-    if args.out is None:
-        args.out = RESULTS.with_name("label_efficiency_quick.json") if args.quick else RESULTS
     return args
 
 
@@ -103,31 +82,25 @@ def adapt_settings(text: str) -> dict:
 
 
 def config(args, classes: list[str], n: int | None, seed: int, adapt: dict | None = None, method: str = "kd",
-           pool: bool = True, cnn_teacher: bool = False, views: int | None = None, epochs: int | None = None):
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
+           pool: bool = True, cnn_teacher: bool = False, epochs: int | None = None):
     name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
-    raw["build"].update({"name": f"le_{name}", "seed": seed, "output": args.output, "threads": args.threads})
-    raw["subtask"] = {"classes": classes}
-    raw["data"].update({"labels_per_class": n, "unlabelled": "rest" if pool else "none",
-                        "unlabelled_max_images": args.pool_cap if pool else None})
-    if views is not None:
-        raw["data"].update({"augment": True, "views": views})
-    if n is None and not pool:
-        raw["data"].update({"unlabelled": None, "unlabelled_max_images": None})
+    overrides = {"build.name": f"le_{name}", "build.seed": seed, "build.output": args.output,
+                 "build.threads": args.threads, "subtask": {"classes": classes}, "data.labels_per_class": n,
+                 "student.arch": args.student, "distill.method": method, "distill.epochs": epochs or args.epochs}
+    if pool:
+        overrides.update({"data.unlabelled": "rest", "data.unlabelled_max_images": args.pool_cap})
+    else:           # every label without a pool: the default config's data
+        overrides.update({"data.unlabelled": "none" if n is not None else None, "data.unlabelled_max_images": None})
     if args.test_per_class:
-        raw["data"]["test_per_class"] = args.test_per_class
+        overrides["data.test_per_class"] = args.test_per_class
     if cnn_teacher:
-        raw["teacher"] = {"source": "train", "input": {"size": 28, "channels": 1},
-                          "train": {"arch": "cnn_teacher", "epochs": args.cnn_epochs, "batch_size": 32}}
+        overrides["teacher"] = {"source": "train", "input": {"size": 28, "channels": 1},
+                                "train": {"arch": "cnn_teacher", "epochs": args.cnn_epochs, "batch_size": 32}}
     elif adapt is not None:
-        raw["teacher"]["adapt"] = adapt
-    raw["student"]["arch"] = args.student
-    raw["distill"].update({"method": method, "epochs": epochs or args.epochs})
+        overrides["teacher.adapt"] = adapt
     if epochs:           # the same shape of schedule, stretched: the learning rate halves at a third and two thirds
-        raw["distill"]["lr_step_epochs"] = max(1, epochs // 3)
-    for section in ("qat", "export", "validate", "release", "ood"):
-        raw.pop(section, None)
-    return parse_config(raw)
+        overrides["distill.lr_step_epochs"] = max(1, epochs // 3)
+    return config_with(DEFAULT_CONFIG, overrides, remove=UNUSED_SECTIONS)
 
 
 def build(cfg, until: str) -> dict[str, dict]:
@@ -156,11 +129,6 @@ def run_cell(args, classes: list[str], n: int | None, seed: int) -> list[dict]:
     for method in args.no_pool_methods if "no_pool" in args.rows else []:
         rows.append({**base, "row": f"{method} (no pool)",
                      **student_metrics(build(config(args, classes, n, seed, finetune, method, pool=False), "distill"))})
-    with_views = "views" in args.rows and n in args.views_at and seed < args.views_seeds
-    for k in args.views if with_views else []:
-        for method in args.view_methods:
-            cfg = config(args, classes, n, seed, finetune, method, pool=True, views=k)
-            rows.append({**base, "row": f"{method} + pool + views K={k}", **student_metrics(build(cfg, "distill"))})
     return rows
 
 
@@ -212,8 +180,7 @@ def row_order(row: str) -> int:
     if row.startswith("student_only"):
         row = "student_only (labels alone)"
     order = TEACHER_ROWS + ["student_only (labels alone)"] + [f"{m} + pool" for m in POOL_METHODS] + \
-        [f"{m} (no pool)" for m in NO_POOL_METHODS] + \
-        [f"{m} + pool + views K={k}" for k in (1, 2, 4, 8, 16) for m in VIEW_METHODS] + ["kd (every label)"]
+        [f"{m} (no pool)" for m in NO_POOL_METHODS] + ["kd (every label)"]
     return order.index(row) if row in order else len(order)
 
 
@@ -242,7 +209,7 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], path: Path) -> None:
+def plot(summary: list[dict], path: Path, stamp: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +229,7 @@ def plot(summary: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, stamp)
     plt.close(fig)
 
 
@@ -283,13 +250,10 @@ def main(argv=None) -> dict:
     summary = summarise(rows)
     text = table(summary)
     print(text)
-    result = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "environment": {"python": platform.python_version(), "cpu": platform.processor() or platform.machine()},
-              "wall_s": round(time.perf_counter() - start, 1), "summary": summary, "runs": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".txt").write_text(text + "\n")
-    plot(summary, args.out.with_suffix(".png"))
+    result = {"args": settings(args), "wall_s": round(time.perf_counter() - start, 1), "summary": summary,
+              "runs": rows}
+    stamp = write_results(args.out, result, args.command, table=text)
+    plot(summary, args.out.with_suffix(".png"), stamp)
     partial.unlink()
     return result
 

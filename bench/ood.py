@@ -1,4 +1,4 @@
-"""Benchmark: telling inputs outside the subtask apart, per OOD score, with and without outlier exposure.
+"""Which score tells inputs outside the subtask apart best, with and without outlier exposure?
 
 Teacher: the adapted EfficientNet-Lite0 of configs/fashion_tops.yaml (the pipeline's adapt stage; pass a built
 adapt folder with --adapt to reuse it). Student: cnn_small distilled with KD (T = 4) as in the default config,
@@ -8,57 +8,43 @@ teacher's renormalised subtask probabilities (pipeline.ood.exposure, the same co
 Each student is scored with msp, energy (T = 1 and T = 4), max_logit and a class-conditional Mahalanobis
 distance on its penultimate features. The threshold is calibrated on the in-subtask VALIDATION images to keep
 95 %; the out-of-subtask inputs are the TEST images of the dataset's other classes (never trained or calibrated
-on); outlier exposure draws from the other classes' TRAINING images only.
+on); outlier exposure draws from the other classes' TRAINING images only. The default config's `ood:` section
+is this benchmark's choice.
 
-    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/ood.py --adapt builds/fashion_tops/adapt-<key>
-    .venv/bin/python bench/ood.py --quick --adapt ...         # smoke run (tiny data, 1 epoch)
-Prints a table and writes bench/results/ood.json.
-
-The committed results (15.5 min on the shared 2-core machine, small scale: 800 training images per class loaded,
-i.e. 640 train / 160 validation per class, 400 test images per class, 6 epochs, 2 seeds) came from:
-    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/ood.py --adapt builds/fashion_tops/adapt-07455e16883373c8 \
-        --train-per-class 800 --test-per-class 400 --epochs 6 --seeds 2
+    python -m bench ood --adapt builds/fashion_tops/adapt-<key> --train-per-class 800 --test-per-class 400 \
+        --epochs 6 --seeds 2                          # the committed results, about 15 min on 2 cores
+    python -m bench ood --quick --adapt builds/fashion_tops/adapt-<key>       # tiny data, 1 epoch
+Prints a table and writes bench/results/ood.json. The committed results are small: 800 training images per class
+loaded, i.e. 640 train / 160 validation per class, 400 test images per class, 6 epochs, 2 seeds.
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-
-from rich.console import Console
-
+from bench._common import DEFAULT_CONFIG, parse, parser, quiet_progress, settings, write_results
 from device_tests.ood import Rule, auroc, calibrate, evaluate, fpr_at_tpr, score
-from pipeline.config import parse_config
+from pipeline.config import config_with
 from pipeline.data import View, load_dataset
+from pipeline.data.for_config import subtask_data
 from pipeline.data.subtask import full_split
 from pipeline.data.views import as_tensor
 from pipeline.distill.methods import METHODS
 from pipeline.distill.train import DistillSettings, Models, distill
 from pipeline.models import create_model, load_teacher
+from pipeline.models.adapt import teacher_class_ids
+from pipeline.models.predict import predict_logits
 from pipeline.ood.config import OODConfig
 from pipeline.ood.data import outside_data
 from pipeline.ood.exposure import OutlierExposure
 from pipeline.ood.features import Mahalanobis, penultimate
-from pipeline.progress import ProgressDisplay
 from pipeline.runner import Build
-from pipeline.data.for_config import subtask_data
-from pipeline.models.predict import predict_logits
-from pipeline.models.adapt import teacher_class_ids
 
-DEFAULT_CONFIG = ROOT / "configs" / "fashion_tops.yaml"
-RESULTS = ROOT / "bench" / "results" / "ood.json"
 SUBTASKS = {
     "tops": ["T-shirt/top", "Pullover", "Coat", "Shirt"],          # the default config's subtask
     "footwear": ["Sandal", "Sneaker", "Ankle boot"],
@@ -66,12 +52,12 @@ SUBTASKS = {
 }
 VARIANTS = {"none": None, "oe_uniform": "uniform", "oe_teacher": "teacher"}
 SCORES = [("msp", 1.0), ("energy", 1.0), ("energy", 4.0), ("max_logit", 1.0), ("mahalanobis", None)]
-QUIET = ProgressDisplay(Console(quiet=True), enabled=False)
+QUIET = quiet_progress()
 CPU = torch.device("cpu")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("ood", __doc__)
     p.add_argument("--adapt", type=Path, default=None, help="a built adapt/ folder of the default config (else built)")
     p.add_argument("--subtasks", nargs="+", default=["tops", "footwear"], choices=list(SUBTASKS))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -84,12 +70,9 @@ def parse_args(argv=None):
     p.add_argument("--oe-ratio", type=float, default=1.0)
     p.add_argument("--tpr", type=float, default=0.95)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--quick", action="store_true", help="smoke run: 150 images per class, 1 epoch, 1 seed")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.quick:
+    args = parse(p, argv)
+    if args.quick:      # 150 images per class, 1 epoch, 1 seed
         args.train_per_class, args.test_per_class, args.epochs, args.seeds = 150, 100, 1, 1
-        args.out = args.out.with_name("ood_quick.json")
     return args
 
 
@@ -97,25 +80,23 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def base_raw(args) -> dict:
-    raw = yaml.safe_load(DEFAULT_CONFIG.read_text())
-    raw["data"].update({"train_per_class": args.train_per_class, "test_per_class": args.test_per_class or None})
-    return raw
+def base_config(args):
+    return config_with(DEFAULT_CONFIG, {"data.train_per_class": args.train_per_class,
+                                        "data.test_per_class": args.test_per_class or None})
 
 
 def adapted_teacher(args) -> tuple[Path, float]:
     if args.adapt:
         return args.adapt, 0.0
     start = time.perf_counter()
-    summary = Build(parse_config(yaml.safe_load(DEFAULT_CONFIG.read_text()))).run(QUIET, until="adapt")
+    summary = Build(config_with(DEFAULT_CONFIG)).run(QUIET, until="adapt")
     return Path(summary[-1]["dir"]), time.perf_counter() - start
 
 
 class TeacherCache:
     """The teacher's logits (all its classes) for every image of every split, computed once for all subtasks."""
 
-    def __init__(self, teacher, view: View, raw: dict):
-        cfg = parse_config(raw)
+    def __init__(self, teacher, view: View, cfg):
         dataset = load_dataset(cfg.data)
         train, val = full_split(dataset, cfg.data.val_fraction, cfg.build.seed)
         self.splits = {"train": train, "val": val, "test": dataset.test}
@@ -134,7 +115,7 @@ def run_student(models: Models, data, outside, teacher_cache: TeacherCache, vari
     torch.manual_seed(seed)
     student = create_model("cnn_small", data.num_classes, 1)
     run_models = Models(models.teacher, student, models.teacher_view, models.student_view, models.teacher_ids)
-    base = parse_config(base_raw(args)).distill
+    base = base_config(args).distill
     cfg = base.model_copy(update={"epochs": args.epochs})
     method = METHODS.get(cfg.method)(cfg, pairs=[], teacher=models.teacher, student=student)
     precomputed = (teacher_cache.of(data.class_ids, models.teacher_ids), {})
@@ -232,14 +213,12 @@ def main(argv=None) -> None:
     teacher, spec = load_teacher(adapt_dir)
     teacher.eval()
     tview = spec.input
-    raw = base_raw(args)
-    cache = TeacherCache(teacher, tview, raw)
+    base = base_config(args)
+    cache = TeacherCache(teacher, tview, base)
     log(f"teacher logits for {cache.images} images in {cache.seconds:.0f} s ({adapt_dir})")
     runs, teacher_ref, info = [], {}, {}
     for name in args.subtasks:
-        sub_raw = copy.deepcopy(raw)
-        sub_raw["subtask"] = {"classes": SUBTASKS[name]}
-        cfg = parse_config(sub_raw)
+        cfg = config_with(base, {"subtask": {"classes": SUBTASKS[name]}})
         data, outside = subtask_data(cfg), outside_data(cfg)
         models = Models(teacher, None, tview, View(28, 1, (0.5,), (0.5,)), teacher_class_ids(spec.class_names, data))
         teacher_ref[name] = teacher_reference(models, data, outside, cache, args.tpr)
@@ -258,15 +237,12 @@ def main(argv=None) -> None:
     rows = summarise(runs)
     text = table(rows, teacher_ref)
     print(text)
-    report = {"command": " ".join(["bench/ood.py", *(argv if argv is not None else sys.argv[1:])]),
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    report = {"settings": settings(args),
               "student": "cnn_small, KD T=4 (default config's distill section, epochs overridden)",
               "teacher": str(adapt_dir), "teacher_logits_s": cache.seconds, "adapt_s": adapt_s,
               "subtasks": info, "summary": rows, "teacher_reference": teacher_ref, "runs": runs, "table": text,
-              "wall_s": time.perf_counter() - started, "host": {"cpu": platform.processor() or platform.machine(),
-                                                               "threads": args.threads}}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1, default=float) + "\n")
+              "wall_s": time.perf_counter() - started}
+    write_results(args.out, report, args.command)
     log(f"wrote {args.out} ({report['wall_s']:.0f} s)")
 
 

@@ -1,4 +1,4 @@
-"""Benchmark: what INT8 costs in accuracy and buys in speed, per model and quantization recipe.
+"""What does INT8 cost in accuracy and buy in speed, per model and quantization recipe?
 
 Models: student architectures trained here on the Fashion-MNIST tops subtask (labels only, short), and the
 default build's adapted EfficientNet-Lite0 teacher (--teacher-dir, its adapt stage folder; the 4 subtask columns
@@ -13,16 +13,15 @@ bound call (device_tests runners: IOBinding, calls back to back, warm-up discard
 alternating rounds so load from elsewhere hits all alike), which layers stayed in float and how many
 convolutions ONNX Runtime still runs as INT8 kernels.
 
-    .venv/bin/python bench/quantization.py --archs cnn_small cnn_compact --teacher-dir builds/fashion_tops/adapt-KEY
-Prints a table and writes bench/results/quantize.json (one key per model; reruns update their keys).
+    python -m bench quantization --archs cnn_small cnn_compact --teacher-dir builds/fashion_tops/adapt-<key>
+    python -m bench quantization --quick             # cnn_small on 100 images per class, 1 epoch each
+Prints a table and writes bench/results/quantize.json (one key per model, each with its own provenance stamp;
+reruns update their keys).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,32 +30,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
+from bench._common import DEFAULT_CONFIG, parse, parser, provenance, write_results
 from exporters.formats import fused_ops
 from exporters.onnx_export import export_onnx, export_onnx_int8
 from exporters.parity import onnxruntime_runner, run_batched
-from pipeline.config import parse_config
+from pipeline.config import config_with
 from pipeline.data import View, batches
+from pipeline.data.for_config import subtask_data
 from pipeline.data.views import as_tensor
 from pipeline.distill.config import DistillConfig
 from pipeline.models import count_params, create_model
-from pipeline.data.for_config import subtask_data
 from quantize.config import QATConfig
 from quantize.fold import fold_batchnorm
 from quantize.nncf_ops import calibration_batches
 from quantize.precision import quantize_student
-from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune
+from quantize.qat import TrainSet, distillation_loss, finetune, model_accuracy
 
 CLASSES = ["T-shirt/top", "Pullover", "Shirt", "Coat"]
 FASHION_IDS = [0, 2, 6, 4]   # those classes' ids in Fashion-MNIST (the teacher's head columns)
 VIEW = View(28, 1, (0.5,), (0.5,))
-RESULTS = ROOT / "bench" / "results" / "quantize.json"
 RECIPES = ("ptq", "ptq_aac", "qat", "qat_keep")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("quantization", __doc__, results="quantize.json")
     p.add_argument("--archs", nargs="*", default=["cnn_small", "cnn_compact"])
     p.add_argument("--teacher-dir", type=Path, help="adapt stage folder of a build (teacher.pt, teacher.json)")
     p.add_argument("--train-per-class", type=int, default=1500, help="training images per class (cap)")
@@ -73,8 +70,11 @@ def parse_args(argv=None):
     p.add_argument("--min-queries", type=int, default=1024, help="timed batch-1 calls per model (at least)")
     p.add_argument("--min-seconds", type=float, default=3.0, help="minimum timed duration per model")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--results", type=Path, default=RESULTS, help="JSON file to write (reruns update their keys)")
-    return p.parse_args(argv)
+    args = parse(p, argv)
+    if args.quick:
+        args.archs, args.train_per_class, args.epochs, args.qat_epochs = ["cnn_small"], 100, 1, 1
+        args.calibration, args.min_queries, args.min_seconds = 32, 64, 0.2
+    return args
 
 
 class Columns(torch.nn.Module):
@@ -195,14 +195,12 @@ def bench_model(name: str, fp32: torch.nn.Module, view: View, data, args, work: 
 
 
 def environment(args) -> dict:
+    """What the provenance stamp does not hold: the runtime versions and this run's settings."""
     import nncf
     import onnxruntime
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ort_threads": args.threads, "onnxruntime": onnxruntime.__version__,
-            "torch": torch.__version__, "nncf": nncf.__version__, "python": platform.python_version(),
-            "settings": {k: str(v) for k, v in vars(args).items() if k not in ("archs", "results")}}
+    return {"ort_threads": args.threads, "onnxruntime": onnxruntime.__version__, "nncf": nncf.__version__,
+            "settings": {k: str(v) for k, v in vars(args).items() if k not in ("archs", "out", "command")}}
 
 
 def print_table(results: dict) -> None:
@@ -224,11 +222,11 @@ def print_table(results: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(2)
-    cfg = parse_config({"build": {"name": "bench", "seed": args.seed},
-                        "data": {"train_per_class": args.train_per_class}, "subtask": {"classes": CLASSES},
-                        "teacher": {"source": "train"}, "student": {"arch": "cnn_small"}})
+    cfg = config_with(DEFAULT_CONFIG, {"build.seed": args.seed, "data.train_per_class": args.train_per_class,
+                                       "subtask": {"classes": CLASSES}})
     data = subtask_data(cfg)
-    stored = json.loads(args.results.read_text()) if args.results.is_file() else {}
+    stamp = provenance(args.command)        # per model: a rerun replaces only its models' entries
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     models = stored.get("models", {})
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs:
@@ -236,7 +234,8 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             fp32 = train_fp32(arch, data, args.epochs, args.seed)
             models[arch] = bench_model(arch, fp32, VIEW, data, args, Path(tmp))
-            models[arch].update(train_s=round(time.perf_counter() - start, 1), environment=environment(args))
+            models[arch].update(train_s=round(time.perf_counter() - start, 1), environment=environment(args),
+                                provenance=stamp)
         if args.teacher_dir:
             from pipeline.models import load_teacher
 
@@ -244,11 +243,10 @@ def main(argv=None) -> int:
             teacher, spec = load_teacher(args.teacher_dir)
             models["teacher"] = bench_model("teacher", Columns(teacher.eval(), FASHION_IDS).eval(), spec.input, data,
                                             args, Path(tmp))
-            models["teacher"].update(arch=spec.arch, environment=environment(args))
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"models": models}, indent=2, sort_keys=True, default=str) + "\n")
+            models["teacher"].update(arch=spec.arch, environment=environment(args), provenance=stamp)
+    write_results(args.out, {"models": models}, args.command)
     print_table(models)
-    print(f"wrote {args.results}")
+    print(f"wrote {args.out}")
     return 0
 
 

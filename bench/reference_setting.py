@@ -1,4 +1,4 @@
-"""Benchmark: the fixed comparison setting (configs/reference_tops.yaml), one build per distillation method.
+"""The fixed comparison setting (configs/reference_tops.yaml): how does each distillation method do?
 
 A VGG-style CNN teacher (1.13 M parameters) trained from scratch on all ten Fashion-MNIST classes, a ~61k-parameter
 student of the same kind, the four "tops", three post-ReLU layer pairs at equal resolution, AdamW lr 1e-3 without
@@ -7,69 +7,51 @@ KD + 100 x their layer loss, 80/20 train/val split with the best validation epoc
 Every row is the real pipeline (`Build(...).run(until="distill")`): the teacher stage is built once and cached,
 each method adds its own distill (and, for subdistill, subspaces) stage.
 
-    .venv/bin/python bench/reference_setting.py                    # every method (~1.5 h on 2 cores, cold)
-    .venv/bin/python bench/reference_setting.py --methods kd       # one row
-    .venv/bin/python bench/reference_setting.py --quick            # smoke run: 1 teacher epoch, 1 distill epoch, few images
+    python -m bench reference_setting                    # every method (1332 s on 2 cores, cold)
+    python -m bench reference_setting --methods kd       # one row
+    python -m bench reference_setting --quick            # 1 teacher epoch, 1 distill epoch, few images
 Prints a table and writes bench/results/reference_setting.json (per method: student test accuracy, best epoch,
 distill stage wall time and training img/s; the teacher's 10-class validation and 4-class test accuracy).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
-import yaml
-from rich.console import Console
 
-from pipeline.config import parse_config
+from bench._common import ROOT, parse, parser, quiet_progress, write_results
+from pipeline.config import config_with
 from pipeline.data.sources import load_dataset
 from pipeline.models import load_teacher
 from pipeline.models.predict import accuracy, predict_logits
-from pipeline.progress import ProgressDisplay
 from pipeline.runner import Build
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "reference_tops.yaml"
-RESULTS = ROOT / "bench" / "results" / "reference_setting.json"
 METHODS = ["student_only", "kd", "subdistill", "fitnet", "attention", "vkd"]
+QUICK = {"data.train_per_class": 100, "data.test_per_class": 50, "teacher.train.epochs": 1, "distill.epochs": 1,
+         "subspaces.max_images": 64}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("reference_setting", __doc__)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--config", type=Path, default=CONFIG)
     p.add_argument("--output", type=Path, default=None, help="build folder root (default: the config's build.output)")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny data and one epoch each")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.quick and args.out == RESULTS:
-        args.out = RESULTS.with_name("reference_setting_quick.json")
-    return args
+    return parse(p, argv)
 
 
-def method_raw(base: dict, method: str, args) -> dict:
-    raw = copy.deepcopy(base)
-    raw["distill"]["method"] = method
+def method_config(method: str, args):
+    overrides = {"distill.method": method, **(QUICK if args.quick else {})}
     if args.output is not None:
-        raw["build"]["output"] = str(args.output)
-    if args.quick:
-        raw["data"].update({"train_per_class": 100, "test_per_class": 50})
-        raw["teacher"]["train"]["epochs"] = 1
-        raw["distill"]["epochs"] = 1
-        raw["subspaces"] = {"max_images": 64}
-    return raw
+        overrides["build.output"] = str(args.output)
+    return config_with(args.config, overrides)
 
 
-def run_method(raw: dict, method: str, progress: ProgressDisplay) -> dict:
+def run_method(cfg, method: str, progress) -> dict:
     started = time.perf_counter()
-    summary = Build(parse_config(raw)).run(progress, until="distill")
+    summary = Build(cfg).run(progress, until="distill")
     stages = {s["stage"]: s for s in summary}
     distill, teacher = stages["distill"], stages["teacher"]
     m = distill["metrics"]
@@ -86,9 +68,8 @@ def run_method(raw: dict, method: str, progress: ProgressDisplay) -> dict:
     return row
 
 
-def ten_class_test_accuracy(raw: dict, teacher_dir: str) -> float:
+def ten_class_test_accuracy(cfg, teacher_dir: str) -> float:
     """The from-scratch teacher on the dataset's whole test split (every class), as published settings report it."""
-    cfg = parse_config(raw)
     teacher, spec = load_teacher(Path(teacher_dir))
     test = load_dataset(cfg.data).test
     return accuracy(predict_logits(teacher.eval(), spec.input, test.images, torch.device("cpu")), test.labels)
@@ -112,25 +93,20 @@ def print_table(report: dict) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    base = yaml.safe_load(args.config.read_text())
-    progress = ProgressDisplay(Console(quiet=True), enabled=False)
+    progress = quiet_progress()
     report = {"config": str(args.config.relative_to(ROOT) if args.config.is_relative_to(ROOT) else args.config),
-              "quick": args.quick,
-              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0))},
-              "rows": []}
+              "quick": args.quick, "threads": torch.get_num_threads(), "rows": []}
     started = time.perf_counter()
     for method in args.methods:
-        report["rows"].append(run_method(method_raw(base, method, args), method, progress))
+        report["rows"].append(run_method(method_config(method, args), method, progress))
         r = report["rows"][-1]
         print(f"{method}: test {100 * r['student_test_acc']:.2f} %, distill {r['distill_wall_s']:.0f} s"
               f"{' (cached)' if r['distill_cached'] else ''}", flush=True)
-    report["teacher_test_acc_all_classes"] = ten_class_test_accuracy(method_raw(base, args.methods[0], args),
+    report["teacher_test_acc_all_classes"] = ten_class_test_accuracy(method_config(args.methods[0], args),
                                                                      report["rows"][0]["teacher"]["dir"])
     report["wall_s"] = time.perf_counter() - started
     print_table(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    write_results(args.out, report, args.command)
     print(f"\nwrote {args.out} ({report['wall_s']:.0f} s)")
 
 

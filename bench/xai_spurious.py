@@ -1,4 +1,4 @@
-"""Benchmark: does the student decide like the teacher, and does it resist a planted shortcut?
+"""Does the student decide like the teacher, and does it resist a planted shortcut?
 
 (a) Heatmap agreement: SubDistill, KD and FitNet students (plus CE-only and an untrained student as references)
     distilled from the default config's adapted EfficientNet-Lite0 on the default subtask (clean data); LRP
@@ -10,27 +10,23 @@
     fraction of the test images. The teacher was adapted on clean images and is not retrained. Test accuracy, also
     split into marked / unmarked test images.
 
-It reuses bench/distill_methods.py: the pipeline's own adapt stage for the teacher (cached), one teacher pass per
-data variant shared by every method and seed, the lambda_layer each layer method got on validation data there
+It reuses distill_methods: the pipeline's own adapt stage for the teacher (cached), one teacher pass per data
+variant shared by every method and seed, the lambda_layer each layer method got on validation data there
 (bench/results/distill_methods.json, efficientnet teacher), and the same training loop.
 
-    flock /work/cpu.lock nice -n 10 .venv/bin/python bench/xai_spurious.py --adapt-max-images 6000 --train-per-class 400 --test-per-class 300 --epochs 5 --explain-images 64
-    .venv/bin/python bench/xai_spurious.py --quick                                  # smoke run, ~2 min
-
-Small scale on purpose (2-core CPU shared by several agents): the committed run used 400 training images per class
-(80 % train / 20 % val), 300 test images per class, 5 epochs, cnn_small student, 2 seeds, 64 explained test
-images, and the default config's teacher adapted on 6000 (instead of all 48000) training images
-(--adapt-max-images; without it the default config's own adapt stage is used, as in bench/distill_methods.py). Prints two tables and writes
-bench/results/xai_spurious.json and bench/results/xai_spurious.png (plus xai_spurious_grid.png: example
-heatmaps, seed 0, with each student's cosine to the teacher).
+    python -m bench xai_spurious --quick              # tiny data, about 2 min
+    python -m bench xai_spurious --adapt-max-images 6000 --train-per-class 400 --test-per-class 300 --epochs 5 \
+        --explain-images 64                           # the committed results, about 9 min on 2 cores
+The committed results are small on purpose: 400 training images per class (80 % train / 20 % val), 300 test images
+per class, 5 epochs, cnn_small student, 2 seeds, 64 explained test images, and the default config's teacher adapted
+on 6000 (instead of all 48000) training images (--adapt-max-images; without it the default config's own adapt stage
+is used, as in distill_methods). Prints two tables and writes bench/results/xai_spurious.json and .png (plus
+xai_spurious_grid.png: example heatmaps, seed 0, with each student's cosine to the teacher).
 """
 
 from __future__ import annotations
 
-import argparse
-import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -39,26 +35,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-
-import distill_methods as dm
-
-from pipeline.config import SpuriousConfig, parse_config
+from bench import distill_methods as dm
+from bench._common import DEFAULT_CONFIG, RESULTS, parse, parser, save_figure, settings, write_results
+from pipeline.config import SpuriousConfig, config_with
+from pipeline.data.for_config import subtask_data
 from pipeline.data.spurious import add_markers
 from pipeline.models import create_model, load_teacher
-from pipeline.data.for_config import subtask_data
 from pipeline.models.predict import accuracy, predict_logits
 from pipeline.xai.config import ExplainConfig
 from pipeline.xai.explain import explain_pair
 
-RESULTS = ROOT / "bench" / "results" / "xai_spurious.json"
 METHODS = ["student_only", "kd", "subdistill", "fitnet"]
 FRACTIONS = [0.0, 0.25, 0.5, 0.75, 1.0]
 CPU = torch.device("cpu")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = parser("xai_spurious", __doc__)
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--fractions", type=float, nargs="+", default=FRACTIONS)
     p.add_argument("--seeds", type=int, default=2)
@@ -71,41 +64,32 @@ def parse_args(argv=None):
                    help="build the default config's adapt stage with teacher.adapt.max_images capped (cheaper)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", choices=["agreement", "spurious"], default=None, help="run only the other part")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 1 seed, 2 epochs, p in {0, 1}")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.quick:
+    args = parse(p, argv)
+    if args.quick:      # tiny data, 1 seed, 2 epochs, p in {0, 1}
         args.seeds, args.epochs, args.train_per_class, args.test_per_class = 1, 2, 100, 50
         args.fractions, args.explain_images = [0.0, 1.0], 16
-        args.out = args.out.with_name("xai_spurious_quick.json")
     return args
 
 
-def dm_args(args) -> argparse.Namespace:
+def dm_args(args):
     """The distill_methods settings the shared helpers read (same student, optimiser, schedule)."""
     return dm.parse_args(["--epochs", str(args.epochs), "--train-per-class", str(args.train_per_class),
                           "--test-per-class", str(args.test_per_class), "--threads", str(args.threads)])
 
 
 def chosen_lambdas() -> dict:
-    """lambda_layer per layer method as chosen on validation data by bench/distill_methods.py (efficientnet)."""
-    path = dm.RESULTS
+    """lambda_layer per layer method as chosen on validation data by distill_methods (efficientnet teacher)."""
+    path = RESULTS / "distill_methods.json"
     if path.is_file():
         return json.loads(path.read_text())["teachers"]["efficientnet"]["lambda"]["chosen"]
     return {}
 
 
-def adapted_teacher(args, shared) -> tuple[Path, dict]:
+def adapted_teacher(args, shared) -> tuple[Path, object]:
     """distill_methods' default-config teacher, optionally with a cap on the adaptation images."""
-    if args.adapt or not args.adapt_max_images:
-        return dm.adapted_teacher("efficientnet", shared)
-    raw = dm.default_raw()
-    raw["teacher"]["adapt"]["max_images"] = args.adapt_max_images
-    start = time.perf_counter()
-    summary = dm.Build(parse_config(raw)).run(dm.QUIET, until="adapt")
-    log(f"teacher efficientnet (adapt.max_images {args.adapt_max_images}): {time.perf_counter() - start:.0f} s, "
-        f"subtask test acc {summary[-1]['metrics'].get('teacher_subtask_test_acc')}")
-    return Path(summary[-1]["dir"]), raw
+    capped = args.adapt_max_images and not args.adapt
+    cfg = config_with(DEFAULT_CONFIG, {"teacher.adapt.max_images": args.adapt_max_images}) if capped else None
+    return dm.adapted_teacher("efficientnet", shared, cfg)
 
 
 def log(message: str) -> None:
@@ -114,8 +98,8 @@ def log(message: str) -> None:
 
 # -- (a) heatmap agreement -------------------------------------------------------------------------------------------
 
-def agreement_part(teacher, spec, raw, args, shared, lambdas, workdir) -> dict:
-    task = dm.prepare_subtask(teacher, spec, raw, dm.SUBTASKS[0], shared, workdir / "clean")
+def agreement_part(teacher, spec, cfg, args, shared, lambdas, workdir) -> dict:
+    task = dm.prepare_subtask(teacher, spec, cfg, dm.SUBTASKS[0], shared, workdir / "clean")
     cfg = ExplainConfig(images=args.explain_images, size=28, batch_size=32)
     cache: dict = {}
     test = task.data.test
@@ -141,22 +125,21 @@ def agreement_part(teacher, spec, raw, args, shared, lambdas, workdir) -> dict:
                          "student_conservation": m["student"]["conservation"], "explain_s": time.perf_counter() - start})
             log(f"  (a) {method} seed {seed}: test {acc:.4f} cosine {m['cosine_mean']:.3f} "
                 f"spearman {m['spearman_mean']:.3f} flip AUC gain {m['student_pixel_flipping']['auc_gain']:.3f}")
-    grid_figure(grids, task.data.class_names, args.out.with_name(args.out.stem + "_grid.png"))
-    return {"subtask": task.name, "teacher_test_acc": task.teacher_test_acc, "explain_images": args.explain_images,
+    return {"grids": (grids, task.data.class_names),       # drawn once the results are stamped
+            "subtask": task.name, "teacher_test_acc": task.teacher_test_acc, "explain_images": args.explain_images,
             "teacher": {k: v for k, v in m["teacher"].items()}, "student_rules": m["student"]["rules"],
             "runs": runs, "summary": summarise(runs, ["cosine", "spearman", "flip_auc_gain", "test_acc"])}
 
 
 # -- (b) spurious correlation ----------------------------------------------------------------------------------------
 
-def spurious_part(teacher, spec, raw, args, shared, lambdas, workdir) -> dict:
+def spurious_part(teacher, spec, cfg, args, shared, lambdas, workdir) -> dict:
     runs, teacher_acc = [], {}
     for p in args.fractions:
-        variant = copy.deepcopy(raw)
-        variant["data"]["spurious"] = {"fraction": p}
+        variant = config_with(cfg, {"data.spurious": {"fraction": p}})
         task = dm.prepare_subtask(teacher, spec, variant, dm.SUBTASKS[0], shared, workdir / f"p{p}")
         teacher_acc[p] = task.teacher_test_acc
-        marked = test_markers(variant, shared, p)
+        marked = test_markers(cfg, shared, p)
         for method in args.methods:
             for seed in range(args.seeds):
                 keep: dict = {}
@@ -175,13 +158,11 @@ def spurious_part(teacher, spec, raw, args, shared, lambdas, workdir) -> dict:
             "runs": runs, "summary": summary}
 
 
-def test_markers(raw: dict, shared, p: float) -> np.ndarray:
-    """Indices of the marked test images (the same draw the pipeline made)."""
-    clean = copy.deepcopy(raw)
-    clean["data"].pop("spurious")
-    clean["data"].update({"train_per_class": shared.train_per_class, "test_per_class": shared.test_per_class})
-    cfg = parse_config(clean)
-    _, markers = add_markers(subtask_data(cfg), SpuriousConfig(fraction=p), cfg.build.seed)
+def test_markers(cfg, shared, p: float) -> np.ndarray:
+    """Indices of the marked test images (the same draw the pipeline made), given the clean config."""
+    clean = config_with(cfg, {"data.spurious": None, "data.train_per_class": shared.train_per_class,
+                              "data.test_per_class": shared.test_per_class})
+    _, markers = add_markers(subtask_data(clean), SpuriousConfig(fraction=p), clean.build.seed)
     return markers["test"].index
 
 
@@ -221,7 +202,7 @@ def print_tables(report: dict) -> None:
         print(f"{'teacher':<14}" + "".join(f"{100 * b['teacher_test_acc'][p]:>16.2f}" for p in fractions))
 
 
-def grid_figure(grids: dict, class_names: list[str], path: Path, rows: int = 5) -> None:
+def grid_figure(grids: dict, class_names: list[str], path: Path, stamp: dict, rows: int = 5) -> None:
     """A look at the heatmaps (seed 0): image | teacher | each student."""
     import matplotlib
 
@@ -244,11 +225,11 @@ def grid_figure(grids: dict, class_names: list[str], path: Path, rows: int = 5) 
             ax.set_title(title if i == 0 or maps is None else title.split(" ")[-1], fontsize=7)
             ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, stamp, dpi=100)
     plt.close(fig)
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict, path: Path, stamp: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -281,7 +262,7 @@ def plot(report: dict, path: Path) -> None:
         right.set_title(f"(b) spurious-correlation stress test ({b['subtask']})", fontsize=10)
         right.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, stamp)
     plt.close(fig)
 
 
@@ -291,26 +272,27 @@ def main(argv=None) -> None:
     shared = dm_args(args)
     shared.efficientnet_adapt = args.adapt
     started = time.perf_counter()
-    folder, raw = adapted_teacher(args, shared)
+    folder, cfg = adapted_teacher(args, shared)
     teacher, spec = load_teacher(folder)
     for p in teacher.parameters():
         p.requires_grad_(False)
     lambdas = chosen_lambdas()
     log(f"teacher {folder}; lambda_layer {lambdas}")
-    report = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "lambda_layer": lambdas, "adapt": str(folder),
-              "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                              "cpu": platform.processor() or platform.machine()}}
+    report = {"args": settings(args), "lambda_layer": lambdas, "adapt": str(folder),
+              "threads": torch.get_num_threads()}
+    grids = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "agreement":
-            report["agreement"] = agreement_part(teacher, spec, raw, args, shared, lambdas, Path(tmp))
+            report["agreement"] = agreement_part(teacher, spec, cfg, args, shared, lambdas, Path(tmp))
+            grids = report["agreement"].pop("grids")
         if args.skip != "spurious":
-            report["spurious"] = spurious_part(teacher, spec, raw, args, shared, lambdas, Path(tmp))
+            report["spurious"] = spurious_part(teacher, spec, cfg, args, shared, lambdas, Path(tmp))
     report["wall_s"] = time.perf_counter() - started
     print_tables(report)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    plot(report, args.out.with_suffix(".png"))
+    stamp = write_results(args.out, report, args.command)
+    plot(report, args.out.with_suffix(".png"), stamp)
+    if grids is not None:
+        grid_figure(*grids, args.out.with_name(args.out.stem + "_grid.png"), stamp)
     print(f"\nwrote {args.out} and {args.out.with_suffix('.png')} ({report['wall_s']:.0f} s)")
 
 

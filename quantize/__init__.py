@@ -3,6 +3,6 @@
 import os
 
 # NNCF compiles (or loads) a C++ extension on first use and gives up after 60 s by default. On a loaded 2-core
-# machine a cold compile takes longer than that and the qat stage failed with ExtensionLoaderTimeoutException
-# (measured this session: the cold demo lost its qat stage that way). A user's own setting still wins.
+# machine a cold compile can take longer than that, and the qat stage then fails with
+# ExtensionLoaderTimeoutException. A user's own setting still wins.
 os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")

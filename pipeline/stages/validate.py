@@ -50,7 +50,7 @@ class ValidateStage(Stage):
                 task.advance(1, target=spec)
         verdicts = check(runs, cfg.budgets)
         explain, extra_sections = self._explain(ctx, cfg)
-        layer_error = _layer_error(ctx, bundle)  # issue 16: INT8 vs FP32 per layer (pipeline/validation/layers.py)
+        layer_error = _layer_error(ctx, bundle)  # INT8 vs FP32 per layer (pipeline/validation/layers.py)
         extra_sections = [s for s in [layer_error_section(layer_error)] if s] + list(extra_sections)
         report_error = self._report(ctx, bundle, cfg, runs, verdicts, extra_sections)
         missed = [v for v in verdicts if not v.ok]

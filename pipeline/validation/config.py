@@ -20,7 +20,7 @@ PER_TARGET_BUDGETS = ("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb"
 
 
 class LatencyConfig(Section):
-    """MLPerf single-stream discipline (see design.md): warm-up discarded, >= min_queries AND >= min_duration_s."""
+    """MLPerf single-stream discipline (docs/validation.md): warm-up discarded, >= min_queries AND >= min_duration_s."""
 
     min_queries: int = Field(1024, ge=1, description="timed batch-1 queries, at least")
     min_duration_s: float = Field(2.0, ge=0, description="timed duration, at least (both minimums must be met)")

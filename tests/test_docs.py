@@ -43,7 +43,6 @@ MD_ANCHOR = re.compile(r"(?<![\w/.-])((?:[\w-]+/)*[\w-]+\.md)#([\w-]+)")
 # A section named by title: README "Methods", docs/x.md ("Section"), README, "Section".
 MD_SECTION = re.compile(r"\b((?:[\w-]+/)*[\w-]+\.md|README)\)?,?\s*\(?\"([^\"\n]{2,60})\"")
 # Documented files that the change adding `--set` ships with it; drop an entry once the file is in the tree.
-SHIPPED_WITH_SET = {"configs/tiny.yaml"}
 PLACEHOLDER = re.compile(r"[<>*{}$]|\.\.\.|…|KEY\b|PATH|NAME")
 
 
@@ -105,7 +104,7 @@ def target_problems(source: Path, target: str, base: Path) -> list[str]:
     if REPO not in resolved.parents and resolved != REPO:
         return [f"{where} points outside the repository"]
     if not resolved.exists():
-        return [] if resolved.relative_to(REPO).as_posix() in SHIPPED_WITH_SET else [f"{where} does not exist"]
+        return [f"{where} does not exist"]
     if anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
         return [f"{where}: no section with anchor #{anchor} in {rel(resolved)}"]
     return []

@@ -10,14 +10,18 @@ PYTEST_ARGS ?=
 # typing-extensions<4.13, which no pydantic 2.14 environment can satisfy); what they need is in the extra.
 MOBILE_NODEPS := litert-torch litert-converter xdsl
 
-.PHONY: demo test venv data testdeps clean-cache
+.PHONY: demo test lint venv data testdeps clean-cache
 
 venv: $(STAMP)
 
+# uv installs the same pinned versions as pip would, about three times faster (parallel downloads and unpacking).
+UV := $(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -c constraints.txt
+
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[dev,demo,mobile,sign]"
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt --no-deps $(MOBILE_NODEPS)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
+	$(UV) -e ".[dev,demo,mobile,sign]"
+	$(UV) --no-deps $(MOBILE_NODEPS)
 	@touch $(STAMP)
 
 data:
@@ -30,7 +34,10 @@ testdeps:
 demo: venv data
 	$(VENV)/bin/edgesmith build $(CONFIG)
 
-test: venv data testdeps
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: venv data testdeps lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean-cache:

@@ -14,9 +14,11 @@ bench/results/distill_methods.json (runs, lambda choice, timings, throughput).
 
 The full run takes about 12 min on 2 idle cores as the stage timing, then one process per teacher (1 thread
 each, in parallel), then a merge:
-    A=builds/fashion_tops/adapt-<key>; C="--subtasks 3 --seeds 3 --epochs 6 --train-per-class 600 --test-per-class 500 --threads 1"
+    A=builds/fashion_tops/adapt-<key>
+    C="--subtasks 3 --seeds 3 --epochs 6 --train-per-class 600 --test-per-class 500 --threads 1"
     python -m bench distill_methods --teachers --efficientnet-adapt $A --out /tmp/timing.json
-    python -m bench distill_methods --teachers efficientnet --efficientnet-adapt $A $C --no-stage-timing --out /tmp/efficientnet.json &
+    python -m bench distill_methods --teachers efficientnet --efficientnet-adapt $A $C --no-stage-timing \
+        --out /tmp/efficientnet.json &
     python -m bench distill_methods --teachers cnn $C --no-stage-timing --out /tmp/cnn.json
     python -m bench distill_methods --merge /tmp/timing.json /tmp/efficientnet.json /tmp/cnn.json
 """

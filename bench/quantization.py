@@ -172,7 +172,8 @@ def bench_model(name: str, fp32: torch.nn.Module, view: View, data, args, work: 
         if cfg.mode == "qat":
             if target is None:
                 with torch.no_grad():
-                    target = torch.cat([fp32(view(as_tensor(data.train.images[i.numpy()]))) for i in batches(len(data.train), 256)])
+                    target = torch.cat([fp32(view(as_tensor(data.train.images[i.numpy()])))
+                                        for i in batches(len(data.train), 256)])
             info["qat_val_history"] = finetune(
                 model, view, TrainSet(data.train.images, data.train.labels, target),
                 lambda m: model_accuracy(m, view, data.val.images[:val_n], val_y),
@@ -184,7 +185,8 @@ def bench_model(name: str, fp32: torch.nn.Module, view: View, data, args, work: 
         int8 = ops.get("QLinearConv", 0) + ops.get("ConvInteger", 0)
         result["recipes"][recipe] = {"seconds": round(time.perf_counter() - start, 1), "kept_fp32": info["kept_fp32"],
                                      "quantized_layers": len(info["quantized_layers"]),
-                                     "onnxruntime_int8_convs": int8, "onnxruntime_float_convs": ops.get("Conv", 0) + ops.get("FusedConv", 0),
+                                     "onnxruntime_int8_convs": int8,
+                                     "onnxruntime_float_convs": ops.get("Conv", 0) + ops.get("FusedConv", 0),
                                      **{k: info[k] for k in ("accuracy_control", "qat_val_history") if k in info}}
         print(f"  {recipe}: {result['recipes'][recipe]['seconds']} s, kept in float: {info['kept_fp32'] or 'none'}", flush=True)
     result["test_acc_onnxruntime"] = {k: ort_accuracy(p, test_x, test_y) for k, p in paths.items()}

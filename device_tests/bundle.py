@@ -56,7 +56,8 @@ def format_of(path: Path) -> str:
         return FORMATS[path.suffix.lower()]
     except KeyError:
         raise BundleError(f"{path} has suffix '{path.suffix}', which is not a model format edgesmith can run.",
-                          f"Pass one of: {', '.join(sorted(FORMATS))} (ONNX, OpenVINO IR, TensorRT engine, LiteRT, ExecuTorch).") from None
+                          f"Pass one of: {', '.join(sorted(FORMATS))} "
+                          "(ONNX, OpenVINO IR, TensorRT engine, LiteRT, ExecuTorch).") from None
 
 
 @dataclass

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from device_tests.bundle import Bundle
-from device_tests.errors import DeviceTestError
 from device_tests.environment import environment
+from device_tests.errors import DeviceTestError
 from device_tests.latency import LatencySettings
 from device_tests.measure import EXIT_SKIPPED, write_json
 from device_tests.runners import get_runner

@@ -34,7 +34,7 @@ class ArtifactListing:
     def from_json(cls, raw: dict) -> "ArtifactListing":
         """Tolerant of a hand-edited or older file: entries that are not objects are dropped, missing keys empty."""
         entries = tuple(a for a in raw.get("artifacts") or [] if isinstance(a, dict))
-        from device_tests.bundle import SPEC_KEYS      # the names the device accepts for the preprocessing spec
+        from device_tests.bundle import SPEC_KEYS  # the names the device accepts for the preprocessing spec
 
         spec = next((raw[k] for k in SPEC_KEYS if isinstance(raw.get(k), dict)), {})
         return cls(entries, spec, tuple(str(c) for c in raw.get("class_names") or []),

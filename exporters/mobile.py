@@ -1,10 +1,10 @@
 """PyTorch -> LiteRT (.tflite, litert-torch) and ExecuTorch (.pte, XNNPACK). Both INT8 paths are PT2E: the FP32
 student is exported with torch.export, observers are inserted by the backend's quantizer (litert-torch's
 PT2EQuantizer, ExecuTorch's XNNPACKQuantizer: INT8 symmetric, per-channel weights), calibrated on the very images
-the qat stage calibrated NNCF with (qat.calibration_size, same seed), converted, lowered. Both converters map PT2E's quantize/dequantize nodes to int8
-kernels; NNCF's QAT model carries its learned ranges in NNCF's own quantizer modules instead, and handing those to
-the converters was not attempted: the QAT-learned ranges do not carry over. Each INT8 artifact's parity record says
-how far it is from the NNCF INT8 model (accuracy_minus_nncf_int8)."""
+the qat stage calibrated NNCF with (qat.calibration_size, same seed), converted, lowered. Both converters map PT2E's
+quantize/dequantize nodes to int8 kernels; NNCF's QAT model carries its learned ranges in NNCF's own quantizer
+modules instead, and handing those to the converters was not attempted: the QAT-learned ranges do not carry over.
+Each INT8 artifact's parity record says how far it is from the NNCF INT8 model (accuracy_minus_nncf_int8)."""
 
 from __future__ import annotations
 
@@ -106,8 +106,7 @@ def executorch_convert(model: nn.Module, example: torch.Tensor, path: Path,
                        calibration: list[torch.Tensor] | None = None) -> dict:
     """Lowered to the XNNPACK delegate; returns how much of the graph XNNPACK took."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
-                                                                         get_symmetric_quantization_config)
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
     from executorch.exir import to_edge_transform_and_lower
 
     if calibration is not None:

@@ -107,7 +107,7 @@ def fsync_dir(path: Path) -> None:
 
 def fsync_tree(root: Path) -> None:
     """fsync every file and folder under root (files first), so a rename never publishes unwritten data."""
-    for top, dirs, files in os.walk(root, topdown=False):
+    for top, _dirs, files in os.walk(root, topdown=False):
         for name in files:
             path = os.path.join(top, name)
             if os.path.islink(path):

@@ -61,10 +61,10 @@ def build(
 ) -> None:
     """Run the chain of stages, reusing every cached one."""
     from . import distributed
+    from .data.for_config import subtask_data
     from .preflight import check_names
     from .progress import ProgressDisplay
     from .runner import Build
-    from .data.for_config import subtask_data
 
     cfg = load_with_overrides(config, sets)
     check_names(cfg)

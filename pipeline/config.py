@@ -61,7 +61,8 @@ class SpuriousConfig(Section):
     fraction: float = Field(0.5, ge=0, le=1, description="share of images that get a marker (exactly round(p * n) per split)")
     corner: Literal["top_left", "top_right", "bottom_left", "bottom_right"] = Field(
         "top_left", description="where the glyph is pasted")
-    scale: Optional[int] = Field(None, ge=1, le=16, description="pixels per font dot (None: image side / 28, at least 1: a 7x5-pixel box on 28x28 images)")
+    scale: Optional[int] = Field(None, ge=1, le=16, description="pixels per font dot (None: image side / 28, at least 1: "
+                                 "a 7x5-pixel box on 28x28 images)")
     seed: int = Field(0, description="added to build.seed: which images get a marker, and the random test digits")
 
 
@@ -356,7 +357,8 @@ def load_config(path: str | os.PathLike, overrides: dict[str, Any] | None = None
         raise ConfigError(f"{path} is a folder, not a config file.",
                           "Pass the path of a YAML config inside it, e.g. configs/fashion_tops.yaml.")
     if not path.is_file():
-        raise ConfigError(f"Config file {path} does not exist.", "Pass the path of a YAML config, e.g. configs/fashion_tops.yaml.")
+        raise ConfigError(f"Config file {path} does not exist.",
+                          "Pass the path of a YAML config, e.g. configs/fashion_tops.yaml.")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -23,7 +23,6 @@ from torch import nn
 from pipeline.errors import ConfigError
 
 from .config import IgnoredScopeConfig
-
 from .errors import QuantizationError
 
 COMPUTE_MODULES = (nn.Conv2d, nn.Linear, nn.Conv1d)
@@ -128,7 +127,7 @@ def accuracy_controlled_layers(model: nn.Module, example: torch.Tensor, calibrat
             f"NNCF's accuracy control failed on the ONNX export of the student: {type(exc).__name__}: "
             f"{str(exc).strip().splitlines()[0]}", "Use qat.mode: ptq or qat (with qat.keep_fp32 for layers to keep "
             "in float).") from exc
-    from .layer_error import compute_nodes, layer_name, node_is_quantized, _producers
+    from .layer_error import _producers, compute_nodes, layer_name, node_is_quantized
 
     producers = _producers(quantized.graph)
     nodes = compute_nodes(quantized.graph)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from tests.helpers import TINY_LATENCY, free_port
 from tests.conftest import run_cli, tiny_config_dict
+from tests.helpers import TINY_LATENCY, free_port
 
 EXPORT = {"export.formats": ["onnx"], "export.parity_limit": 50, "export.eval_images": 40}
 
@@ -81,8 +81,9 @@ def test_the_release_stage_itself_refuses_a_failed_validation(tmp_path):
     from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
     from pipeline.release.bundle import ReleaseError
-    from pipeline.stages.release import ReleaseStage
     from pipeline.stage import StageContext, StageRecord
+    from pipeline.stages.release import ReleaseStage
+
     from .test_release import BUDGETS, release_config
     from .test_release_stage import upstream
 

@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -41,7 +40,8 @@ def test_where_the_cache_lives_and_how_hits_are_checked_change_no_key(write_conf
     import torch
 
     here = "cuda" if torch.cuda.is_available() else "cpu"
-    assert keys(write_config("auto.yaml", **{"build.device": "auto"})) == keys(write_config("here.yaml", **{"build.device": here}))
+    auto = keys(write_config("auto.yaml", **{"build.device": "auto"}))
+    assert auto == keys(write_config("here.yaml", **{"build.device": here}))
 
 
 @pytest.mark.slow

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.config import load_config, parse_config
 from pipeline.errors import ConfigError
@@ -34,7 +33,9 @@ def test_check_accepts_every_shipped_config(path: Path):
 
 def test_config_is_frozen(tmp_path):
     cfg = parse_config(tiny_config_dict(tmp_path))
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="frozen"):
         cfg.build.seed = 3
 
 

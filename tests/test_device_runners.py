@@ -2,7 +2,6 @@
 model, and clear errors for unknown runtimes, wrong formats, broken files and absent backends."""
 
 import importlib.util
-import shutil
 
 import numpy as np
 import pytest
@@ -64,7 +63,8 @@ def test_runner_lifecycle_is_checked(bundle, inputs):
 
 
 def test_unknown_runtime_suggests_the_right_name():
-    with pytest.raises(UnknownRuntimeError, match="Did you mean 'openvino'.*Valid runtimes: executorch, litert, onnxruntime, openvino, tensorrt, tflm"):
+    valid = "Valid runtimes: executorch, litert, onnxruntime, openvino, tensorrt, tflm"
+    with pytest.raises(UnknownRuntimeError, match=f"Did you mean 'openvino'.*{valid}"):
         get_runner("openvin")
 
 

@@ -9,8 +9,7 @@ import torch
 from pipeline.data import View
 from pipeline.data.base import ImageSet
 from pipeline.distill.config import DistillConfig
-from pipeline.distill.features import (PairSpec, as_map, auto_pairs, pool_to, resolve_pairs, stage_names,
-                                       tap_features)
+from pipeline.distill.features import PairSpec, as_map, auto_pairs, pool_to, resolve_pairs, stage_names, tap_features
 from pipeline.distill.matching import Rotations, SubspaceMatch, pair_target, subspace_match_reference, tangent
 from pipeline.distill.methods import METHODS, MeanCentre, Outputs, SubDistill
 from pipeline.distill.subspace import Moments, Subspace, accumulate, save_subspaces
@@ -120,7 +119,10 @@ def test_closed_form_gradients_equal_autograd_of_the_centred_loss_in_float64(sha
         torch.testing.assert_close(mine[i].grad, theirs[i].grad, atol=1e-10, rtol=1e-10)
         expected_grad[i, :k_i, :k_i] = tangent(blocks[i].detach(), blocks[i].grad)
     torch.testing.assert_close(rotations.weight.grad, expected_grad, atol=1e-10, rtol=1e-10)   # zero off the blocks
-    first = lambda s: SubspaceMatch.apply(rotations.weight.detach(), rotations.groups_of([0]), s.flatten(2), *pair_target(targets[0]))[0]  # noqa: E731
+
+    def first(s):
+        return SubspaceMatch.apply(rotations.weight.detach(), rotations.groups_of([0]), s.flatten(2),
+                                   *pair_target(targets[0]))[0]
     assert torch.autograd.gradcheck(first, (students[0].clone().requires_grad_(True),))
 
 

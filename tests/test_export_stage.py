@@ -14,12 +14,12 @@ import torch
 
 from pipeline.config import parse_config
 from pipeline.data import View, batches
+from pipeline.data.for_config import subtask_data
 from pipeline.data.views import as_tensor
 from pipeline.errors import ConfigError
 from pipeline.models import StudentSpec, TeacherSpec, create_model, save_model
 from pipeline.progress import ProgressDisplay
 from pipeline.stage import StageContext, StageRecord
-from pipeline.data.for_config import subtask_data
 
 CLASSES = ["T-shirt/top", "Pullover", "Shirt", "Coat"]
 VIEW = View(28, 1, (0.5,), (0.5,))

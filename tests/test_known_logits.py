@@ -11,10 +11,10 @@ import torch
 
 from pipeline.config import load_config
 from pipeline.data import View
+from pipeline.data.for_config import subtask_data
 from pipeline.models import create_model, load_teacher
 from pipeline.models.known_logits import KnownLogits, image_digests, save_known_logits, teacher_logits
 from pipeline.models.layout import channels_last, channels_last_model
-from pipeline.data.for_config import subtask_data
 from pipeline.models.predict import predict_logits
 
 from .conftest import run_cli

@@ -11,15 +11,15 @@ import torch
 import yaml
 
 from pipeline.config import load_config, parse_config
+from pipeline.data import load_dataset
 from pipeline.data.budget import UNLABELLED, read_folder, val_per_class
+from pipeline.data.for_config import subtask_data
 from pipeline.data.subtask import make_subtask
 from pipeline.distill.methods import label_loss
 from pipeline.models import load_teacher
 from pipeline.models.known_logits import KnownLogits
-from pipeline.release.model_card import CardFacts, render_model_card
-from pipeline.data.for_config import subtask_data
 from pipeline.models.predict import predict_logits
-from pipeline.data import load_dataset
+from pipeline.release.model_card import CardFacts, render_model_card
 
 from .conftest import REPO, run_cli, tiny_config_dict
 

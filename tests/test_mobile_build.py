@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from tests.helpers import TINY_LATENCY
 from tests.conftest import run_cli
+from tests.helpers import TINY_LATENCY
 
 pytest.importorskip("litert_torch", reason="the `mobile` extra is not installed")
 pytest.importorskip("executorch")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -12,7 +11,7 @@ from pipeline.errors import ConfigError
 from quantize.config import IgnoredScopeConfig, QATConfig
 from quantize.fold import _pairs_from_sequentials, find_conv_bn_pairs, fold_batchnorm
 from quantize.nncf_ops import calibration_batches, graph_nodes, load_quantized, quantize_ptq, save_quantized
-from quantize.qat import TrainSet, model_accuracy, finetune
+from quantize.qat import TrainSet, finetune, model_accuracy
 
 
 class Tiny(nn.Module):
@@ -172,9 +171,8 @@ def test_qat_config_rejects_unknown_keys_and_bad_mode():
 
 @pytest.mark.parametrize("fold_bn", [True, False])
 def test_quantized_student_round_trip_through_its_spec(tmp_path, fold_bn):
-    from pipeline.models import create_model
     from pipeline.data import View
-    from pipeline.models import StudentSpec
+    from pipeline.models import StudentSpec, create_model
     from quantize.model_io import QuantizedSpec, float_model_factory, load_quantized_student, save_quantized_student
 
     view = View(28, 1, (0.5,), (0.5,))

@@ -17,9 +17,9 @@ from pipeline.errors import ConfigError
 from pipeline.release.bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from pipeline.release.diff import diff_bundles, render_diff
 from pipeline.release.manifest import MANIFEST_NAME, budget_verdict, git_state, host_info
-from pipeline.stages.release import budgets_of, device_tests_dir
 from pipeline.release.tarball import source_date_epoch, write_tarball
 from pipeline.release.verify import verify_bundle
+from pipeline.stages.release import budgets_of, device_tests_dir
 
 CLASSES = ["T-shirt/top", "Shirt", "Pullover"]
 # As the validate stage records them (stage.json metrics["budgets"]).

@@ -21,8 +21,9 @@ from pipeline.errors import ConfigError  # noqa: E402
 from pipeline.release.bundle import ReleaseSources, assemble_release  # noqa: E402
 from pipeline.release.manifest import MANIFEST_NAME, content_digest, file_entries, parse_manifest, write_manifest  # noqa: E402
 from pipeline.release.signing import SIGNATURE_NAME, SignatureError, sign_bundle  # noqa: E402
-from pipeline.stages.release import device_tests_dir  # noqa: E402
 from pipeline.release.verify import check_bundle, check_signature  # noqa: E402
+from pipeline.stages.release import device_tests_dir  # noqa: E402
+
 from .test_release import make_export_dir, make_validate_dir, release_info  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,8 +131,9 @@ def test_the_release_stage_signs_when_the_config_says_so(tmp_path, keys):
     from pipeline.cache import BuildCache
     from pipeline.config import parse_config
     from pipeline.progress import ProgressDisplay
-    from pipeline.stages.release import ReleaseStage
     from pipeline.stage import StageContext
+    from pipeline.stages.release import ReleaseStage
+
     from .test_release import release_config
     from .test_release_stage import upstream
 

@@ -14,10 +14,11 @@ from pipeline.cache import BuildCache
 from pipeline.config import parse_config
 from pipeline.errors import ConfigError
 from pipeline.progress import ProgressDisplay
-from pipeline.stages.release import ReleaseStage
 from pipeline.release.verify import verify_bundle
 from pipeline.runner import Build
 from pipeline.stage import StageContext, StageRecord
+from pipeline.stages.release import ReleaseStage
+
 from .test_release import BUDGETS, make_export_dir, make_validate_dir, release_config
 
 

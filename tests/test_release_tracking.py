@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.release.bundle import ReleaseSources, assemble_release
 from pipeline.release.tracking import TrackingError, log_release, release_metrics, release_params, release_tags
+
 from .test_release import make_export_dir, release_info
 
 HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None

@@ -15,6 +15,7 @@ import pytest
 from pipeline.release.bundle import ReleaseSources, assemble_release
 from pipeline.release.diff import diff_bundles
 from pipeline.release.verify import VerifyError, check_bundle, verify_bundle
+
 from .test_release import make_export_dir, make_validate_dir, release_info
 
 ROOT = Path(__file__).resolve().parent.parent

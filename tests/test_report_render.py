@@ -1,12 +1,10 @@
 """report.html is self-contained and renders in headless Chromium; any stage can add sections."""
 
 import base64
-import io
 import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

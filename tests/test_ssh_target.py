@@ -11,8 +11,8 @@ import pytest
 
 from pipeline.errors import DeviceError
 from pipeline.validation.config import ValidateConfig
-from pipeline.validation.ssh import SshSession
 from pipeline.validation.run import run_target
+from pipeline.validation.ssh import SshSession
 from pipeline.validation.targets import parse_target
 from tests.helpers import SSHD, TINY_LATENCY, SshServer, free_port, keygen, shared_bundle
 

@@ -69,7 +69,8 @@ def test_cached_float16_targets_equal_the_live_ones(setup, method):
         assert cached_map.dtype == torch.float32 and cached_map.shape == (len(idx), live_map.shape[1] + 1, live_map.shape[2])
         torch.testing.assert_close(cached_targets[i].plain, live_map, rtol=RTOL, atol=ATOL)
         assert bool((cached_map[:, -1] == 1).all())                        # the ones channel the fused loss reads
-        torch.testing.assert_close(cached_targets[i].sums, live_map.sum(dim=(0, 2)), rtol=RTOL, atol=ATOL * live_map[:, 0].numel())
+        torch.testing.assert_close(cached_targets[i].sums, live_map.sum(dim=(0, 2)), rtol=RTOL,
+                                   atol=ATOL * live_map[:, 0].numel())
         assert float(cached_targets[i].squares) == pytest.approx(float(live_map.pow(2).sum()), rel=2 * RTOL)
     # ... and the layer losses they give agree to the same relative precision
     student_feats = {i: torch.randn(len(idx), p.student_channels, *p.student_size) for i, p in enumerate(pairs)}

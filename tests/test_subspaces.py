@@ -9,8 +9,16 @@ from torch import nn
 
 from pipeline.config import parse_config
 from pipeline.distill.features import PairSpec
-from pipeline.distill.subspace import (BASES, Moments, Subspace, accumulate, load_subspaces, margin,
-                                       relevance_matrix, save_subspaces)
+from pipeline.distill.subspace import (
+    BASES,
+    Moments,
+    Subspace,
+    accumulate,
+    load_subspaces,
+    margin,
+    relevance_matrix,
+    save_subspaces,
+)
 from pipeline.runner import Build
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import bz2
 import io
-import json
 import lzma
 import os
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.release.bundle import ReleaseSources, assemble_release
+
 from .test_release import make_export_dir, make_validate_dir, release_config, release_info
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from tests.helpers import TINY_LATENCY
 from tests.conftest import run_cli
+from tests.helpers import TINY_LATENCY
 
 EXPORT = {"export.formats": ["onnx", "openvino"], "export.parity_limit": 50, "export.eval_images": 60}
 

@@ -1,7 +1,6 @@
 """`edgesmith profile MODEL`: the validate measurement for any model file, with no config."""
 
 import json
-import shutil
 import sys
 
 import numpy as np

@@ -3,7 +3,6 @@ budgets are checked against what was measured, and a miss (or an unreachable tar
 after everything is recorded."""
 
 import json
-import shutil
 
 import pytest
 
@@ -11,12 +10,12 @@ from pipeline.config import parse_config
 from pipeline.errors import BudgetError, ConfigError
 from pipeline.progress import ProgressDisplay
 from pipeline.stage import StageContext, StageRecord
+from pipeline.stages.validate import ValidateStage
 from pipeline.validation.budgets import check
 from pipeline.validation.config import Budgets
-from pipeline.stages.validate import ValidateStage
 from pipeline.validation.suite import TargetRun
-from tests.helpers import TINY_LATENCY, free_port, shared_bundle
 from tests.conftest import tiny_config_dict
+from tests.helpers import TINY_LATENCY, free_port, shared_bundle
 
 
 def config(tmp_path, **validate):

@@ -13,9 +13,9 @@ from pipeline.config import parse_config
 from pipeline.progress import ProgressDisplay
 from pipeline.stage import StageContext, StageRecord
 from pipeline.stages.validate import ValidateStage
-from tests.helpers import TINY_LATENCY, shared_bundle
 from quantize.layer_error import compute_nodes, layer_name
 from tests.conftest import run_cli, tiny_config_dict
+from tests.helpers import TINY_LATENCY, shared_bundle
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Explanations (validate.explain) and the spurious-marker stress test (data.spurious), on tiny real models."""
 
 import json
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,9 +9,9 @@ from torch import nn
 
 from pipeline.config import parse_config
 from pipeline.data import View
+from pipeline.data.for_config import subtask_data
 from pipeline.data.spurious import glyph, marker_box
 from pipeline.models import create_model
-from pipeline.data.for_config import subtask_data
 from pipeline.xai.agreement import agreement, pixel_flipping, to_size
 from pipeline.xai.config import ExplainConfig
 from pipeline.xai.explain import explain_pair

@@ -29,8 +29,14 @@ class TensorRtRunner(Runner):
 
     def _activate_impl(self) -> None:
         from polygraphy.backend.common import BytesFromPath
-        from polygraphy.backend.trt import (CreateConfig, EngineFromBytes, EngineFromNetwork, NetworkFromOnnxPath,
-                                            Profile, TrtRunner)
+        from polygraphy.backend.trt import (
+            CreateConfig,
+            EngineFromBytes,
+            EngineFromNetwork,
+            NetworkFromOnnxPath,
+            Profile,
+            TrtRunner,
+        )
 
         if self.format == "tensorrt":
             loader = EngineFromBytes(BytesFromPath(str(self.path)))

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .base import Dataset, ImageSet
 from ..seeds import seed_for
+from .base import Dataset, ImageSet
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

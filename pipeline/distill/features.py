@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError

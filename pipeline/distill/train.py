@@ -157,8 +157,9 @@ class DistillSettings:
     """How one distillation run trains, besides the models, the method and the images.
 
     `precomputed`: the teacher's outputs on every training image, computed elsewhere (the adapt stage's logits);
-    `projected`: SubDistill's targets as the subspaces stage cached them. Under torchrun every process draws the same global batches and trains on its share of each
-    (DDP); `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
+    `projected`: SubDistill's targets as the subspaces stage cached them. Under torchrun every process draws the
+    same global batches and trains on its share of each (DDP); `micro_batch` caps the images per forward pass
+    (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
 
     cfg: Any                            # the distill section (pipeline.distill.config.DistillConfig)

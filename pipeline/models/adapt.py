@@ -11,11 +11,11 @@ from torch import nn
 from ..data import View
 from ..data.views import as_tensor, augment_batch
 from ..errors import ModelError
+from ..seeds import seed_for
 from .fit import fit_classifier
 from .layout import channels_last, channels_last_model
 from .predict import accuracy, predict_logits
 from .split import split_at
-from ..seeds import seed_for
 
 
 def teacher_view(cfg, model: nn.Module, dataset) -> View:

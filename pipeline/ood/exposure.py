@@ -54,7 +54,8 @@ def outlier_exposure(config, models, device, log=lambda _m: None, known=None) ->
     train = outside_data(config).train
     images = train.images
     if cfg.oe_max_images is not None and cfg.oe_max_images < len(images):
-        pick = np.sort(np.random.default_rng(seed_for(config, "ood.exposure.images")).permutation(len(images))[:cfg.oe_max_images])
+        order = np.random.default_rng(seed_for(config, "ood.exposure.images")).permutation(len(images))
+        pick = np.sort(order[:cfg.oe_max_images])
         images = images[pick]
     teacher_logits = None
     if cfg.oe_target == "teacher":
@@ -63,5 +64,5 @@ def outlier_exposure(config, models, device, log=lambda _m: None, known=None) ->
         teacher_logits = logits_of(models.teacher, models.teacher_view, images, device, models.teacher_ids, known)
     log(f"  outlier exposure: {len(images)} non-subtask training images, target {cfg.oe_target}, "
         f"weight {cfg.oe_weight}")
-    return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size, seed_for(config, "ood.exposure.batches"),
-                           device, teacher_logits, config.distill.temperature)
+    return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size,
+                           seed_for(config, "ood.exposure.batches"), device, teacher_logits, config.distill.temperature)

@@ -6,8 +6,7 @@ from __future__ import annotations
 from html import escape
 from typing import Optional
 
-from ..report import (Section, figure_html, html_table, md_table, once_per_artifact, passed_runs,
-                                 pyplot, subplot_grid)
+from ..report import Section, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot, subplot_grid
 
 HEADERS = ["target", "artifact", "runtime", "score", "T", "threshold", "AUROC", "FPR@95", "in kept", "outside accepted",
            "top-1 accepted", "top-1 all", "open-set acc"]
@@ -25,7 +24,8 @@ def ood_section(runs) -> Optional[Section]:
              o["tpr_at_threshold"], o["fpr_at_threshold"], o["accuracy_accepted"], o["accuracy_all"],
              o["open_set_accuracy"]] for t, run in points for o in [run["ood"]]]
     first = points[0][1]["ood"]
-    note = (f'<p class="note">In-subtask: {escape(str(first["n_in"]))} evaluation images; outside: {escape(str(first["n_out"]))} test images of '
+    note = (f'<p class="note">In-subtask: {escape(str(first["n_in"]))} evaluation images; '
+            f'outside: {escape(str(first["n_out"]))} test images of '
             "the dataset's other classes (never used to train or calibrate). The threshold was calibrated on in-subtask "
             "validation images to keep a fixed fraction of them; below it the answer is unknown. FPR@95 puts its own "
             "threshold at 95 % of these in-subtask images; 'in kept' / 'outside accepted' are at the shipped threshold.</p>")

@@ -13,8 +13,18 @@ from typing import Any, Callable, Optional
 
 from ..cache import sha256_file
 from ..errors import EdgesmithError
-from .manifest import (HostInfo, Manifest, SourceState, StageEntry, budget_verdict, config_sha256,
-                       content_digest, file_entries, write_manifest, write_text_atomic)
+from .manifest import (
+    HostInfo,
+    Manifest,
+    SourceState,
+    StageEntry,
+    budget_verdict,
+    config_sha256,
+    content_digest,
+    file_entries,
+    write_manifest,
+    write_text_atomic,
+)
 from .model_card import CardFacts, render_model_card
 from .tarball import unsafe_name, write_tarball
 

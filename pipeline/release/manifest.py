@@ -95,7 +95,7 @@ def file_entries(folder: Path, exclude: tuple[str, ...] = (MANIFEST_NAME,)) -> l
 def regular_files(folder: Path) -> list[str]:
     """Sorted POSIX paths of the regular files under `folder`; symlinks are neither followed nor listed."""
     found = []
-    for top, dirs, files in os.walk(folder, followlinks=False):
+    for top, _dirs, files in os.walk(folder, followlinks=False):
         for name in files:
             path = Path(top) / name
             if path.is_file() and not path.is_symlink():

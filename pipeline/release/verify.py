@@ -12,10 +12,9 @@ from typing import Iterator, Optional, Union
 
 from ..cache import sha256_file
 from ..errors import EdgesmithError
-from .signing import SIGNATURE_NAME, verify_signature, verify_tarball_signature
 from .manifest import MANIFEST_NAME, Manifest, config_sha256, content_digest, parse_manifest, schema_problems
+from .signing import SIGNATURE_NAME, verify_signature, verify_tarball_signature
 from .tarball import TarBundle, UnreadableArchive, open_tarball, resolve_link, unsafe_name
-
 
 MAX_MANIFEST_BYTES = 64 << 20
 

@@ -12,8 +12,7 @@ from torch import nn
 from ..data import View
 from ..data.for_config import subtask_data
 from ..models import count_macs, count_params, load_teacher, save_model
-from ..models.adapt import (classifier_name, fit_on_images, fit_tail_on_cached, labelled_classes, labelled_split,
-                            teacher_class_ids)
+from ..models.adapt import classifier_name, fit_on_images, fit_tail_on_cached, labelled_classes, labelled_split, teacher_class_ids
 from ..models.fit import FitSettings
 from ..models.known_logits import save_known_logits, teacher_logits
 from ..models.predict import accuracy
@@ -60,7 +59,8 @@ class AdaptStage(Stage):
         if adapt.max_images and adapt.max_images < len(train):
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed_for(ctx.config, "adapt.images")))
             train = train.take(keep[: adapt.max_images].sort().values.numpy())
-        settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size, seed_for(ctx.config, "adapt.batches"))
+        settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size,
+                               seed_for(ctx.config, "adapt.batches"))
         known = None
         if first_trainable is None:
             result = fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})", "adapt.augment")

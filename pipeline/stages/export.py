@@ -5,15 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models.spec import StudentSpec
-from ..seeds import seed_for
-from ..stage import Stage, StageContext
-
 from exporters.artifacts import ArtifactListing
 from exporters.config import MOBILE_FORMATS, ExportConfig, in_order
 from exporters.eval_set import write_npz
 from exporters.formats import EXPORT_FORMATS, ExportJob, check_format_names
 from exporters.metadata import artifact_config_digest, model_metadata, preprocessing
+
+from ..models.spec import StudentSpec
+from ..seeds import seed_for
+from ..stage import Stage, StageContext
 
 
 class ExportStage(Stage):

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import torch
 
+from quantize.config import QATConfig
+from quantize.fold import fold_batchnorm, max_output_difference
+from quantize.layer_error import torch_layer_error
+from quantize.model_io import QuantizedSpec, save_quantized_student
+from quantize.nncf_ops import calibration_images
+from quantize.precision import ERROR_IMAGES, quantize_student
+from quantize.qat import TrainSet, distillation_loss, finetune, model_accuracy
+
 from .. import distributed
 from ..models.spec import StudentSpec
 from ..seeds import seed_for
 from ..stage import Stage, StageContext
-
-from quantize.config import QATConfig
-from quantize.fold import fold_batchnorm, max_output_difference
-from quantize.model_io import QuantizedSpec, save_quantized_student
-from quantize.layer_error import torch_layer_error
-from quantize.nncf_ops import calibration_images
-from quantize.precision import ERROR_IMAGES, quantize_student
-from quantize.qat import TrainSet, model_accuracy, distillation_loss, finetune
 
 
 class QATStage(Stage):
@@ -35,8 +35,8 @@ class QATStage(Stage):
         return ("adapt", "distill")
 
     def run(self, ctx: StageContext) -> dict:
-        from pipeline.models import load_student
         from pipeline.data.for_config import subtask_data
+        from pipeline.models import load_student
 
         cfg: QATConfig = ctx.config.section("qat")
         student, spec = load_student(ctx.inputs["distill"].dir)

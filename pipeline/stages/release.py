@@ -13,11 +13,11 @@ from typing import Any, Iterable, Optional
 
 from ..cache import BuildCache, package_versions, sha256_file
 from ..config import SECTIONS, EdgesmithConfig
-from ..stage import Stage, StageContext, StageRecord
 from ..release.bundle import ReleaseError, ReleaseInfo, ReleaseSources, assemble_release
 from ..release.manifest import RECORDED_PACKAGES, StageEntry, git_state, host_info
 from ..release.signing import sign_bundle
 from ..release.tarball import source_date_epoch
+from ..stage import Stage, StageContext, StageRecord
 
 LINK_NAME = "release"
 

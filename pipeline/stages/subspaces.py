@@ -7,15 +7,15 @@ import time
 
 import torch
 
+from .. import distributed
+from ..data.for_config import subtask_data
 from ..data.views import as_tensor, batches
 from ..distill.methods import METHODS
-from .. import distributed
 from ..distill.subspace import Elsewhere, Subspace, accumulate, load_subspaces, save_subspaces
 from ..distill.targets import compute_targets, save_targets
 from ..distill.train import Models, layer_pairs, load_models
 from ..seeds import seed_for
 from ..stage import Stage, StageContext
-from ..data.for_config import subtask_data
 
 
 class SubspacesStage(Stage):

@@ -5,7 +5,15 @@ from __future__ import annotations
 from ..data import View
 from ..data.for_config import subtask_data
 from ..models import TeacherSpec, count_macs, count_params, create_model, save_model
-from ..models.adapt import fit_on_images, head_class_names, labelled_classes, labelled_split, num_outputs, teacher_arch, teacher_view
+from ..models.adapt import (
+    fit_on_images,
+    head_class_names,
+    labelled_classes,
+    labelled_split,
+    num_outputs,
+    teacher_arch,
+    teacher_view,
+)
 from ..models.fit import FitSettings
 from ..models.teachers import TEACHER_SOURCES
 from ..seeds import seed_for

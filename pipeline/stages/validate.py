@@ -11,13 +11,13 @@ from pathlib import Path
 from rich.markup import escape
 
 from ..errors import BudgetError
+from ..report import write_report
 from ..stage import Stage, StageContext, StageRecord
 from ..validation.budgets import Verdict, check, table
 from ..validation.layers import bundle_layer_error, layer_error_section
 from ..validation.matrix import short_matrix_text
-from ..report import write_report
-from ..validation.sections import label_budget_sections, validation_sections
 from ..validation.run import run_target
+from ..validation.sections import label_budget_sections, validation_sections
 from ..validation.suite import TargetRun
 from ..validation.targets import parse_target
 

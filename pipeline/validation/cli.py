@@ -93,7 +93,8 @@ def _compare_inputs(model: Path, eval_set: Optional[Path], images: int, shape: O
         if spec:
             return Preprocess.from_spec(json.loads(spec))(raw)
         return np.ascontiguousarray(raw, dtype=np.float32) / 255.0
-    dims = [d.dim_value or None for d in onnx.load(str(model), load_external_data=False).graph.input[0].type.tensor_type.shape.dim]
+    graph = onnx.load(str(model), load_external_data=False).graph
+    dims = [d.dim_value or None for d in graph.input[0].type.tensor_type.shape.dim]
     if shape:
         dims = [int(v) for v in shape.split(",")]
     if any(d is None for d in dims[1:]):

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .budgets import KIB, Verdict
 from ..report import Section, html_table, md_table, passed_runs
+from .budgets import KIB, Verdict
 
 HEADERS = ["target", "artifact", "arena used KiB", "max_arena_kb", "flash KiB", "max_flash_kb", "fits"]
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..ood.report import ood_section
-from ..report import (Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot,
-                      subplot_grid)
+from ..report import Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot, subplot_grid
 from .budgets import MIB, Verdict, fmt
 from .layers import layer_latency_section, tool_section
 from .matrix import NOT_APPLICABLE, matrix_html, matrix_rows, verdict_matrix

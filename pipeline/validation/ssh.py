@@ -12,7 +12,6 @@ import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import Optional
 
 from ..errors import DeviceError
 from .config import SshConfig, ValidateConfig

@@ -56,7 +56,8 @@ def pixel_flipping(model, x: torch.Tensor, maps: torch.Tensor, gap_fn, steps: in
     """Most-relevant-first pixel flipping: set the top f of the pixels (all channels; by the heatmap) to 0 in the
     normalised input (the normalisation mean), for f = 0, 1/steps, ..., 1, and record the mean logit gap; the same
     with a random pixel order as the reference. A faithful heatmap makes the gap fall faster than random: a smaller
-    area under its curve (auc_gain = random AUC - relevance AUC > 0). `maps` are N x H x W at the input's resolution; `gap_fn(logits) -> gaps`."""
+    area under its curve (auc_gain = random AUC - relevance AUC > 0). `maps` are N x H x W at the input's
+    resolution; `gap_fn(logits) -> gaps`."""
     n, _, h, w = x.shape
     fractions = np.linspace(0.0, 1.0, steps + 1)
     generator = torch.Generator().manual_seed(seed)

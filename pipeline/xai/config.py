@@ -17,6 +17,7 @@ class ExplainConfig(Section):
     composite: Literal["epsilon_gamma_box", "epsilon_plus_flat"] = Field(
         "epsilon_gamma_box", description="zennit composite for both models (ZBox/flat first layer, gamma/z+ convs, "
         "epsilon on linear layers)")
-    size: Optional[int] = Field(None, ge=4, description="common resolution of the compared heatmaps (None: the dataset's image side)")
+    size: Optional[int] = Field(None, ge=4, description="common resolution of the compared heatmaps "
+                                "(None: the dataset's image side)")
     flip_steps: int = Field(10, ge=2, le=100, description="pixel-flipping curve: steps from 0 to 100 % of the pixels")
     batch_size: int = Field(32, ge=1, description="images per attribution batch")

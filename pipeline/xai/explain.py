@@ -104,8 +104,9 @@ def _std(x: torch.Tensor) -> float:
 
 def _zennit_version() -> str:
     try:
-        import zennit  # noqa: F401
         from importlib.metadata import version
+
+        import zennit  # noqa: F401
 
         return version("zennit")
     except Exception:  # noqa: BLE001

@@ -10,8 +10,8 @@ import numpy as np
 
 def run_explain(ctx, cfg) -> tuple[dict, list]:
     """`cfg` is the ExplainConfig; needs ctx.inputs 'adapt' and 'distill'."""
-    from ..models import load_student, load_teacher
     from ..data.for_config import subtask_data
+    from ..models import load_student, load_teacher
     from .explain import explain_pair
     from .report import explain_section
 

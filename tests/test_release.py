@@ -87,7 +87,7 @@ def release_info(config: dict | None = None, metrics: dict | None = None) -> Rel
                                     metrics=metrics or {"student_test_acc": 0.9, "teacher_test_acc": 0.95}),
               "validate": StageEntry(key="v" * 64, device="cpu", seed=7, metrics={"budgets": BUDGETS})}
     return ReleaseInfo(build=cfg.build.name, version=cfg.release.version, seed=cfg.build.seed, source_date_epoch=0,
-                       config=cfg.dump(), stages=stages, budgets=budgets_of({"budgets": BUDGETS}),
+                       config=cfg.recorded(), stages=stages, budgets=budgets_of({"budgets": BUDGETS}),
                        packages={"python": "3.11", "onnx": "1.20.0"}, source=git_state(), host=host_info())
 
 

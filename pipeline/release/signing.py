@@ -92,7 +92,8 @@ def verify_signature(bundle_root: Path, public_key: str | os.PathLike) -> None:
 def _reason(exc: Exception) -> str:
     """model_signing's mismatch text carries raw digest bytes: keep the file names it lists."""
     text = str(exc).strip() or type(exc).__name__
-    changed = sorted(set(re.findall(r"mismatch for '([^']+)'", text)))
+    # A name is quoted 'like this', or \'like this\' where model_signing nests the message in another repr.
+    changed = sorted(set(re.findall(r"mismatch for \\?'([^'\\]+)\\?'", text)))
     added = re.findall(r"Extra files found in model '[^']*': ([^\"]+)\"", text)
     removed = re.findall(r"Missing files in model '[^']*': ([^\"]+)\"", text)
     if changed or added or removed:

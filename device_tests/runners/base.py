@@ -72,9 +72,9 @@ class Runner:
         except DeviceTestError:
             raise
         except Exception as exc:  # the runtimes raise their own types; the user needs the message, not the class
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            first_line = str(exc).strip().splitlines()[0].rstrip(" .") if str(exc).strip() else repr(exc)
             raise IncompatibleArtifactError(
-                f"{self.name} could not load {self.path.name}: {first_line}",
+                f"{self.name} could not load {self.path.name}: {first_line}.",
                 "Check that the file is a complete, valid model (re-export it) and that this runtime supports its operators.",
             ) from None
         self.is_active = True

@@ -1,6 +1,7 @@
 """`edgesmith profile MODEL`: the trtexec / benchmark_app of edgesmith. The same latency protocol (and, with
-an evaluation set, the same accuracy) as the validate stage, for any ONNX / OpenVINO IR / TensorRT engine
-file, built by edgesmith or not, locally or on an SSH target, with no config file."""
+an evaluation set, the same accuracy) as the validate stage, for any model file a device-suite runtime can load
+(ONNX, OpenVINO IR, TensorRT engine, LiteRT / TFLite Micro .tflite, ExecuTorch .pte), built by edgesmith or not,
+locally or on an SSH target, with no config file."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from typing import Optional
 
 import typer
 
+from device_tests.bundle import FORMATS as MODEL_SUFFIXES
+from device_tests.runners import RUNNERS
+
 from ..cache import PROJECT_ROOT
 from ..errors import ConfigError, DeviceError
 from .config import LatencyConfig, SshConfig, ValidateConfig
@@ -20,8 +24,10 @@ from .targets import parse_target
 
 
 def profile(
-    model: Path = typer.Argument(..., help="model file: .onnx, OpenVINO .xml (with its .bin), TensorRT .engine/.plan"),
-    runtime: Optional[str] = typer.Option(None, help="onnxruntime | openvino | tensorrt (default: by file type)"),
+    model: Path = typer.Argument(..., help="model file: " + ", ".join(sorted(MODEL_SUFFIXES)) + " (an OpenVINO .xml "
+                                 "with its .bin)"),
+    runtime: Optional[str] = typer.Option(None, help=" | ".join(sorted(RUNNERS)) + " (default: by file type; "
+                                          "--runtime tflm runs a .tflite under TFLite Micro)"),
     target: str = typer.Option("local", help="'local' or ssh://user@host[:port][?python=/path/to/python]"),
     eval_set: Optional[Path] = typer.Option(None, "--eval",
                                             help="eval.npz (images_u8, labels; teacher_pred, fp32_pred) for accuracy"),
@@ -157,7 +163,7 @@ def run_profile(model: Path, runtime: Optional[str], target: str, eval_set: Opti
         result = _read_result(out, log)
     if result.get("status") != "passed":
         raise DeviceError(f"Profiling {model.name} with {runtime} on {target} failed: {result.get('message')}",
-                          "See the message above; `--runtime` picks another runtime.")
+                          "`--runtime` picks another runtime.")
     result["target"] = target
     return result
 

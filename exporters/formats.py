@@ -84,10 +84,19 @@ class ExportJob:
         return parity(run_batched(runner, self.parity_inputs, batch), self.reference(precision), self.parity_labels)
 
     def record(self, path: Path, fmt: str, precision: str, runtime: str, checked: dict | None, **extra) -> dict:
-        sidecar = write_sidecar(path, {**self.meta, "format": fmt, "precision": precision, **extra})
+        sidecar = write_sidecar(path, with_file_input({**self.meta, "format": fmt, "precision": precision, **extra}))
         return {"file": path.relative_to(self.out).as_posix(), "format": fmt, "precision": precision,
                 "runtime": runtime, "sha256": sha256(path), "size": path.stat().st_size,
                 "sidecar": sidecar.relative_to(self.out).as_posix(), "parity": checked, **extra}
+
+
+def with_file_input(meta: dict) -> dict:
+    """A .tflite's metadata (it carries "io"): its "input" is the tensor the file takes, e.g. int8 at batch 1 for
+    an INT8 model, not the float32 tensor of dynamic batch that the preprocessing yields (ONNX, OpenVINO)."""
+    if "io" not in meta:
+        return meta
+    real = meta["io"]["input"]
+    return {**meta, "input": {**meta.get("input", {}), "dtype": real["dtype"], "shape": real["shape"]}}
 
 
 def sha256(path: Path) -> str:
@@ -224,7 +233,8 @@ def litert(job: ExportJob) -> list[dict]:
             job.log("export: no qat section, so no INT8 LiteRT model")
             continue
         path = litert_file(job, precision, "litert")
-        stamp_tflite(path, {**job.meta, "format": "litert", "precision": precision, "io": io_quantization(path)})
+        stamp_tflite(path, with_file_input({**job.meta, "format": "litert", "precision": precision,
+                                            "io": io_quantization(path)}))
         # FP32 is compared with the FP32 student; INT8 too (PT2E quantizes the FP32 student), and with NNCF's
         checked = job.check(device_runner(path, "litert", "litert"), "fp32", batch=1)
         if precision == "int8":
@@ -249,7 +259,7 @@ def tflm(job: ExportJob) -> list[dict]:
     path = folder / "model.int8.tflite"
     shutil.copyfile(source, path)
     io, ops = io_quantization(path), builtin_ops(path)
-    stamp_tflite(path, {**job.meta, "format": "tflm", "precision": "int8", "io": io, "ops": ops})
+    stamp_tflite(path, with_file_input({**job.meta, "format": "tflm", "precision": "int8", "io": io, "ops": ops}))
     arena = smallest_arena(path)
     arena_constant = arena["arena_min_bytes"] + 1024
     header, c_source = write_c_sources(folder, path.read_bytes(), arena_constant, ops, io)

@@ -4,6 +4,7 @@ compiler exists, bytes equal to the .tflite), the arena, and the errors a user c
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -66,6 +67,17 @@ def test_int8_tflite_is_full_integer_with_its_scales_recorded(exported):
     assert io["input"]["dtype"] == "int8" and io["output"]["dtype"] == "int8"
     assert io["input"]["scale"] > 0 and io["output"]["scale"] > 0
     assert artifacts["model.tflite"]["io"]["input"]["dtype"] == "float32"
+
+
+def test_tflite_metadata_describes_the_input_the_file_takes(exported):
+    from exporters.tflite_file import read_tflite_metadata
+
+    out, artifacts = exported
+    for name in ("model.tflite", "model.int8.tflite", "tflm/model.int8.tflite"):
+        io = artifacts[name]["io"]["input"]
+        for meta in (read_tflite_metadata(out / name), json.loads((out / artifacts[name]["sidecar"]).read_text())):
+            assert meta["input"]["dtype"] == io["dtype"] and meta["input"]["shape"] == io["shape"], (name, meta["input"])
+    assert artifacts["tflm/model.int8.tflite"]["io"]["input"]["dtype"] == "int8"
 
 
 def test_tflite_carries_edgesmith_metadata(exported):

@@ -5,6 +5,7 @@ validates them on their runtimes, and a missed arena budget fails the build with
 import json
 import re
 
+import numpy as np
 import pytest
 
 from tests.conftest import run_cli
@@ -64,3 +65,13 @@ def test_profile_refuses_a_corrupt_mobile_file_clearly(tmp_path, name, runtime):
     assert name in output and "could not load" in output, output[-3000:]
     # one paragraph that reads as sentences, and points at nothing that is not there
     assert "See the message above" not in output and re.search(r"[a-z] Check that", output) is None, output[-3000:]
+
+
+def test_profile_refuses_random_bytes_named_pte_without_aborting(tmp_path):
+    # ExecuTorch's own loader ends the process with a C++ "terminate called" on such files
+    model = tmp_path / "random.pte"
+    model.write_bytes(np.random.default_rng(0).bytes(4000))
+    proc = run_cli("profile", model, "--queries", "4", "--duration", "0", timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "terminate called" not in output and "Traceback" not in output, output[-3000:]
+    assert "not an ExecuTorch program" in output, output[-3000:]

@@ -10,6 +10,8 @@ import numpy as np
 from .base import Runner, _lazy, register_runner
 from .tflite_io import per_image
 
+PTE_IDENTIFIER = b"ET"          # program.fbs file_identifier "ET12" (the digits are the schema version)
+
 _et = _lazy("executorch.runtime", "ExecuTorch",
             "pip install executorch (it brings torch), or the project's `mobile` extra: pip install -e '.[mobile]'")
 
@@ -26,6 +28,12 @@ class ExecuTorchRunner(Runner):
         _et()
 
     def _activate_impl(self) -> None:
+        # ExecuTorch's loader aborts the whole process (C++ terminate) on some malformed files instead of raising:
+        # refuse anything that is not an ExecuTorch program flatbuffer (file identifier "ET.." at bytes 4-8) first.
+        with open(self.path, "rb") as fh:
+            head = fh.read(8)
+        if len(head) < 8 or head[4:6] != PTE_IDENTIFIER:
+            raise ValueError(f"not an ExecuTorch program (bytes 4-8 are {head[4:8]!r}, not the 'ET..' identifier)")
         runtime = _et().Runtime.get()
         self._program = runtime.load_program(str(self.path))
         self._method = self._program.load_method("forward")

@@ -150,3 +150,77 @@ def test_the_release_stage_signs_when_the_config_says_so(tmp_path, keys):
         for path in (tmp / "bundle", tarball):
             check_bundle(path)
             check_signature(path, public)
+
+
+def test_a_tampered_model_re_manifested_names_both_files_from_the_signed_statement(tmp_path, signed, keys):
+    """The verdict comes from the signed in-toto statement compared with the files' sha256, not from
+    model_signing's exception text: the model and the regenerated manifest both differ from what was signed."""
+    (_, public), _ = keys
+    bundle = Path(shutil.copytree(signed.bundle_dir, tmp_path / "bundle"))
+    model = bundle / "model.int8.onnx"
+    data = bytearray(model.read_bytes())
+    data[-1] ^= 0x01
+    model.write_bytes(bytes(data))
+    remanifest(bundle)
+    check_bundle(bundle)
+    with pytest.raises(SignatureError) as info:
+        check_signature(bundle, public)
+    assert "changed since signing: manifest.json, model.int8.onnx." in str(info.value)
+    assert "added since signing" not in str(info.value) and "removed since signing" not in str(info.value)
+    (bundle / "labels.txt").unlink()
+    remanifest(bundle)
+    proc = edgesmith("verify", bundle, "--public-key", public)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "changed since signing: manifest.json, model.int8.onnx; removed since signing: labels.txt" in proc.stdout
+
+
+def test_the_signed_statement_lists_every_file_with_its_sha256(signed):
+    from pipeline.cache import sha256_file
+    from pipeline.release.signing import signed_digests
+
+    digests = signed_digests(signed.bundle_dir / SIGNATURE_NAME)
+    assert digests is not None and MANIFEST_NAME in digests and SIGNATURE_NAME not in digests
+    assert digests["model.int8.onnx"] == sha256_file(signed.bundle_dir / "model.int8.onnx")
+
+
+def test_another_signers_key_says_the_files_match_but_the_signature_does_not(signed, keys):
+    _, (_, stranger) = keys
+    with pytest.raises(SignatureError, match="every file matches the digests the signature lists"):
+        check_signature(signed.bundle_dir, stranger)
+
+
+def _bad_keys(folder: Path, keys) -> dict[str, tuple[Path, str]]:
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    (private, _), _ = keys
+    rsa_pub = folder / "rsa.pub"
+    rsa_pub.write_bytes(rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    ed_pub = folder / "ed25519.pub"
+    ed_pub.write_bytes(ed25519.Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    empty = folder / "empty.pub"
+    empty.write_bytes(b"")
+    garbage = folder / "garbage.pub"
+    garbage.write_bytes(b"not a key at all\n")
+    broken = folder / "broken.pub"
+    broken.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    return {"private": (private, "PRIVATE key"), "rsa": (rsa_pub, "wrong algorithm, RSA, not elliptic-curve"),
+            "ed25519": (ed_pub, "wrong algorithm, Ed25519, not elliptic-curve"), "empty": (empty, "empty"),
+            "not pem": (garbage, "not PEM"), "broken pem": (broken, "not a PEM public key"),
+            "missing": (folder / "nope.pub", "does not exist")}
+
+
+@pytest.mark.parametrize("case", ["private", "rsa", "ed25519", "empty", "not pem", "broken pem", "missing"])
+def test_a_bad_public_key_is_a_key_error_exit_2(tmp_path, signed, keys, case):
+    from pipeline.errors import EdgesmithError
+
+    path, says = _bad_keys(tmp_path, keys)[case]
+    with pytest.raises(EdgesmithError, match=says) as info:
+        check_signature(signed.bundle_dir, path)
+    assert info.value.exit_code == 2 and "elliptic-curve (P-256, P-384 or P-521) public key in PEM" in str(info.value)
+    proc = edgesmith("verify", signed.bundle_dir, "--public-key", path)
+    assert proc.returncode == 2, (case, proc.returncode, proc.stdout + proc.stderr)
+    out = proc.stdout + proc.stderr
+    assert f"--public-key {path}" in out and "is not a usable public key" in out and says in out, out
+    assert "signed" not in out.split("expected")[0] and "Do not deploy" not in out, out

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.cache import BuildCache
 from pipeline.config import parse_config
@@ -169,3 +170,62 @@ def _release_again(config: Path, stage_dir: Path) -> Path:
 def _members(tar_bytes: bytes) -> dict[str, bytes]:
     with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
         return {m.name: tar.extractfile(m).read() if m.isfile() else b"" for m in tar.getmembers()}
+
+
+@pytest.mark.slow
+def test_a_failed_validation_removes_the_release_link_to_an_older_release(write_config):
+    """After a build whose validation fails, `release` must not keep pointing at the older passing release."""
+    from .conftest import run_cli
+
+    tiny = yaml.safe_load((Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml").read_text())
+    config = write_config(**{name: tiny[name] for name in ("qat", "export", "validate", "release")})
+    first = run_cli("build", config)
+    assert first.returncode == 0, first.stdout + first.stderr
+    build_dir = config.parent / "builds" / "tiny"
+    link = build_dir / "release"
+    assert link.is_symlink() and (link / "bundle" / "manifest.json").is_file()
+    old_release = link.resolve()
+
+    failed = run_cli("build", config, "--set", "validate.budgets.min_accuracy=1.0")
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    assert "Validation missed" in failed.stdout + failed.stderr
+    assert not link.exists() and not link.is_symlink(), "release still points at the older release"
+    assert "removed the `release` link" in failed.stdout + failed.stderr
+    assert (old_release / "bundle" / "manifest.json").is_file(), "the older release folder itself is kept"
+
+    again = run_cli("build", config)           # passing again (all cached): the link is back
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert link.is_symlink() and link.resolve() == old_release
+
+
+def test_refusing_a_failed_validation_removes_the_release_link(tmp_path):
+    from pipeline.release.bundle import ReleaseError
+    from pipeline.stages.release import refresh_release_link, refuse_failed_validation
+
+    build_dir = tmp_path / "tiny"
+    (build_dir / "release-old").mkdir(parents=True)
+    (build_dir / "validate-new").mkdir()
+    refresh_release_link(build_dir / "release-old")
+    assert (build_dir / "release").is_symlink()
+    validate = StageRecord("validate", "v" * 64, build_dir / "validate-new",
+                           {"metrics": {"passed": False, "missed": 1, "checks": 2}})
+    with pytest.raises(ReleaseError, match="no release is cut"):
+        refuse_failed_validation(parse_config(release_config()), validate)
+    assert not (build_dir / "release").is_symlink() and (build_dir / "release-old").is_dir()
+
+
+def test_a_missed_validation_budget_removes_the_release_link(tmp_path):
+    from pipeline.errors import BudgetError
+    from pipeline.stages.release import refresh_release_link
+    from pipeline.stages.validate import ValidateStage
+
+    build_dir = tmp_path / "tiny"
+    (build_dir / "release-old").mkdir(parents=True)
+    (build_dir / "validate-new").mkdir()
+    refresh_release_link(build_dir / "release-old")
+    missed = {"target": "local", "artifact": "model.onnx", "runtime": "onnxruntime", "budget": "min_accuracy",
+              "measured": 0.25, "allowed": 1.0, "ok": False}
+    record = StageRecord("validate", "v" * 64, build_dir / "validate-new", {"metrics": {"budgets": [missed]}})
+    with pytest.raises(BudgetError):
+        ValidateStage().after_commit(record, None)
+    assert not (build_dir / "release").exists() and not (build_dir / "release").is_symlink()

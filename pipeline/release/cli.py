@@ -35,12 +35,39 @@ def diff(
     a: Path = typer.Argument(..., help="first bundle (folder or .tar.gz)"),
     b: Path = typer.Argument(..., help="second bundle (folder or .tar.gz)"),
     fail_on_change: bool = typer.Option(False, "--fail-on-change",
-                                        help="exit 1 if config, metrics or files differ (for CI)"),
+                                        help="exit 1 if what defines the model differs: model files of any format, "
+                                             "artifacts.json minus measured fields, preprocessing, labels, eval set, "
+                                             "recorded config (measured results are shown but do not gate)"),
+    max_accuracy_drop: Optional[float] = typer.Option(None, "--max-accuracy-drop", min=0.0,
+                                                      help="exit 1 if any artifact's accuracy in B is lower than in A "
+                                                           "by more than this (absolute, e.g. 0.005)"),
+    fail_on_any_change: bool = typer.Option(False, "--fail-on-any-change",
+                                            help="exit 1 if anything but the environment differs, measured "
+                                                 "results included"),
 ) -> None:
     """Config differences, metric deltas and changed artifacts between two release bundles."""
     result = diff_bundles(a, b)
     typer.echo(render_diff(result), nl=False)
-    if fail_on_change and result.substantive:
+    failed = []
+    if fail_on_change:
+        changes = result.model_changes
+        typer.echo(f"\nmodel: {'differs (' + str(len(changes)) + ')' if changes else 'identical'} "
+                   f"(--fail-on-change)")
+        failed += changes
+    if max_accuracy_drop is not None:
+        drops = result.accuracy_drops(max_accuracy_drop)
+        for key, x, y in drops:
+            typer.echo(f"accuracy of {key} dropped {x:.6g} -> {y:.6g} ({y - x:+.6g}), more than "
+                       f"--max-accuracy-drop {max_accuracy_drop:g}")
+        if not result.accuracy:
+            typer.echo("--max-accuracy-drop: no artifact has an accuracy recorded in both bundles")
+        elif not drops:
+            typer.echo(f"accuracy: no artifact dropped more than {max_accuracy_drop:g} "
+                       f"({len(result.accuracy)} compared)")
+        failed += drops
+    if fail_on_any_change and result.substantive:
+        failed.append("any change")
+    if failed:
         raise typer.Exit(1)
 
 

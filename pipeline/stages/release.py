@@ -1,7 +1,9 @@
 """The `release` stage: bundle the exported artifacts, evaluation set, device tests and report, with a manifest.
 
 Output (in the stage folder `<output>/<build>/release-<key>/`): `bundle/` and `<build>-<version>.tar.gz`.
-After commit, `<output>/<build>/release` is pointed at that folder, so users find the latest release.
+After commit, `<output>/<build>/release` is pointed at that folder, so users find the latest release. A build
+whose validation fails (no release is cut) removes that pointer: it must not present an older release as the
+current one (withdraw_release_link).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def refuse_failed_validation(cfg: EdgesmithConfig, validate: Optional[StageRecor
         return
     metrics = validate.metrics
     if metrics.get("passed", True) is False or metrics.get("complete", True) is False:
+        withdraw_release_link(validate.dir.parent)
         raise ReleaseError(
             f"The validation this release would ship ({validate.dir}) failed: {metrics.get('missed', '?')} of "
             f"{metrics.get('checks', '?')} checks missed; no release is cut from it.",
@@ -140,3 +143,18 @@ def refresh_release_link(stage_dir: Path) -> Optional[Path]:
     os.symlink(stage_dir.name, tmp)
     os.replace(tmp, link)
     return link
+
+
+def withdraw_release_link(build_dir: Path) -> Optional[str]:
+    """After a failed validation (no release cut): remove `<build folder>/release`, so it does not present an
+    older passing release as the current one. The old release folder itself stays (release-<key>). Returns the
+    folder the link pointed at, or None if there was no link (a real folder someone put there is left alone)."""
+    link = Path(build_dir) / LINK_NAME
+    if not link.is_symlink():
+        return None
+    target = os.readlink(link)
+    try:
+        link.unlink()
+    except FileNotFoundError:
+        return None
+    return target

@@ -20,6 +20,7 @@ from ..validation.run import run_target
 from ..validation.sections import label_budget_sections, validation_sections
 from ..validation.suite import TargetRun
 from ..validation.targets import parse_target
+from .release import LINK_NAME, withdraw_release_link
 
 
 class ValidateStage(Stage):
@@ -114,6 +115,10 @@ class ValidateStage(Stage):
                     "is cut anyway because release.allow_failed_validation is true (its model card says so).\n"
                     + table(missed))
             return
+        withdrawn = withdraw_release_link(record.dir.parent)
+        if withdrawn is not None and ctx is not None:
+            ctx.log(f"  release: removed the `{LINK_NAME}` link to {withdrawn}: this build's validation failed, so "
+                    "the latest release is not a validated one (the older release folder is kept)")
         raise BudgetError(
             f"Validation missed {len(missed)} of {len(verdicts)} checks; all results are kept in {record.dir} "
             "(results-*.json, report.html), and no release is cut from them.",

@@ -137,9 +137,12 @@ class Build:
     def pending(self, plan: list[PlannedStage], force: tuple[str, ...] = ()) -> list[str]:
         """The planned stages a build would run (not cached, forced, a failure to retry, or reading one of those)."""
         names: list[str] = []
+        retried: set[str] = set()           # as in run: a failure to retry re-runs what reads it, --force does not
         for p in plan:
             meta = None if p.stage.name in force else self.cache.lookup(p.stage.name, p.key, verify=self.cfg.build.verify_cache)
-            if meta is None or not p.stage.reusable(meta) or any(n in names for n in p.inputs):
+            if meta is not None and (not p.stage.reusable(meta) or any(n in retried for n in p.inputs)):
+                retried.add(p.stage.name)
+            if meta is None or p.stage.name in retried:
                 names.append(p.stage.name)
         return names
 

@@ -15,13 +15,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import CacheBusyError
+from .errors import CacheBusyError, CacheError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 CODE_PACKAGES = ("pipeline", "quantize", "exporters", "device_tests")
@@ -131,6 +132,45 @@ def _fault_point(step: str, final: Path) -> None:
     time.sleep(float(os.environ.get("EDGESMITH_FAULT_PAUSE_S", "0")))
 
 
+FOLDER_FIX = ("Set build.output to a folder you can write (e.g. --set build.output=/some/writable/folder), or make "
+              "this one writable (chmod u+w, or chown it to the user who builds).")
+
+
+def folder_error(root: Path, exc: OSError, where: Path | None = None) -> CacheError:
+    """The OSError of creating or writing the build folder `root` (in `where`), as the user's problem and its fix."""
+    where = where or exc.filename or root
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) or (os.path.lexists(root) and not os.path.isdir(root)):
+        reason = f"a file is in the way ({where}: {exc.strerror}); build.output must be a folder"
+    elif exc.errno == errno.EROFS:
+        reason = f"{where} is on a read-only file system"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        reason = f"no permission to write in {where}"
+    else:
+        reason = f"{where}: {exc.strerror or exc}"
+    return CacheError(f"The build folder {root} cannot be created or written: {reason}.", FOLDER_FIX)
+
+
+def folder_problem(root: Path) -> CacheError | None:
+    """Why the build folder `root` could not be created or written, or None if it can. Leaves nothing behind: the
+    folder itself (or its nearest existing parent, when it does not exist yet) is probed with a temporary folder
+    that is removed at once."""
+    root = Path(root)
+    base = root
+    while not os.path.lexists(base) and base.parent != base:
+        base = base.parent
+    if not base.is_dir():
+        what = "a file" if base.is_file() else "not a folder"
+        under = "" if base == root else f" (a parent of {root})"
+        return CacheError(f"The build folder {root} cannot be created: {base}{under} is {what}; build.output must "
+                          "name a folder.", f"Set build.output to a folder (e.g. --set build.output=builds), or move "
+                          f"{base} out of the way.")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".edgesmith-write-test-", dir=base))
+    except OSError as exc:
+        return folder_error(root, exc, base)
+    return None
+
+
 class BuildCache:
     """`<output>/<build>/<stage>-<key>/` folders, each complete or absent."""
 
@@ -216,11 +256,21 @@ class BuildCache:
         """Remove temporary folders of builds that died, and old folders moved aside (only under the lock)."""
         shutil.rmtree(self.tmp_root, ignore_errors=True)
 
+    def problem(self) -> CacheError | None:
+        """Why this build folder cannot be created or written (read-only, a file in the way), or None."""
+        return folder_problem(self.root)
+
     @contextmanager
     def lock(self, wait: bool = True, say=print) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
         lock_file = self.root / ".lock"
-        with open(lock_file, "a+") as fh:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(lock_file, "a+")
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise               # the CLI's disk-full message
+            raise folder_error(self.root, exc) from None
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:

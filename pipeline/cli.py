@@ -36,11 +36,13 @@ def load_with_overrides(config: Path, sets: List[str]):
 def check(config: Path = typer.Argument(..., help="YAML build config"),
           sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP)) -> None:
     """Validate a config and resolve its subtask classes against the dataset."""
-    from .preflight import check_data, check_names
+    from .preflight import check_build, check_data
 
     cfg = load_with_overrides(config, sets)
-    check_names(cfg)
+    notes = check_build(cfg)
     data, note = check_data(cfg)
+    for extra in notes:
+        console.print(f"[yellow]note[/]: {escape(extra)}", highlight=False, soft_wrap=True)
     if data is None:
         console.print(f"[green]OK[/] {config}: build '{cfg.build.name}', subtask {list(cfg.subtask.classes)}; "
                       f"[yellow]note[/]: {note}")
@@ -62,12 +64,12 @@ def build(
     """Run the chain of stages, reusing every cached one."""
     from . import distributed
     from .data.for_config import subtask_data
-    from .preflight import check_names
+    from .preflight import check_build
     from .progress import ProgressDisplay
     from .runner import Build
 
     cfg = load_with_overrides(config, sets)
-    check_names(cfg)
+    check_build(cfg)        # names, qat.keep_fp32, a writable build folder: before any stage runs
     if nproc > 1:
         return launch_build(nproc, config, force, until, no_wait, sets)
     subtask_data(cfg)  # missing data or unknown classes fail here, before the cache is touched

@@ -40,6 +40,11 @@ class CacheBusyError(EdgesmithError):
     """Another build holds the cache lock."""
 
 
+class CacheError(EdgesmithError):
+    """The build folder (build.output/build.name) cannot be created or written: a file in the way, no permission,
+    a read-only disk."""
+
+
 class BudgetError(EdgesmithError):
     """A validation budget was missed; the results are recorded nonetheless."""
 

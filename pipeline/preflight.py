@@ -2,8 +2,53 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from .errors import DataError, ModelError
 from .registry import did_you_mean
+
+
+def check_build(cfg) -> list[str]:
+    """What `check` and `build` both run before any stage: names resolve, qat.keep_fp32 names layers of the
+    student, and the build folder can be written (or is a read-only cache that holds every stage). Raises the first
+    problem; returns notes (e.g. the read-only cache)."""
+    check_names(cfg)
+    check_keep_fp32(cfg)
+    note = check_output(cfg)
+    return [note] if note else []
+
+
+def check_keep_fp32(cfg) -> None:
+    """qat.keep_fp32 layer names against the student's Conv/Linear layers: the architecture alone (no weights, no
+    data), so a typo fails before the teacher, adapt and distill stages run rather than at qat."""
+    qat = cfg.section("qat")
+    if qat is None or not qat.keep_fp32 or qat.keep_fp32 == ["auto"]:
+        return
+    from quantize.precision import check_layer_names
+
+    from .models.registry import create_model
+
+    model = create_model(cfg.student.arch, max(2, len(cfg.subtask.classes)), cfg.student.input.channels or 3)
+    check_layer_names(model, list(qat.keep_fp32))
+
+
+def check_output(cfg) -> str:
+    """The build folder (build.output/build.name) can be created and written; nothing is created to find out.
+    A folder that cannot be written is fine only if it already holds every stage of this config (a read-only
+    cache, reused without the lock): then a note says so; otherwise the CacheError names the folder and the fix."""
+    from .cache import BuildCache
+
+    cache = BuildCache(Path(cfg.build.output) / cfg.build.name)
+    problem = cache.problem()
+    if problem is None:
+        return ""
+    if not cache.entries():
+        raise problem
+    from .runner import Build
+
+    build = Build(cfg)
+    build.read_only(build.plan())           # raises when a stage would have to run
+    return f"every stage is cached and the cache is read-only: build reuses them without the lock ({problem.problem})"
 
 
 def check_names(cfg) -> None:

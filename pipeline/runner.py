@@ -12,7 +12,7 @@ from pathlib import Path
 from . import distributed
 from .cache import BuildCache, DigestCache, code_digest, package_versions, stage_key
 from .config import EdgesmithConfig
-from .errors import ConfigError, DeviceError, DiskFullError, EdgesmithError
+from .errors import CacheError, ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
 from .seeds import seed_for
@@ -134,6 +134,32 @@ class Build:
             rows.append((p.stage.name, p.key[:16], meta is not None and p.stage.reusable(meta)))
         return rows
 
+    def pending(self, plan: list[PlannedStage], force: tuple[str, ...] = ()) -> list[str]:
+        """The planned stages a build would run (not cached, forced, a failure to retry, or reading one of those)."""
+        names: list[str] = []
+        retried: set[str] = set()           # as in run: a failure to retry re-runs what reads it, --force does not
+        for p in plan:
+            meta = None if p.stage.name in force else self.cache.lookup(p.stage.name, p.key, verify=self.cfg.build.verify_cache)
+            if meta is not None and (not p.stage.reusable(meta) or any(n in retried for n in p.inputs)):
+                retried.add(p.stage.name)
+            if meta is None or p.stage.name in retried:
+                names.append(p.stage.name)
+        return names
+
+    def read_only(self, plan: list[PlannedStage], force: tuple[str, ...] = ()) -> CacheError | None:
+        """None when the build folder can be written (the build takes the lock). When it cannot: the reason, if
+        every planned stage is cached (the build reuses them all and writes nothing, so it needs no lock); else
+        the CacheError of the stages that would have to write there."""
+        problem = self.cache.problem()
+        if problem is None:
+            return None
+        pending = self.pending(plan, force)
+        if not pending and not distributed.world().distributed:
+            return problem
+        need = (f" Not every stage is cached: {', '.join(pending)} must run and write there." if pending
+                else " A build in several processes writes there even when every stage is cached.")
+        raise CacheError(problem.problem + need, problem.fix)
+
     def run(self, progress: ProgressDisplay, force: tuple[str, ...] = (), until: str | None = None,
             wait: bool = True) -> list[dict]:
         for name in force:
@@ -142,7 +168,11 @@ class Build:
         plan = self.plan(until)
         summary = []
         timeout = self.cfg.distributed.timeout_min if self.cfg.distributed else None
-        with distributed.session(device, timeout), self._lock(wait, progress):
+        read_only = self.read_only(plan, force)
+        if read_only is not None:
+            progress.log(f"[yellow]note:[/] every stage is cached and the cache is read-only, so this build runs "
+                         f"without the lock and writes nothing ({read_only.problem})")
+        with distributed.session(device, timeout), nullcontext() if read_only is not None else self._lock(wait, progress):
             records: dict[str, StageRecord] = {}
             # Stages re-run because their cached result recorded a failure to retry: what reads them runs again
             # too (same key, new content). --force alone does not propagate (the README promises that).

@@ -40,9 +40,11 @@ def check_layer_names(model: nn.Module, names: list[str]) -> None:
     valid = compute_layers(model)
     unknown = [n for n in names if n not in valid]
     if unknown:
+        from pipeline.registry import did_you_mean
+
         raise ConfigError(
             f"qat.keep_fp32 names {', '.join(repr(n) for n in unknown)}, which {'is' if len(unknown) == 1 else 'are'} "
-            "not a Conv or Linear layer of this student.",
+            f"not a Conv or Linear layer of this student.{did_you_mean(unknown[0], valid)}",
             f"Use layer names of this model ({', '.join(valid)}), or [auto] to keep the layers with the largest "
             "quantization error (qat.keep_fp32_count of them).")
 

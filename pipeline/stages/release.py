@@ -138,10 +138,19 @@ def refresh_release_link(stage_dir: Path) -> Optional[Path]:
     link = stage_dir.parent / LINK_NAME
     if link.exists() and not link.is_symlink():
         return None  # a real folder someone put there: leave it alone
+    if link.is_symlink() and os.readlink(link) == stage_dir.name:
+        return link  # already right: nothing to write (a fully cached build may run on a read-only cache)
     tmp = stage_dir.parent / f".{LINK_NAME}_link_{os.getpid()}"
-    tmp.unlink(missing_ok=True)
-    os.symlink(stage_dir.name, tmp)
-    os.replace(tmp, link)
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(stage_dir.name, tmp)
+        os.replace(tmp, link)
+    except OSError:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        return None  # a read-only cache: the bundle is in its stage folder all the same
     return link
 
 

@@ -13,6 +13,7 @@ def check_build(cfg) -> list[str]:
     student, and the build folder can be written (or is a read-only cache that holds every stage). Raises the first
     problem; returns notes (e.g. the read-only cache)."""
     check_names(cfg)
+    check_layer_pairs(cfg)
     check_keep_fp32(cfg)
     note = check_output(cfg)
     return [note] if note else []
@@ -30,6 +31,24 @@ def check_keep_fp32(cfg) -> None:
 
     model = create_model(cfg.student.arch, max(2, len(cfg.subtask.classes)), cfg.student.input.channels or 3)
     check_layer_names(model, list(qat.keep_fp32))
+
+
+def check_layer_pairs(cfg) -> None:
+    """Explicit distill.layers name modules of the teacher and student architectures (built without weights), so a
+    typo fails before the teacher is adapted rather than when distillation starts."""
+    from .distill.features import check_layer_names
+    from .distill.methods import METHODS
+    from .models.registry import create_model
+
+    layers = cfg.distill.layers
+    if layers == "auto" or not METHODS.get(cfg.distill.method).uses_layers:
+        return
+    teacher_arch = cfg.teacher.train.arch if cfg.teacher.source == "train" else cfg.teacher.name
+    if not teacher_arch:
+        return                 # no architecture to check against: the teacher source reports that itself
+    teacher = create_model(teacher_arch, cfg.teacher.num_classes or 1000, cfg.teacher.input.channels or 3)
+    student = create_model(cfg.student.arch, max(2, len(cfg.subtask.classes)), cfg.student.input.channels or 3)
+    check_layer_names(teacher, student, layers)
 
 
 def check_output(cfg) -> str:

@@ -127,6 +127,18 @@ def test_an_unknown_keep_fp32_layer_fails_before_any_stage(tmp_path):
     assert not list((tmp_path / "builds").glob("*/*-*"))   # no teacher, adapt or distill was run
 
 
+def test_unknown_distill_layer_names_fail_before_any_stage(tmp_path):
+    pairs = [{"teacher": "features.1", "student": "features.0"}, {"teacher": "features.1", "student": "feature.1"}]
+    cfg = config_at(tmp_path, tmp_path / "builds", **{"distill.method": "fitnet", "distill.layers": pairs})
+    for command in ("check", "build"):
+        assert_clear_error(edgesmith(command, cfg), "distill.layers: the student has no module named 'feature.1'. "
+                           "Did you mean 'features.1'?")
+    assert not list((tmp_path / "builds").glob("*/*-*"))   # no stage ran
+    pairs[1]["student"] = "features.1"
+    assert edgesmith("check", config_at(tmp_path, tmp_path / "builds", "ok.yaml", **{
+        "distill.method": "fitnet", "distill.layers": pairs})).returncode == 0
+
+
 def test_a_fully_cached_build_runs_on_a_read_only_cache(tmp_path):
     prefix = _as_plain_user(tmp_path)
     cfg = config_at(tmp_path, tmp_path / "builds")

@@ -211,6 +211,19 @@ def resolve_pairs(layers, teacher: nn.Module, student: nn.Module, teacher_input:
     return pairs
 
 
+def check_layer_names(teacher: nn.Module, student: nn.Module, layers) -> None:
+    """The module names of explicit distill.layers pairs exist in the two models: names only, no forward pass, so
+    that `edgesmith check` can tell before any training (the shapes are checked when the pairs are resolved)."""
+    for model, role, names in ((teacher, "teacher", [p.teacher for p in layers]),
+                               (student, "student", [p.student for p in layers])):
+        valid = [n for n, _ in model.named_modules() if n]
+        for name in names:
+            if name not in valid:
+                raise ModelError(f"distill.layers: the {role} has no module named '{name}'.{did_you_mean(name, valid)}",
+                                 f"Use a module name of the {role} (print the model to see them), or set "
+                                 "distill.layers: auto.")
+
+
 def _check_names(model: nn.Module, names: list[str], role: str, stages: list[str]) -> None:
     valid = [n for n, _ in model.named_modules() if n]
     for name in names:

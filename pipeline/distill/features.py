@@ -219,8 +219,10 @@ def check_layer_names(teacher: nn.Module, student: nn.Module, layers) -> None:
         valid = [n for n, _ in model.named_modules() if n]
         for name in names:
             if name not in valid:
+                outer = [n for n in valid if n.count(".") <= 1]
+                shown = ", ".join(outer[:40]) + (", ..." if len(outer) > 40 else "")
                 raise ModelError(f"distill.layers: the {role} has no module named '{name}'.{did_you_mean(name, valid)}",
-                                 f"Use a module name of the {role} (print the model to see them), or set "
+                                 f"Its modules include {shown} (print the model for all of them); or set "
                                  "distill.layers: auto.")
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -71,22 +70,10 @@ def provenance(command: str) -> dict:
 
     from pipeline.release.manifest import git_state, host_info
 
-    state = git_state(ROOT)
-    return {"git_commit": state.git_commit, "git_dirty": _dirty(state.git_dirty), **host_info().model_dump(),
+    state = git_state(ROOT, MEASURED_PATHS)
+    return {"git_commit": state.git_commit, "git_dirty": state.git_dirty, **host_info().model_dump(),
             "torch": torch.__version__, "command": command,
             "utc": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def _dirty(code_dirty: bool | str) -> bool | str:
-    """git_state only looks at the packages; a results file also depends on bench/ and configs/."""
-    if code_dirty is True or code_dirty == "unknown":
-        return code_dirty
-    try:
-        done = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", *MEASURED_PATHS],
-                              capture_output=True, text=True, timeout=30, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return bool(done.stdout.strip())
 
 
 def stamp_line(stamp: dict) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .errors import DataError, ModelError
@@ -27,10 +28,8 @@ def check_keep_fp32(cfg) -> None:
         return
     from quantize.precision import check_layer_names
 
-    from .models.registry import create_model
-
-    model = create_model(cfg.student.arch, max(2, len(cfg.subtask.classes)), cfg.student.input.channels or 3)
-    check_layer_names(model, list(qat.keep_fp32))
+    check_layer_names(_architecture(cfg.student.arch, len(cfg.subtask.classes), cfg.student.input.channels),
+                      list(qat.keep_fp32))
 
 
 def check_layer_pairs(cfg) -> None:
@@ -38,7 +37,6 @@ def check_layer_pairs(cfg) -> None:
     typo fails before the teacher is adapted rather than when distillation starts."""
     from .distill.features import check_layer_names
     from .distill.methods import METHODS
-    from .models.registry import create_model
 
     layers = cfg.distill.layers
     if layers == "auto" or not METHODS.get(cfg.distill.method).uses_layers:
@@ -46,9 +44,18 @@ def check_layer_pairs(cfg) -> None:
     teacher_arch = cfg.teacher.train.arch if cfg.teacher.source == "train" else cfg.teacher.name
     if not teacher_arch:
         return                 # no architecture to check against: the teacher source reports that itself
-    teacher = create_model(teacher_arch, cfg.teacher.num_classes or 1000, cfg.teacher.input.channels or 3)
-    student = create_model(cfg.student.arch, max(2, len(cfg.subtask.classes)), cfg.student.input.channels or 3)
-    check_layer_names(teacher, student, layers)
+    teacher = _architecture(teacher_arch, cfg.teacher.num_classes or 1000, cfg.teacher.input.channels)
+    check_layer_names(teacher, _architecture(cfg.student.arch, len(cfg.subtask.classes), cfg.student.input.channels),
+                      layers)
+
+
+@functools.lru_cache(maxsize=4)
+def _architecture(arch: str, classes: int, channels: int | None):
+    """A model of `arch` without weights, for checking layer names (which do not depend on the head's width or the
+    input channels); built once per architecture for all the checks."""
+    from .models.registry import create_model
+
+    return create_model(arch, max(2, classes), channels or 3)
 
 
 def check_output(cfg) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import distributed
 from .cache import BuildCache, DigestCache, code_digest, package_versions, stage_key
-from .config import EdgesmithConfig
+from .config import EdgesmithConfig, resolved_device
 from .errors import CacheError, ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
@@ -30,14 +30,13 @@ CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlab
 
 
 def resolve_device(requested: str) -> str:
+    """build.device on this machine ('auto' resolved), or DeviceError for 'cuda' without a GPU."""
     import torch
 
     if requested == "cuda" and not torch.cuda.is_available():
         raise DeviceError("build.device is 'cuda' but no CUDA device is available on this machine.",
                           "Set build.device to 'auto' or 'cpu', or run on a machine with a GPU and a CUDA build of torch.")
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
+    return resolved_device(requested)
 
 
 def seed_everything(seed: int, threads: int) -> None:
@@ -139,12 +138,19 @@ class Build:
         names: list[str] = []
         retried: set[str] = set()           # as in run: a failure to retry re-runs what reads it, --force does not
         for p in plan:
-            meta = None if p.stage.name in force else self.cache.lookup(p.stage.name, p.key, verify=self.cfg.build.verify_cache)
-            if meta is not None and (not p.stage.reusable(meta) or any(n in retried for n in p.inputs)):
+            meta, retry = self._reusable(p, p.stage.name in force, any(n in retried for n in p.inputs))
+            if retry:
                 retried.add(p.stage.name)
-            if meta is None or p.stage.name in retried:
+            if meta is None:
                 names.append(p.stage.name)
         return names
+
+    def _reusable(self, planned: PlannedStage, forced: bool, retry: bool) -> tuple[dict | None, bool]:
+        """The cached stage.json the build reuses for `planned` (None: it runs), and whether it runs as a retry:
+        its own cached result records a failure to retry, or `retry` says an input was retried."""
+        meta = None if forced else self.cache.lookup(planned.stage.name, planned.key, verify=self.cfg.build.verify_cache)
+        retry = retry or (meta is not None and not planned.stage.reusable(meta))
+        return (None if retry else meta), retry
 
     def read_only(self, plan: list[PlannedStage], force: tuple[str, ...] = ()) -> CacheError | None:
         """None when the build folder can be written (the build takes the lock). When it cannot: the reason, if
@@ -234,11 +240,10 @@ class Build:
 
     def _run_one(self, planned: PlannedStage, records, progress, device, forced: bool, retry: bool):
         stage = planned.stage
-        meta = None if forced else self.cache.lookup(stage.name, planned.key, verify=self.cfg.build.verify_cache)
-        if meta is not None and not retry and not stage.reusable(meta):
+        meta, own_retry = self._reusable(planned, forced, retry)
+        if own_retry and not retry:
             progress.log(f"[yellow]↻[/] {stage.name:<10} its cached result records a failure to retry: running again")
-            retry = True
-        meta = None if retry else meta
+        retry = own_retry
         meta = distributed.broadcast_object(meta)        # rank 0's view of the cache decides for every process
         inputs = {n: records[n] for n in planned.inputs}
         if meta is not None:

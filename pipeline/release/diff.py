@@ -203,14 +203,14 @@ def render_diff(d: BundleDiff) -> str:
     lines += _section("config differences", [f"{k}: {_show(x)} -> {_show(y)}" for k, x, y in d.config])
     lines += _section("metric differences (B - A)",
                       [f"{k}: {_show(x)} -> {_show(y)}  {delta(x, y)}".rstrip() for k, x, y in d.metrics])
-    lines += _section("artifacts changed (sha256; these gate --fail-on-change)",
-                      [f"changed  {p}" for p in d.gating(d.changed)] + [f"added    {p}" for p in d.gating(d.added)]
-                      + [f"removed  {p}" for p in d.gating(d.removed)])
-    measured = [p for p in d.changed if p not in d.gating(d.changed)]
-    lines += _section("measured files changed (results, reports, measured fields; shown, do not gate)",
-                      [f"changed  {p}" + ("  (measured fields only)" if p in d.measured_only else "") for p in measured]
-                      + [f"added    {p}" for p in d.added if p not in d.gating(d.added)]
-                      + [f"removed  {p}" for p in d.removed if p not in d.gating(d.removed)])
+    gating, measured = [], []
+    for word, paths in (("changed", d.changed), ("added", d.added), ("removed", d.removed)):
+        gates = set(d.gating(paths))
+        for p in paths:
+            note = "  (measured fields only)" if p in d.measured_only else ""
+            (gating if p in gates else measured).append(f"{word:<8} {p}" + ("" if p in gates else note))
+    lines += _section("artifacts changed (sha256; these gate --fail-on-change)", gating)
+    lines += _section("measured files changed (results, reports, measured fields; shown, do not gate)", measured)
     lines += _section("environment (expected to differ between machines)",
                       [f"{k}: {_show(x)} -> {_show(y)}" for k, x, y in d.environment])
     return "\n".join(lines) + "\n"

@@ -132,16 +132,17 @@ def budget_verdict(budgets: list[dict]) -> str:
 SOURCE_PATHS = (*CODE_PACKAGES, "pyproject.toml", "constraints.txt")
 
 
-def git_state(root: Path = PROJECT_ROOT) -> SourceState:
-    """The project's commit, and whether its code differs from it (edits or new untracked files);
-    'unknown' without git, or when the code is not a git checkout itself (e.g. installed into site-packages)."""
+def git_state(root: Path = PROJECT_ROOT, paths: tuple[str, ...] = SOURCE_PATHS) -> SourceState:
+    """The project's commit, and whether `paths` (by default the code a build runs) differ from it (edits or new
+    untracked files); 'unknown' without git, or when the code is not a git checkout itself (e.g. installed into
+    site-packages)."""
     unknown = SourceState(git_commit="unknown", git_dirty="unknown")
     top = _git(root, "rev-parse", "--show-toplevel")
     commit = _git(root, "rev-parse", "HEAD")
     # A non-editable install inside some repository would otherwise report that repository's commit.
     if top is None or commit is None or Path(top).resolve() != root.resolve():
         return unknown
-    status = _git(root, "status", "--porcelain", "--", *SOURCE_PATHS)
+    status = _git(root, "status", "--porcelain", "--", *paths)
     return SourceState(git_commit=commit, git_dirty="unknown" if status is None else bool(status))
 
 

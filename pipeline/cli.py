@@ -105,6 +105,25 @@ def launch_build(nproc: int, config: Path, force: List[str], until: Optional[str
 
 
 @app.command()
+def search(config: Path = typer.Argument(..., help="YAML build config with a search section"),
+           sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP)) -> None:
+    """Work on a build's student search alongside others (same machine or several sharing search.storage); the
+    build itself then uses the stored trials."""
+    from .errors import ConfigError
+    from .preflight import check_build
+    from .progress import ProgressDisplay
+    from .runner import search_worker
+
+    cfg = load_with_overrides(config, sets)
+    if cfg.search is None:
+        raise ConfigError(f"{config} has no search section: there is nothing to search.",
+                          "Add a search section and set student.arch: search (docs/search.md).")
+    check_build(cfg)
+    trained = search_worker(cfg, ProgressDisplay(console))
+    console.print(f"search worker done: trained {trained} candidate(s)")
+
+
+@app.command()
 def status(config: Path = typer.Argument(..., help="YAML build config"),
            sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP)) -> None:
     """List the stages of a build and whether each is cached."""

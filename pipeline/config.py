@@ -19,6 +19,7 @@ from .ood.config import OODConfig
 from .registry import did_you_mean
 from .release.config import ReleaseConfig
 from .schema import OmitNoneOptions, Section
+from .search.config import SearchConfig
 from .validation.config import ValidateConfig
 
 
@@ -160,7 +161,8 @@ class TeacherConfig(Section):
 
 
 class StudentConfig(Section):
-    arch: str = Field(description="edgesmith student (cnn_tiny, cnn_small, cnn_compact, cnn_medium, ...) or any timm model")
+    arch: str = Field(description="edgesmith student (cnn_tiny, cnn_small, cnn_compact, cnn_medium, ...), a CNN by its "
+                      "layers (cnn-12-24s2-48s2), any timm model, or `search` (the search section picks it)")
     input: InputSpec = InputSpec()
     pretrained: bool = Field(False, description="start from timm weights in the local cache (never downloaded)")
 
@@ -194,6 +196,21 @@ class EdgesmithConfig(Section):
     release: Optional[ReleaseConfig] = None
     distributed: Optional[DistributedConfig] = None
     ood: Optional[OODConfig] = None  # unknown answer for inputs outside the subtask (pipeline/ood, docs/ood.md)
+    search: Optional[SearchConfig] = None  # the student found by a search under budgets (pipeline/search, docs/search.md)
+
+    @model_validator(mode="after")
+    def _search_picks_the_student(self):
+        if self.search is not None and self.student.arch != "search":
+            raise ValueError(
+                f"the config has a search section but student.arch is '{self.student.arch}'; set student.arch: search "
+                "to let the search pick the student, or remove the search section to train this one")
+        if self.search is None and self.student.arch == "search":
+            raise ValueError("student.arch is `search` but the config has no search section; add one (its defaults "
+                             "search edgesmith's CNN family) or name an architecture")
+        if self.search is not None and self.student.pretrained:
+            raise ValueError("student.pretrained does not apply to searched students (they train from scratch); "
+                             "set it to false")
+        return self
 
     @model_validator(mode="after")
     def _no_label_peeking(self):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from .errors import DataError, ModelError
+from .errors import ConfigError, DataError, ModelError
 from .registry import did_you_mean
 
 
@@ -26,6 +26,9 @@ def check_keep_fp32(cfg) -> None:
     qat = cfg.section("qat")
     if qat is None or not qat.keep_fp32 or qat.keep_fp32 == ["auto"]:
         return
+    if cfg.search is not None:
+        raise ConfigError("qat.keep_fp32 names layers of one architecture, but the search picks the student.",
+                          "Use qat.keep_fp32: [auto], or fix the student (student.arch) and remove the search section.")
     from quantize.precision import check_layer_names
 
     check_layer_names(_architecture(cfg.student.arch, len(cfg.subtask.classes), cfg.student.input.channels),
@@ -41,6 +44,9 @@ def check_layer_pairs(cfg) -> None:
     layers = cfg.distill.layers
     if layers == "auto" or not METHODS.get(cfg.distill.method).uses_layers:
         return
+    if cfg.search is not None:
+        raise ConfigError("distill.layers names layers of one student architecture, but the search picks the student.",
+                          "Use distill.layers: auto with a search, or fix the student and remove the search section.")
     teacher_arch = cfg.teacher.train.arch if cfg.teacher.source == "train" else cfg.teacher.name
     if not teacher_arch:
         return                 # no architecture to check against: the teacher source reports that itself
@@ -90,6 +96,12 @@ def check_names(cfg) -> None:
 
     METHODS.get(cfg.distill.method)
     _check_arch(cfg.student.arch, ARCHS.names())
+    if cfg.search is not None:
+        from .search.space import check_families
+        from .search.study import check_optuna
+
+        check_optuna()
+        check_families(cfg.search.families)
     if cfg.teacher.source == "train":
         _check_arch(cfg.teacher.train.arch, ARCHS.names())
     elif cfg.teacher.name:
@@ -103,7 +115,9 @@ def check_names(cfg) -> None:
 
 
 def _check_arch(arch: str, own: list[str]) -> None:
-    if arch in own:
+    from .models.cnn import parse_cnn_name
+
+    if arch in own or arch == "search" or parse_cnn_name(arch) is not None:
         return
     import timm
 

@@ -313,3 +313,18 @@ def _input_path(section: str, field_name: str, value: str) -> Path | None:
     return Path(value)
 
 
+
+
+def search_worker(cfg: EdgesmithConfig, progress: ProgressDisplay) -> int:
+    """One worker of the student search: the stages before it are built (or found cached) under the build lock,
+    then trials run without it, into the study the build's search stage reads."""
+    from .stages.search import work
+
+    build = Build(cfg)
+    plan = build.plan(until="search")
+    search = plan[-1]
+    build.run(progress, until=plan[-2].stage.name)
+    inputs = {n: StageRecord(n, k, build.cache.path(n, k), {}) for n, k in search.inputs.items()}
+    device = distributed.device_name(resolve_device(cfg.build.device))
+    with tempfile.TemporaryDirectory(prefix="edgesmith-search-") as tmp, progress.live():
+        return work(StageContext(cfg, Path(tmp), inputs, progress, search.key, device))

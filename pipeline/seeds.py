@@ -25,6 +25,8 @@ STREAMS = (
     "ood.exposure.batches",    # their order
     "qat.calibration",         # the INT8 calibration images (qat stage and the export stage's PT2E formats)
     "qat.batches",             # QAT fine-tuning: shuffling
+    "search.sampler",          # the candidates Optuna's sampler draws (one seed per trial position)
+    "search.calibration",      # the calibration images of the candidates' INT8 artifacts
     "xai.images",              # the test images explained
     "xai.flipping",            # pixel flipping's random reference order
 )

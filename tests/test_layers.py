@@ -21,6 +21,7 @@ LAYERS = [
     ("methods", ["pipeline.distill", "exporters"]),
     ("quantization", ["quantize"]),
     ("analysis", ["pipeline.ood", "pipeline.xai"]),
+    ("search", ["pipeline.search"]),
     ("checks and shipping", ["pipeline.validation", "pipeline.release"]),
     ("config", ["pipeline.config"]),
     ("stage API", ["pipeline.stage"]),

@@ -171,6 +171,7 @@ class DistillSettings:
     precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
     projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
     outliers: Any = None
+    on_epoch: Any = None                # called with (epoch, validation accuracy) after every epoch; may raise to stop
 
 
 @dataclass
@@ -264,6 +265,8 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
             bar.advance(1, loss=epoch_losses["total"], val_acc=val_acc)
             progress.log(f"  distill epoch {epoch}/{cfg.epochs}: " +
                          " ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items()) + f"  val acc {val_acc:.4f}")
+            if settings.on_epoch is not None:
+                settings.on_epoch(epoch, val_acc)
     student.load_state_dict(best["state"])
     student.eval()
     teacher.to(memory_format=torch.contiguous_format)

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..errors import ModelError
 from ..registry import Registry, did_you_mean
-from .cnn import SmallCNN
+from .cnn import SmallCNN, parse_cnn_name
 
 ARCHS: Registry = Registry("architecture")
 
@@ -62,9 +62,13 @@ def cnn_reference_student(num_classes: int, in_chans: int = 1) -> nn.Module:
 
 
 def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool = False) -> nn.Module:
-    if arch in ARCHS:
+    named = parse_cnn_name(arch)
+    if arch in ARCHS or named is not None:
         if pretrained:
             raise ModelError(f"'{arch}' is an edgesmith CNN without pretrained weights.", "Set pretrained: false.")
+        if named is not None:
+            widths, strides, separable = named
+            return SmallCNN(widths, strides, num_classes, in_chans, separable=separable)
         return ARCHS.get(arch)(num_classes=num_classes, in_chans=in_chans)
     import timm
 
@@ -72,5 +76,6 @@ def create_model(arch: str, num_classes: int, in_chans: int, pretrained: bool = 
         names = ARCHS.names()
         hint = did_you_mean(arch, names + timm.list_models(arch[:4] + "*"))
         raise ModelError(f"Unknown architecture '{arch}'.{hint}",
-                         f"Use one of edgesmith's ({', '.join(names)}) or any timm model name (timm.list_models()).")
+                         f"Use one of edgesmith's ({', '.join(names)}), a CNN by its layers (e.g. cnn-12-24s2-48s2-96s2-96, "
+                         "sepcnn-... for depthwise-separable blocks) or any timm model name (timm.list_models()).")
     return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans)

@@ -7,11 +7,12 @@ from .distill import DistillStage
 from .export import ExportStage
 from .qat import QATStage
 from .release import ReleaseStage
+from .search import SearchStage
 from .subspaces import SubspacesStage
 from .teacher import TeacherStage
 from .validate import ValidateStage
 
-CHAIN = (TeacherStage, AdaptStage, SubspacesStage, DistillStage, QATStage, ExportStage, ValidateStage, ReleaseStage)
+CHAIN = (TeacherStage, AdaptStage, SubspacesStage, SearchStage, DistillStage, QATStage, ExportStage, ValidateStage, ReleaseStage)
 
-__all__ = ["CHAIN", "TeacherStage", "AdaptStage", "SubspacesStage", "DistillStage", "QATStage", "ExportStage",
+__all__ = ["CHAIN", "TeacherStage", "AdaptStage", "SubspacesStage", "SearchStage", "DistillStage", "QATStage", "ExportStage",
            "ValidateStage", "ReleaseStage"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..data.for_config import subtask_data
@@ -39,9 +39,14 @@ class DistillStage(Stage):
         return {**super().key_sections(cfg), **({"ood.outlier_exposure": exposure} if exposure else {})}
 
     def inputs(self, cfg):
-        return ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
+        base = ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
+        return base + (("search",) if cfg.search is not None else ())
 
     def run(self, ctx: StageContext) -> dict:
+        if "search" in ctx.inputs:          # the search picked the student: train that one with the full recipe
+            from .search import chosen_config
+
+            ctx = replace(ctx, config=chosen_config(ctx.config, ctx.inputs["search"].dir))
         run = self.prepare(ctx)
         result = distill(run.models, run.method, run.train, run.data.val, run.settings)
         self.save(ctx, run.models, run.data)

@@ -1,0 +1,187 @@
+"""From stored trials to one student: the trials table, budgets applied (deterministic figures first, then the
+measured latency with interleaved re-measurement near the limit), finalists, the choice, the Pareto fronts."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .config import SearchBudgets
+from .space import Candidate
+
+
+@dataclass
+class Row:
+    """One trained (or skipped) candidate of the proxy round, and what the finalists' rounds added."""
+
+    trial: int
+    arch: str
+    resolution: int
+    state: str                       # complete | pruned | skipped
+    macs: int
+    params: int
+    proxy_val_acc: Optional[float]   # best validation top-1 on the proxy schedule (pruned: at the epoch it stopped)
+    epochs: int
+    size_kb: Optional[float] = None
+    p99_ms: list[float] = field(default_factory=list)     # one figure per measuring round
+    full_val_acc: Optional[float] = None
+    artifact: Optional[str] = None
+    skipped: str = ""
+
+    @property
+    def candidate(self) -> Candidate:
+        return Candidate(self.arch, self.resolution)
+
+    @property
+    def p99(self) -> Optional[float]:
+        return statistics.median(self.p99_ms) if self.p99_ms else None
+
+    @property
+    def noise(self) -> Optional[float]:
+        """Spread of the rounds' p99 relative to their median."""
+        return (max(self.p99_ms) - min(self.p99_ms)) / self.p99 if len(self.p99_ms) > 1 else None
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "p99_median_ms": self.p99, "p99_noise": self.noise}
+
+
+def rows_of(proxy_trials, full_trials) -> list[Row]:
+    """The table of a study: trained and skipped candidates (twins and failed runs left out)."""
+    full = {(t.user_attrs["candidate"]["arch"], t.user_attrs["candidate"]["resolution"]): t.value
+            for t in full_trials if t.state.name == "COMPLETE"}
+    rows = []
+    for t in proxy_trials:
+        attrs = t.user_attrs
+        if "candidate" not in attrs or "twin_of" in attrs or t.state.name not in ("COMPLETE", "PRUNED"):
+            continue
+        c = attrs["candidate"]
+        history = attrs.get("history", [])
+        state = "skipped" if attrs.get("skipped") else t.state.name.lower()
+        proxy = t.value if t.state.name == "COMPLETE" else (max(history) if history else None)
+        rows.append(Row(t.number, c["arch"], c["resolution"], state, attrs.get("macs", 0), attrs.get("params", 0),
+                        proxy, len(history), attrs.get("size_kb"), list(attrs.get("p99_ms", [])),
+                        full.get((c["arch"], c["resolution"])), attrs.get("artifact"), attrs.get("skipped", "")))
+    return sorted(rows, key=lambda r: r.trial)
+
+
+def misses(row: Row, budgets: SearchBudgets, final: bool = True) -> list[str]:
+    """The budgets `row` misses, each as 'name value > limit'. Accuracy is judged on the full schedule only."""
+    out = []
+    checks = [("max_macs", row.macs, budgets.max_macs), ("max_params", row.params, budgets.max_params),
+              ("max_size_kb", row.size_kb, budgets.max_size_kb), ("max_p99_ms", row.p99, budgets.max_p99_ms)]
+    for name, value, limit in checks:
+        if limit is not None and value is not None and value > limit:
+            out.append(f"{name} {_fmt(value)} > {_fmt(limit)}")
+    if final and budgets.min_val_acc is not None and row.full_val_acc is not None and row.full_val_acc < budgets.min_val_acc:
+        out.append(f"min_val_acc {row.full_val_acc:.4f} < {budgets.min_val_acc}")
+    return out
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def ranked(rows: list[Row], key: Callable[[Row], Optional[float]]) -> list[Row]:
+    """Best first by `key` (higher is better); ties: fewer MACs, then the earlier trial."""
+    return sorted([r for r in rows if key(r) is not None], key=lambda r: (-key(r), r.macs, r.trial))
+
+
+def near_limit(row: Row, budgets: SearchBudgets, margin: float) -> bool:
+    limit = budgets.max_p99_ms
+    return limit is not None and row.p99 is not None and abs(row.p99 - limit) <= margin * limit
+
+
+def remeasure(rows: list[Row], rounds: int, measure: Callable[[Row], float]) -> None:
+    """Measure until every row has `rounds` figures, interleaved (one round over all rows, then the next), so that
+    a slow moment of the machine hits every candidate alike rather than one."""
+    for _ in range(rounds):
+        for row in rows:
+            if len(row.p99_ms) < rounds:
+                row.p99_ms.append(measure(row))
+
+
+def finalists(rows: list[Row], budgets: SearchBudgets, count: int, rounds: int, margin: float,
+              measure: Callable[[Row], float]) -> list[Row]:
+    """The `count` best proxy candidates that meet every budget. Their p99 is the median of `rounds` interleaved
+    figures; one within `margin` of max_p99_ms gets `rounds` more before it is judged."""
+    ranked_rows = ranked([r for r in rows if r.state == "complete"], lambda r: r.proxy_val_acc)
+    eligible = [r for r in ranked_rows if all(m.startswith("max_p99_ms") for m in misses(r, budgets, final=False))]
+    chosen: list[Row] = []
+    while eligible and len(chosen) < count:
+        batch, eligible = eligible[: count - len(chosen)], eligible[count - len(chosen):]
+        remeasure(batch, rounds, measure)
+        remeasure([r for r in batch if near_limit(r, budgets, margin)], 2 * rounds, measure)
+        chosen += [r for r in batch if not misses(r, budgets, final=False)]
+    return chosen
+
+
+def choice(rows: list[Row], budgets: SearchBudgets) -> Optional[Row]:
+    """The finalist with the best full-schedule validation accuracy among those meeting every budget."""
+    ok = [r for r in rows if r.full_val_acc is not None and not misses(r, budgets)]
+    best = ranked(ok, lambda r: r.full_val_acc)
+    return best[0] if best else None
+
+
+def closest(rows: list[Row], budgets: SearchBudgets, n: int = 8) -> list[tuple[Row, list[str]]]:
+    """Candidates nearest to meeting the budgets: fewest misses, then the smallest total relative excess."""
+    def excess(row: Row) -> float:
+        total = 0.0
+        for value, limit in ((row.macs, budgets.max_macs), (row.params, budgets.max_params),
+                             (row.size_kb, budgets.max_size_kb), (row.p99, budgets.max_p99_ms)):
+            if limit is not None and value is not None and value > limit:
+                total += value / limit - 1
+        return total
+
+    scored = [(r, misses(r, budgets)) for r in rows]
+    return sorted(scored, key=lambda rm: (len(rm[1]), excess(rm[0]), rm[0].trial))[:n]
+
+
+def pareto(rows: list[Row], cost: Callable[[Row], Optional[float]], acc: Callable[[Row], Optional[float]]) -> list[Row]:
+    """Rows no other row beats on both accuracy (higher) and cost (lower)."""
+    points = [r for r in rows if cost(r) is not None and acc(r) is not None]
+    front = [r for r in points if not any(acc(o) >= acc(r) and cost(o) <= cost(r) and (acc(o) > acc(r) or cost(o) < cost(r))
+                                          for o in points)]
+    return sorted(front, key=cost)
+
+
+def best_accuracy(row: Row) -> Optional[float]:
+    return row.full_val_acc if row.full_val_acc is not None else row.proxy_val_acc
+
+
+def write_fronts(rows: list[Row], folder: Path) -> dict:
+    """front.json (accuracy vs MACs and vs measured p99) and front.png."""
+    fronts = {"macs": [r.trial for r in pareto(rows, lambda r: r.macs, best_accuracy)],
+              "p99_ms": [r.trial for r in pareto(rows, lambda r: r.p99, best_accuracy)]}
+    (Path(folder) / "front.json").write_text(json.dumps(fronts, indent=2) + "\n")
+    plot_fronts(rows, fronts, Path(folder) / "front.png")
+    return fronts
+
+
+def plot_fronts(rows: list[Row], fronts: dict, path: Path, chosen: Optional[Row] = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    by_trial = {r.trial: r for r in rows}
+    for ax, key, label in ((axes[0], "macs", "MACs per image (M)"), (axes[1], "p99_ms", "INT8 ONNX p99 (ms)")):
+        value = (lambda r: r.macs / 1e6) if key == "macs" else (lambda r: r.p99)
+        pts = [r for r in rows if value(r) is not None and best_accuracy(r) is not None]
+        ax.scatter([value(r) for r in pts], [best_accuracy(r) for r in pts], s=14, c="#9aa5b1", label="trials")
+        front = [by_trial[t] for t in fronts[key]]
+        ax.plot([value(r) for r in front], [best_accuracy(r) for r in front], "-o", c="#d9480f", ms=4, label="front")
+        full = [r for r in pts if r.full_val_acc is not None]
+        ax.scatter([value(r) for r in full], [r.full_val_acc for r in full], marker="s", s=28, facecolors="none",
+                   edgecolors="#1864ab", label="full schedule")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation top-1")
+        ax.grid(alpha=0.3)
+    axes[0].set_xscale("log")
+    axes[0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,254 @@
+"""The trials, kept in an Optuna study: a seeded TPE sampler draws candidates, MACs and parameters over budget are
+skipped before any training, successive halving stops weak candidates after a few epochs, and every survivor's INT8
+artifact is measured. The study lives in a journal file (or an RDB) outside the stage folder, so a killed search
+resumes, several workers can share it, and a changed budget re-scores the stored trials."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from ..errors import ConfigError
+from .config import SearchConfig
+from .space import Candidate, space_size, suggest
+
+PROXY = "proxy"          # study of the proxy round
+FULL = "full"            # study of the finalists' full-schedule runs
+
+
+class Evaluator(Protocol):
+    """What a trial needs from the build: the candidate's size, a distillation run, its INT8 artifact and timing."""
+
+    def complexity(self, candidate: Candidate) -> tuple[int, int]: ...            # (MACs, parameters)
+
+    def train(self, candidate: Candidate, epochs: int, on_epoch: Callable[[int, float], None]) -> tuple[object, float]: ...
+
+    def artifact(self, candidate: Candidate, model, path: Path) -> Path: ...
+
+    def p99_ms(self, candidate: Candidate, path: Path) -> float: ...
+
+
+def check_optuna() -> None:
+    """The search needs Optuna (the `search` extra)."""
+    import importlib.util
+
+    if importlib.util.find_spec("optuna") is None:
+        raise ConfigError("The config has a search section, but Optuna is not installed.",
+                          'Install the search extra: pip install -e ".[search]" (make demo / make test do it).')
+
+
+def storage_for(cfg: SearchConfig, folder: Path):
+    """The Optuna storage: search.storage (a journal file or an RDB URL), else `folder`/journal.log."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    where = cfg.storage
+    if where and "://" in where:
+        try:
+            return optuna.storages.RDBStorage(where)
+        except Exception as exc:  # SQLAlchemy's errors vary by backend; all mean the URL cannot be opened
+            raise ConfigError(f"search.storage {where!r} cannot be opened: {type(exc).__name__}: {exc}",
+                              "Give a journal file path (shared folder) or a reachable SQLAlchemy database URL.") from None
+    path = Path(where) if where else Path(folder) / "journal.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def study_name(key: str, kind: str) -> str:
+    return f"search-{key[:16]}-{kind}"
+
+
+def open_study(storage, key: str, kind: str):
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna.create_study(storage=storage, study_name=study_name(key, kind), direction="maximize",
+                               load_if_exists=True)
+
+
+def derived_seed(seed: int, index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"search:{seed}:{index}".encode()).digest()[:4], "little")
+
+
+@dataclass
+class Worker:
+    """Runs proxy trials until the study holds `cfg.trials` trained ones (its own and other workers')."""
+
+    cfg: SearchConfig
+    evaluator: Evaluator
+    artifacts: Path
+    seed: int
+    log: Callable[[str], None] = print
+
+    def run(self, study) -> int:
+        """Trials this worker trained."""
+        import optuna
+
+        trained, draws = 0, 0
+        while self._wanted(study) > 0 and draws < 20 * self.cfg.trials:
+            fail_dead_trials(study)
+            done = [t for t in study.get_trials(deepcopy=False) if t.state != optuna.trial.TrialState.FAIL]
+            if len({_label(t) for t in done if _label(t)}) >= space_size(self.cfg.families):
+                self.log("  search: every candidate of the space has been drawn")
+                break
+            # The sampler is seeded by the trial's place among the non-failed ones: a search killed and resumed
+            # draws the same candidates as one that ran straight through.
+            study.sampler = optuna.samplers.TPESampler(seed=derived_seed(self.seed, len(done)))
+            study.pruner = successive_halving(self.cfg.reduction_factor)
+            draws += 1
+            trained += self._one(study)
+        return trained
+
+    def _wanted(self, study) -> int:
+        import optuna
+
+        trials = study.get_trials(deepcopy=False)
+        busy = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("training")]
+        return self.cfg.trials - len([t for t in trials if t.user_attrs.get("trained")]) - len(busy)
+
+    def _one(self, study) -> int:
+        import optuna
+
+        trial = study.ask()
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        candidate = suggest(trial, self.cfg.families)
+        trial.set_user_attr("candidate", candidate.to_json())
+        earlier = _trained_twin(study, candidate, trial.number)
+        if earlier is not None:          # drawn before (another worker, or the sampler again): no second training
+            for k, v in earlier.user_attrs.items():
+                if k not in ("worker", "candidate"):
+                    trial.set_user_attr(k, v)
+            trial.set_user_attr("trained", False)
+            trial.set_user_attr("twin_of", earlier.number)
+            study.tell(trial, earlier.value if earlier.state == optuna.trial.TrialState.COMPLETE else None,
+                       state=earlier.state)
+            return 0
+        macs, params = self.evaluator.complexity(candidate)
+        trial.set_user_attr("macs", macs)
+        trial.set_user_attr("params", params)
+        over = self._over_budget(trial, macs, params)
+        if over:
+            trial.set_user_attr("skipped", over)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return 0
+        self.log(f"  search trial {trial.number}: {candidate.label} ({macs / 1e6:.2f} M MACs, {params} params)")
+        trial.set_user_attr("training", True)
+        return self._train(study, trial, candidate)
+
+    def _over_budget(self, trial, macs: int, params: int) -> str:
+        budgets = self.cfg.budgets
+        misses = []
+        for name, value, limit in (("max_macs", macs, budgets.max_macs), ("max_params", params, budgets.max_params)):
+            trial.set_constraint(name, 0.0 if limit is None else (value - limit) / limit)
+            if limit is not None and value > limit:
+                misses.append(f"{name} {value} > {limit}")
+        return "; ".join(misses)
+
+    def _train(self, study, trial, candidate: Candidate) -> int:
+        import optuna
+
+        history: list[float] = []
+
+        def on_epoch(epoch: int, val_acc: float) -> None:
+            history.append(val_acc)
+            trial.set_user_attr("history", history)
+            trial.report(val_acc, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        try:
+            model, best = self.evaluator.train(candidate, self.cfg.epochs, on_epoch)
+        except optuna.TrialPruned:
+            trial.set_user_attr("trained", True)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self.log(f"    pruned after {len(history)} epoch(s) at val acc {history[-1]:.4f}")
+            return 1
+        path = self.evaluator.artifact(candidate, model, self.artifacts / f"trial{trial.number}.int8.onnx")
+        size_kb = path.stat().st_size / 1024
+        p99 = self.evaluator.p99_ms(candidate, path)
+        trial.set_user_attr("artifact", path.name)
+        trial.set_user_attr("size_kb", size_kb)
+        trial.set_user_attr("p99_ms", [p99])
+        trial.set_user_attr("trained", True)
+        study.tell(trial, best)
+        self.log(f"    val acc {best:.4f}, INT8 {size_kb:.1f} KiB, p99 {p99:.3f} ms")
+        return 1
+
+
+def successive_halving(reduction_factor: int):
+    """Optuna's asynchronous successive halving, blind to FAILed trials: the rung values of a trial whose worker
+    was killed do not count twice when its candidate is trained again."""
+    import optuna
+
+    class _WithoutFailed:
+        def __init__(self, study):
+            self._study = study
+
+        def get_trials(self, deepcopy: bool = True, states=None):
+            return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                    if t.state != optuna.trial.TrialState.FAIL]
+
+        def __getattr__(self, name):
+            return getattr(self._study, name)
+
+    class Pruner(optuna.pruners.SuccessiveHalvingPruner):
+        def prune(self, study, trial) -> bool:
+            return super().prune(_WithoutFailed(study), trial)
+
+    return Pruner(min_resource=1, reduction_factor=reduction_factor)
+
+
+def _label(trial) -> str | None:
+    c = trial.user_attrs.get("candidate")
+    return f"{c['arch']}@{c['resolution']}" if c else None
+
+
+def _trained_twin(study, candidate: Candidate, number: int):
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)):
+        if t.number != number and t.user_attrs.get("trained") and _label(t) == candidate.label:
+            return t
+    return None
+
+
+# A trial names its worker milliseconds after it is created; one still unnamed after this long lost its worker.
+UNNAMED_AFTER_S = 60
+
+
+def fail_dead_trials(study) -> list[int]:
+    """RUNNING trials of a process on this machine that no longer exists (a killed worker): FAIL, so the sampler
+    draws their candidate again. Trials of other machines are left alone."""
+    import datetime
+
+    import optuna
+
+    host, failed = socket.gethostname(), []
+    now = datetime.datetime.now()
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if worker is None:
+            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > UNNAMED_AFTER_S
+        else:
+            dead = worker.get("host") == host and not _alive(int(worker.get("pid", -1)))
+        if dead:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            failed.append(t.number)
+    return failed
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

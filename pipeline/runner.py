@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
@@ -15,7 +14,7 @@ from .config import EdgesmithConfig, resolved_device
 from .errors import CacheError, ConfigError, DeviceError, DiskFullError, EdgesmithError
 from .progress import ProgressDisplay
 from .registry import Registry
-from .seeds import seed_for
+from .seeds import seed_everything, seed_for
 from .stage import Stage, StageContext, StageRecord
 from .stages import CHAIN
 
@@ -37,22 +36,6 @@ def resolve_device(requested: str) -> str:
         raise DeviceError("build.device is 'cuda' but no CUDA device is available on this machine.",
                           "Set build.device to 'auto' or 'cpu', or run on a machine with a GPU and a CUDA build of torch.")
     return resolved_device(requested)
-
-
-def seed_everything(seed: int, threads: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    # That also fills every new tensor with NaN (a debugging aid against reads of uninitialised memory, which no
-    # operation here does): a write pass over each new buffer, 468 fills a SubDistill step and 299 a KD step on the
-    # default config (torch profiler). Results are the same bytes without it (the default build's student).
-    torch.utils.deterministic.fill_uninitialized_memory = False
-    if threads:
-        torch.set_num_threads(threads)
 
 
 def run_stage(cfg: EdgesmithConfig, name: str, out: Path, inputs: dict[str, Path], progress: ProgressDisplay | None = None,

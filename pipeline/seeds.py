@@ -40,3 +40,21 @@ def seed_for(seed_or_config, stream: str) -> int:
         raise ValueError(f"unknown random stream {stream!r}: add it to pipeline.seeds.STREAMS")
     digest = hashlib.blake2b(f"{int(base)}/{stream}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def seed_everything(seed: int, threads: int) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # That also fills every new tensor with NaN (a debugging aid against reads of uninitialised memory, which no
+    # operation here does): a write pass over each new buffer, 468 fills a SubDistill step and 299 a KD step on the
+    # default config (torch profiler). Results are the same bytes without it (the default build's student).
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    if threads:
+        torch.set_num_threads(threads)

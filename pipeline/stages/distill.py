@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
+from ..config import EdgesmithConfig, config_with
 from ..data.for_config import subtask_data
 from ..distill.methods import METHODS
 from ..distill.train import DistillSettings, Models, distill, layer_pairs, load_models
@@ -12,8 +15,25 @@ from ..models import StudentSpec, count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
 from ..models.predict import accuracy, predict_logits
 from ..ood.exposure import outlier_exposure
+from ..search.space import Candidate
 from ..seeds import seed_for
 from ..stage import Stage, StageContext
+
+CHOSEN = "chosen.json"
+
+
+def candidate_config(cfg: EdgesmithConfig, candidate: Candidate, epochs: int | None = None) -> EdgesmithConfig:
+    """The build's config with the candidate as its student (and the search section gone)."""
+    overrides = {"student.arch": candidate.arch, "student.input.size": candidate.resolution}
+    if epochs is not None:
+        overrides["distill.epochs"] = epochs
+    return config_with(cfg, overrides, remove=("search",))
+
+
+def chosen_config(cfg: EdgesmithConfig, search_dir: Path) -> EdgesmithConfig:
+    """What distill trains when the search picked the student."""
+    chosen = json.loads((Path(search_dir) / CHOSEN).read_text())
+    return candidate_config(cfg, Candidate(chosen["arch"], chosen["resolution"]))
 
 
 @dataclass(frozen=True)
@@ -44,8 +64,6 @@ class DistillStage(Stage):
 
     def run(self, ctx: StageContext) -> dict:
         if "search" in ctx.inputs:          # the search picked the student: train that one with the full recipe
-            from .search import chosen_config
-
             ctx = replace(ctx, config=chosen_config(ctx.config, ctx.inputs["search"].dir))
         run = self.prepare(ctx)
         result = distill(run.models, run.method, run.train, run.data.val, run.settings)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config import EdgesmithConfig, config_with
 from ..data.for_config import subtask_data
 from ..distill.train import distill, student_view
 from ..errors import BudgetError
@@ -20,25 +19,9 @@ from ..search.config import SearchConfig
 from ..search.measure import export_int8, p99_ms
 from ..search.space import Candidate, check_families
 from ..search.study import FULL, PROXY, Worker, open_study, storage_for
-from ..seeds import seed_for
+from ..seeds import seed_everything, seed_for
 from ..stage import Stage, StageContext
-from .distill import DistillStage
-
-CHOSEN = "chosen.json"
-
-
-def candidate_config(cfg: EdgesmithConfig, candidate: Candidate, epochs: int | None = None) -> EdgesmithConfig:
-    """The build's config with the candidate as its student (and the search section gone)."""
-    overrides = {"student.arch": candidate.arch, "student.input.size": candidate.resolution}
-    if epochs is not None:
-        overrides["distill.epochs"] = epochs
-    return config_with(cfg, overrides, remove=("search",))
-
-
-def chosen_config(cfg: EdgesmithConfig, search_dir: Path) -> EdgesmithConfig:
-    """What distill trains when the search picked the student."""
-    chosen = json.loads((Path(search_dir) / CHOSEN).read_text())
-    return candidate_config(cfg, Candidate(chosen["arch"], chosen["resolution"]))
+from .distill import CHOSEN, DistillStage, candidate_config
 
 
 class SearchStage(Stage):
@@ -151,8 +134,6 @@ class TrialRunner:
 
     def train(self, candidate: Candidate, epochs: int, on_epoch=None):
         import time
-
-        from ..runner import seed_everything
 
         start = time.perf_counter()
         cfg = candidate_config(self.ctx.config, candidate, epochs)

@@ -74,8 +74,7 @@ def _origin(facts: CardFacts) -> str:
         f"- Teacher: `{name}` (source: {teacher.get('source', 'unknown')}"
         + (f", weights: `{teacher['weights']}`" if teacher.get("weights") else "")
         + f", adaptation: {(teacher.get('adapt', {}) or {}).get('method', 'none')}).",
-        f"- Student: `{student.get('arch', 'unknown')}`, distilled from the teacher on the subtask "
-        f"(method: {(facts.config.get('distill', {}) or {}).get('method', 'see config')}).",
+        _student_line(facts, student),
         f"- Data: `{data.get('dataset', 'unknown')}`, restricted to the subtask classes; validation fraction "
         f"{data.get('val_fraction', 'n/a')}, training images per class: {data.get('train_per_class') or 'all'}, "
         f"test images per class: {data.get('test_per_class') or 'all'}.",
@@ -84,6 +83,17 @@ def _origin(facts: CardFacts) -> str:
         "manifest.json (`config`, hash `config_sha256`).",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _student_line(facts: CardFacts, student: dict) -> str:
+    method = (facts.config.get("distill", {}) or {}).get("method", "see config")
+    distill = facts.stages.get("distill")
+    searched = (distill.metrics if distill is not None else {}).get("search")
+    if not searched:
+        return f"- Student: `{student.get('arch', 'unknown')}`, distilled from the teacher on the subtask (method: {method})."
+    return (f"- Student: `{searched['arch']}` at {searched['resolution']} px, found by the student search among "
+            f"{searched['candidates']} candidates: the {searched['why']}; distilled from the teacher on the subtask "
+            f"(method: {method}).")
 
 
 def _label_budget(data: dict) -> list[str]:

@@ -136,7 +136,22 @@ def closest(rows: list[Row], budgets: SearchBudgets, n: int = 8) -> list[tuple[R
         return total
 
     scored = [(r, misses(r, budgets)) for r in rows]
-    return sorted(scored, key=lambda rm: (len(rm[1]), excess(rm[0]), rm[0].trial))[:n]
+    return sorted(scored, key=lambda rm: (rm[0].state != "complete", len(rm[1]), excess(rm[0]), rm[0].trial))[:n]
+
+
+def why_not(row: Row, missed: list[str]) -> str:
+    if missed:
+        return "; ".join(missed)
+    if row.state == "pruned":
+        return f"stopped by successive halving after {row.epochs} epoch(s)"
+    return "within budget but not among the finalists' best" if row.full_val_acc is None else "below min_val_acc"
+
+
+def current(rows: list[Row], budgets: SearchBudgets) -> list[Row]:
+    """The rows that speak for the current budgets: a candidate skipped untrained under an earlier, tighter budget
+    is left out when it now fits (it was never trained), and whenever it was trained since."""
+    trained = {r.candidate for r in rows if r.state != "skipped"}
+    return [r for r in rows if r.state != "skipped" or (r.candidate not in trained and misses(r, budgets, final=False))]
 
 
 def pareto(rows: list[Row], cost: Callable[[Row], Optional[float]], acc: Callable[[Row], Optional[float]]) -> list[Row]:
@@ -153,14 +168,23 @@ def best_accuracy(row: Row) -> Optional[float]:
 
 def write_fronts(rows: list[Row], folder: Path) -> dict:
     """front.json (accuracy vs MACs and vs measured p99) and front.png."""
-    fronts = {"macs": [r.trial for r in pareto(rows, lambda r: r.macs, best_accuracy)],
-              "p99_ms": [r.trial for r in pareto(rows, lambda r: r.p99, best_accuracy)]}
+    fronts = front_trials(rows)
     (Path(folder) / "front.json").write_text(json.dumps(fronts, indent=2) + "\n")
-    plot_fronts(rows, fronts, Path(folder) / "front.png")
+    figure = fronts_figure(rows, fronts)
+    figure.savefig(Path(folder) / "front.png", dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
     return fronts
 
 
-def plot_fronts(rows: list[Row], fronts: dict, path: Path, chosen: Optional[Row] = None) -> None:
+def front_trials(rows: list[Row]) -> dict:
+    return {"macs": [r.trial for r in pareto(rows, lambda r: r.macs, best_accuracy)],
+            "p99_ms": [r.trial for r in pareto(rows, lambda r: r.p99, best_accuracy)]}
+
+
+def fronts_figure(rows: list[Row], fronts: dict):
+    """Validation accuracy against MACs and against measured p99: every trial, the fronts, the full-schedule runs."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,8 +204,8 @@ def plot_fronts(rows: list[Row], fronts: dict, path: Path, chosen: Optional[Row]
         ax.set_xlabel(label)
         ax.set_ylabel("validation top-1")
         ax.grid(alpha=0.3)
-    axes[0].set_xscale("log")
-    axes[0].legend(loc="lower right", fontsize=8)
+    if any(r.macs > 0 and best_accuracy(r) is not None for r in rows):     # log scale needs a point to scale
+        axes[0].set_xscale("log")
+        axes[0].legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

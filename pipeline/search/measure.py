@@ -3,6 +3,7 @@ export path as the onnx_int8 format) and the suite's own ONNX Runtime runner tim
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +36,14 @@ def export_int8(model: nn.Module, view: View, calibration: np.ndarray, path: Pat
     fp32 = Path(path).with_suffix(".fp32.onnx")
     try:
         export_onnx(folded, fp32, torch.zeros(1, view.channels, view.size, view.size), opset=17, dynamic_batch=False)
-        quantize_static(str(fp32), str(path), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)    # its advice to run ORT's pre-processing: BatchNorm is folded already
+        try:
+            quantize_static(str(fp32), str(path), Images(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
     finally:
         fp32.unlink(missing_ok=True)
     return path

@@ -36,6 +36,13 @@ def chosen_config(cfg: EdgesmithConfig, search_dir: Path) -> EdgesmithConfig:
     return candidate_config(cfg, Candidate(chosen["arch"], chosen["resolution"]))
 
 
+def searched_student(search_dir: Path) -> dict:
+    """What the model card says about a searched student: which, why, and how many candidates were tried."""
+    chosen = json.loads((Path(search_dir) / CHOSEN).read_text())
+    trials = json.loads((Path(search_dir) / "trials.json").read_text())
+    return {"arch": chosen["arch"], "resolution": chosen["resolution"], "why": chosen["why"], "candidates": len(trials)}
+
+
 @dataclass(frozen=True)
 class DistillRun:
     """The inputs of one distillation: the subtask data, models, method, transfer set and loop settings."""
@@ -63,12 +70,15 @@ class DistillStage(Stage):
         return base + (("search",) if cfg.search is not None else ())
 
     def run(self, ctx: StageContext) -> dict:
+        searched = {}
         if "search" in ctx.inputs:          # the search picked the student: train that one with the full recipe
             ctx = replace(ctx, config=chosen_config(ctx.config, ctx.inputs["search"].dir))
+            searched = {"search": searched_student(ctx.inputs["search"].dir)}
         run = self.prepare(ctx)
         result = distill(run.models, run.method, run.train, run.data.val, run.settings)
         self.save(ctx, run.models, run.data)
-        return {**self.measure(ctx, run.models, run.data, run.known), **self.budget(run.data, run.train), **result}
+        return {**self.measure(ctx, run.models, run.data, run.known), **self.budget(run.data, run.train), **result,
+                **searched}
 
     def prepare(self, ctx: StageContext) -> "DistillRun":
         """Everything the training loop gets, built as the stage builds it (bench/subdistill_steps.py times steps

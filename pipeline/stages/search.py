@@ -42,7 +42,7 @@ class SearchStage(Stage):
         session = SearchSession(ctx)
         trials, study_dir, proxy, full = session.trials, session.folder, session.proxy, session.full
         trained = session.worker.run(proxy)
-        rows = choose.rows_of(proxy.get_trials(), full.get_trials())
+        rows = choose.current(choose.rows_of(proxy.get_trials(), full.get_trials()), cfg.budgets)
         finalists = choose.finalists(rows, cfg.budgets, cfg.finalists, cfg.latency.rounds, cfg.latency.margin,
                                      lambda row: trials.p99_ms(row.candidate, study_dir / "artifacts" / row.artifact))
         for row in finalists:
@@ -105,7 +105,7 @@ def study_key(ctx: StageContext) -> str:
 
 
 def no_candidate_error(rows, cfg: SearchConfig, study_dir: Path) -> BudgetError:
-    lines = [f"{r.candidate.label}: {'; '.join(m) or 'not a finalist'}" for r, m in choose.closest(rows, cfg.budgets)]
+    lines = [f"{r.candidate.label}: {choose.why_not(r, m)}" for r, m in choose.closest(rows, cfg.budgets)]
     return BudgetError(
         f"No searched student meets the budgets ({len(rows)} candidates tried). Closest: " + " | ".join(lines),
         f"Relax search.budgets (the stored trials in {study_dir} are re-scored, nothing is trained again), or widen "

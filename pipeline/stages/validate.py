@@ -39,7 +39,8 @@ class ValidateStage(Stage):
 
     def inputs(self, cfg):
         # validate.explain compares the FP32 student with the adapted teacher: it needs both.
-        return ("export", "adapt", "distill") if cfg.section("validate").explain is not None else ("export",)
+        base = ("export", "adapt", "distill") if cfg.section("validate").explain is not None else ("export",)
+        return base + (("search",) if cfg.search is not None else ())
 
     def run(self, ctx: StageContext) -> dict:
         cfg = ctx.config.section("validate")
@@ -84,13 +85,21 @@ class ValidateStage(Stage):
         logged and recorded, and the results are committed all the same."""
         try:
             write_report(ctx.out, f"Validation of {ctx.config.build.name}",
-                         label_budget_sections(ctx.config) + validation_sections(runs, verdicts, _class_names(bundle))
+                         label_budget_sections(ctx.config) + self._search_sections(ctx)
+                         + validation_sections(runs, verdicts, _class_names(bundle))
                          + list(extra_sections),
                          subtitle=f"bundle {bundle.name}, {len(cfg.targets)} target(s), runtimes {', '.join(cfg.runtimes)}")
         except Exception as exc:  # noqa: BLE001 (any plotting error; the results matter more)
             ctx.log(f"[red]validate: the report could not be written: {exc!r}[/]")
             return repr(exc)
         return None
+
+    def _search_sections(self, ctx: StageContext) -> list:
+        if "search" not in ctx.inputs:
+            return []
+        from ..search.report import search_section
+
+        return [search_section(ctx.inputs["search"].dir)]
 
     def _run_target(self, ctx: StageContext, spec: str, bundle: Path, cfg) -> TargetRun:
         target = parse_target(spec)

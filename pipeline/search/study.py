@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -118,6 +119,13 @@ class Worker:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         candidate = suggest(trial, self.cfg.families)
         trial.set_user_attr("candidate", candidate.to_json())
+        if _running_twin(study, candidate, trial.number):
+            # Another worker is training this candidate now: wait for its result rather than train it twice (the
+            # next draw, at the same position, draws it again and then copies the result).
+            trial.set_user_attr("waited_for_twin", True)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            time.sleep(2.0)
+            return 0
         earlier = _trained_twin(study, candidate, trial.number)
         if earlier is not None:          # drawn before (another worker, or the sampler again): no second training
             for k, v in earlier.user_attrs.items():
@@ -219,6 +227,13 @@ def _trained_twin(study, candidate: Candidate, number: int):
 
 # A trial names its worker milliseconds after it is created; one still unnamed after this long lost its worker.
 UNNAMED_AFTER_S = 60
+
+
+def _running_twin(study, candidate: Candidate, number: int) -> bool:
+    import optuna
+
+    return any(t.number != number and t.user_attrs.get("training") and _label(t) == candidate.label
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)))
 
 
 def fail_dead_trials(study) -> list[int]:

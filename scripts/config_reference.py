@@ -30,12 +30,35 @@ def _type_name(annotation) -> str:
     return text.replace("|", "or")
 
 
+def _union_members(annotation) -> dict:
+    """{tag: section} of a list of tagged sections (list[Annotated[Union[A, B], discriminator]]), else {}."""
+    from pipeline.schema import Section
+
+    if typing.get_origin(annotation) is not list:
+        return {}
+    (item,) = typing.get_args(annotation)
+    if typing.get_origin(item) is typing.Annotated:
+        item = typing.get_args(item)[0]
+    members = [m for m in typing.get_args(item) if isinstance(m, type) and issubclass(m, Section)]
+    if len(members) < 2:
+        return {}
+    return {f"family: {typing.get_args(m.model_fields['family'].annotation)[0]}": m for m in members
+            if "family" in m.model_fields}
+
+
 def _rows(model, prefix: str = ""):
     from pipeline.config import _section_type
     from pipeline.schema import Section
 
     for name, field in model.model_fields.items():
         key = f"{prefix}{field.alias or name}"
+        members = _union_members(field.annotation)
+        if members:      # a list of tagged sections (e.g. search.families): each kind's keys, under its tag
+            default = [{"family": item.family} for item in field.get_default(call_default_factory=True)]
+            yield key, "list of " + " or ".join(members), repr(default), field.description
+            for tag, member in members.items():
+                yield from ((k, t, d, f"({tag}) {m}") for k, t, d, m in _rows(member, key + "[].") if k != key + "[].family")
+            continue
         inner = _section_type(field.annotation)
         if isinstance(inner, type) and issubclass(inner, Section):
             list_of = typing.get_origin(field.annotation) is list or "list[" in str(field.annotation)

@@ -272,14 +272,35 @@ RETIRED_KEYS = {
 
 def _fields_at(model: type, loc: tuple) -> list[str]:
     """Names of the fields valid at a key path, for did-you-mean on unknown keys."""
+    annotation = model
     for part in loc:
-        if isinstance(part, int) or not hasattr(model, "model_fields"):
+        if isinstance(part, int):
+            continue
+        if not hasattr(model, "model_fields"):     # a list of tagged sections: the part names the tag
+            model = _tagged_sections(annotation).get(part, model)
             continue
         field = next((f for n, f in model.model_fields.items() if (f.alias or n) == part), None)
         if field is None:
             break
-        model = _section_type(field.annotation)
+        annotation, model = field.annotation, _section_type(field.annotation)
     return [f.alias or n for n, f in getattr(model, "model_fields", {}).items()]
+
+
+def _tagged_sections(annotation: Any) -> dict[str, type]:
+    """{tag: section} of the sections inside a (list of) discriminated union, tagged by their Literal field."""
+    import typing
+
+    found, stack = {}, [annotation]
+    while stack:
+        arg = stack.pop()
+        if isinstance(arg, type) and issubclass(arg, Section):
+            tags = [typing.get_args(f.annotation)[0] for f in arg.model_fields.values()
+                    if typing.get_origin(f.annotation) is Literal and len(typing.get_args(f.annotation)) == 1]
+            if tags:
+                found[str(tags[0])] = arg
+        else:
+            stack.extend(typing.get_args(arg))
+    return found
 
 
 def _section_type(annotation: Any) -> Any:

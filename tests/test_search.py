@@ -145,6 +145,9 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_to_the_same_choic
     ({"search.families": []}, "search.families is empty"),
     ({"student.arch": "cnn_tiny"}, "set student.arch: search"),
     ({"search.finalists": 9}, "more than search.trials"),
+    ({"search.families": [{"family": "cnnn"}]}, "expected tags: 'cnn', 'timm'"),
+    ({"search.families": [{"family": "cnn", "wdths": [4]}]}, "Did you mean 'widths'?"),
+    ({"search.families": [{"family": "cnn", "widths": []}]}, "widths is empty"),
 ])
 def test_bad_search_configs_are_config_errors(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:

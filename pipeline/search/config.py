@@ -92,9 +92,10 @@ class SearchConfig(Section):
     families: list[Family] = Field(default_factory=lambda: [CnnFamily()],
                                    description="the search space: cnn (parametrised) and/or timm (named) families")
     trials: int = Field(24, ge=1, description="candidates trained on the proxy schedule (pruned ones count)")
-    epochs: int = Field(4, ge=1, description="proxy schedule: most epochs a trial trains (successive halving stops "
-                        "weak ones after 1 and after reduction_factor epochs)")
-    reduction_factor: int = Field(3, ge=2, description="successive halving keeps about 1 in this many at each rung")
+    epochs: int = Field(4, ge=1, description="proxy schedule: most epochs a trial trains; every trial trains "
+                        "ceil(epochs / reduction_factor) of them, then successive halving stops the weaker ones")
+    reduction_factor: int = Field(3, ge=2, description="successive halving lets about 1 in this many trials go on "
+                                  "at each cut")
     finalists: int = Field(3, ge=1, description="best proxy candidates within budget that get the full distill schedule")
     budgets: SearchBudgets = SearchBudgets()
     latency: SearchLatency = SearchLatency()

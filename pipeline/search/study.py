@@ -6,6 +6,7 @@ resumes, several workers can share it, and a changed budget re-scores the stored
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import socket
 import time
@@ -100,7 +101,7 @@ class Worker:
             # The sampler is seeded by the trial's place among the non-failed ones: a search killed and resumed
             # draws the same candidates as one that ran straight through.
             study.sampler = optuna.samplers.TPESampler(seed=derived_seed(self.seed, len(done)))
-            study.pruner = successive_halving(self.cfg.reduction_factor)
+            study.pruner = successive_halving(self.cfg.reduction_factor, first_rung(self.cfg))
             draws += 1
             trained += self._one(study)
         return trained
@@ -188,7 +189,14 @@ class Worker:
         return 1
 
 
-def successive_halving(reduction_factor: int):
+def first_rung(cfg: SearchConfig) -> int:
+    """Epochs every trial trains before the first cut: a 1/reduction_factor share of the proxy schedule. (A cut
+    after one epoch, with another at reduction_factor epochs, left only a ninth of the trials to finish: too few
+    finalists, chosen on one epoch's noise.)"""
+    return max(1, math.ceil(cfg.epochs / cfg.reduction_factor))
+
+
+def successive_halving(reduction_factor: int, min_resource: int):
     """Optuna's asynchronous successive halving, blind to FAILed trials: the rung values of a trial whose worker
     was killed do not count twice when its candidate is trained again."""
     import optuna
@@ -208,7 +216,7 @@ def successive_halving(reduction_factor: int):
         def prune(self, study, trial) -> bool:
             return super().prune(_WithoutFailed(study), trial)
 
-    return Pruner(min_resource=1, reduction_factor=reduction_factor)
+    return Pruner(min_resource=min_resource, reduction_factor=reduction_factor)
 
 
 def _label(trial) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import tempfile
 import time
@@ -43,6 +44,9 @@ def seed_everything(seed: int, threads: int) -> None:
     import numpy as np
     import torch
 
+    # cuBLAS picks its reduction order by workspace unless this is set before its first call in the process;
+    # torch's deterministic mode warns on every cuBLAS product without it (docs/reproducibility.md).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

@@ -161,7 +161,8 @@ def fashion_mnist_dir() -> Path:
 
 def cpu_reference(config: Path, output: str | None) -> dict:
     """Stage times and accuracies of this commit's CPU build of `config` (the stages the GPU check builds), found
-    by their keys: a stage that is not in the cache is listed as missing."""
+    by their keys. Where the cache has no entry for a key, the newest entry of that stage built from the same config
+    sections stands in, marked exact: false (another commit's code); with neither, the stage is listed as missing."""
     sys.path.insert(0, str(REPO))
     from pipeline.config import load_config
     from pipeline.runner import Build
@@ -173,14 +174,29 @@ def cpu_reference(config: Path, output: str | None) -> dict:
     for planned in build.plan(until=CHECK_STAGES[-1]):
         name = planned.stage.name
         meta = build.cache.lookup(name, planned.key, verify=False)
+        exact = meta is not None
+        meta = meta or same_config_entry(build.cache.root, name, planned.sections)
         if meta is None:
             missing.append(name)
             continue
-        stages[name] = {"wall_time_s": meta.get("wall_time_s"), "code": meta.get("code"), "key": planned.key,
-                        "metrics": reference_metrics(meta.get("metrics", {}))}
+        stages[name] = {"wall_time_s": meta.get("wall_time_s"), "code": meta.get("code"), "key": meta.get("key"),
+                        "exact": exact, "metrics": reference_metrics(meta.get("metrics", {}))}
     return {"config": str(config.relative_to(REPO) if config.is_relative_to(REPO) else config),
             "cache": str(build.cache.root), "device": "cpu", "threads": cfg.build.threads or os.cpu_count(),
             "cpu": cpu_name(), "torch": _version("torch"), "stages": stages, "missing": missing}
+
+
+def same_config_entry(root: Path, stage: str, sections: dict) -> dict | None:
+    """The newest committed entry of `stage` under `root` whose config sections are `sections`."""
+    found = []
+    for path in root.glob(f"{stage}-*/stage.json"):
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if meta.get("config") == json.loads(json.dumps(sections)):
+            found.append((path.stat().st_mtime, meta))
+    return max(found, key=lambda item: item[0])[1] if found else None
 
 
 def reference_metrics(metrics: dict) -> dict:
@@ -274,6 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     for part, size in result["parts"].items():
         print(f"  {part:<14} {mib(size):6.1f} MiB")
     print(f"  {'total':<14} {mib(result['total']):6.1f} MiB  (limit {args.max_mib:g} MiB)")
+    stand_ins = [name for name, stage in ref["stages"].items() if not stage["exact"]]
+    if stand_ins:
+        print(f"note: the CPU figures of {', '.join(stand_ins)} come from another commit's build of the same config "
+              f"(the cache {ref['cache']} has none of this commit).", file=sys.stderr)
     if ref["missing"]:
         print(f"warning: the CPU build of this commit has no {', '.join(ref['missing'])} in {ref['cache']}: the "
               f"GPU check will show no CPU figures for them. Build it first: edgesmith build {ref['config']} "

@@ -99,11 +99,12 @@ def test_two_cuda_builds_give_the_same_bytes(tiny_cuda_build, tmp_path):
 @pytest.mark.parametrize("amp,dtype", [(True, torch.float16), (False, torch.float32)])
 def test_the_teacher_runs_in_half_precision_only_with_amp(amp, dtype):
     torch.manual_seed(0)
-    teacher, student = create_model("cnn_tiny", 10, 1).cuda().eval(), create_model("cnn_tiny", 4, 1)
+    teacher, student = create_model("cnn_tiny", 10, 1).eval(), create_model("cnn_tiny", 4, 1)
     models = Models(teacher, student, View(28, 1, (0.5,), (0.5,)), View(28, 1, (0.5,), (0.5,)), [0, 2, 4, 6])
     cfg = DistillConfig(method="fitnet", epochs=1)
-    method = METHODS.get("fitnet")(cfg, pairs=layer_pairs("auto", models), teacher=teacher, student=student,
-                                   models=models).cuda()
+    pairs = layer_pairs("auto", models)          # found with CPU probes, before the models move
+    method = METHODS.get("fitnet")(cfg, pairs=pairs, teacher=teacher, student=student, models=models).cuda()
+    teacher.cuda()
     seen = []
     conv = next(m for m in teacher.modules() if isinstance(m, torch.nn.Conv2d))
     handle = conv.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))

@@ -47,6 +47,17 @@ def test_builds_ask_cublas_for_a_deterministic_workspace_unless_the_user_chose_o
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
 
 
+def test_more_processes_than_gpus_on_a_node_is_refused_with_a_fix():
+    from pipeline.distributed import gpu_of
+    from pipeline.errors import DistributedError
+
+    assert gpu_of(0, 1) == 0 and gpu_of(3, 4) == 3
+    with pytest.raises(DistributedError) as caught:
+        gpu_of(1, 1)        # `--nproc 2` on a one-GPU machine: rank 1 used to fail in set_device (invalid ordinal)
+    assert "local rank 1" in str(caught.value) and "1 GPU(s)" in str(caught.value)
+    assert "--nproc" in caught.value.fix
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -63,3 +63,19 @@ def test_a_folder_that_is_not_empty_is_refused(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "is not an empty folder" in result.stderr
     assert (tmp_path / "bundle" / "keep.txt").read_text() == "mine"
+
+
+def test_a_build_that_stops_before_export_does_not_ask_for_the_export_extras(monkeypatch, tmp_path):
+    """A GPU machine without the `mobile` extra builds the default config --until qat (the GPU check does)."""
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+    from pipeline.preflight import check_build
+
+    monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if litert-torch were not installed
+    cfg = load_config(REPO / "configs" / "tiny.yaml", {"build.output": str(tmp_path / "builds"),
+                                                       "export.formats": ["onnx", "litert"]})
+    check_build(cfg, until="qat")
+    with pytest.raises(ConfigError, match="mobile"):
+        check_build(cfg, until="export")
+    with pytest.raises(ConfigError, match="mobile"):
+        check_build(cfg)

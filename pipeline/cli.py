@@ -69,7 +69,7 @@ def build(
     from .runner import Build
 
     cfg = load_with_overrides(config, sets)
-    check_build(cfg)        # names, qat.keep_fp32, a writable build folder: before any stage runs
+    check_build(cfg, until)  # names, qat.keep_fp32, a writable build folder: before any stage runs
     if nproc > 1:
         return launch_build(nproc, config, force, until, no_wait, sets)
     subtask_data(cfg)  # missing data or unknown classes fail here, before the cache is touched

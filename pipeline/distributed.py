@@ -89,7 +89,7 @@ def session(device: str, timeout_min: float | None = None) -> Iterator[World]:
         return
     cuda = device.startswith("cuda")
     if cuda:
-        torch.cuda.set_device(w.local_rank)
+        torch.cuda.set_device(gpu_of(w.local_rank, torch.cuda.device_count()))
     timeout = timedelta(minutes=timeout_min or float(os.environ.get("EDGESMITH_DIST_TIMEOUT_MIN", DEFAULT_TIMEOUT_MIN)))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout,
                             device_id=torch.device("cuda", w.local_rank) if cuda else None)
@@ -104,6 +104,17 @@ def session(device: str, timeout_min: float | None = None) -> Iterator[World]:
         dist.destroy_process_group()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def gpu_of(local_rank: int, gpus: int) -> int:
+    """The GPU of a process on a node with `gpus` GPUs: the one its local rank names (one GPU per process)."""
+    if local_rank >= gpus:
+        raise DistributedError(
+            f"Process local rank {local_rank} needs a GPU of its own, but this node has {gpus} GPU(s): on CUDA every "
+            "process of a node takes the GPU its local rank names.",
+            f"Start at most {gpus} process(es) per node (--nproc, torchrun --nproc-per-node), or build on the CPU "
+            "(build.device: cpu).")
+    return local_rank
 
 
 def _exit_on_sigterm(signum, _frame):

@@ -9,11 +9,12 @@ from .errors import ConfigError, DataError, ModelError
 from .registry import did_you_mean
 
 
-def check_build(cfg) -> list[str]:
+def check_build(cfg, until: str | None = None) -> list[str]:
     """What `check` and `build` both run before any stage: names resolve, qat.keep_fp32 names layers of the
     student, and the build folder can be written (or is a read-only cache that holds every stage). Raises the first
-    problem; returns notes (e.g. the read-only cache)."""
-    check_names(cfg)
+    problem; returns notes (e.g. the read-only cache). `until`: the build stops after that stage, so what only
+    later stages need on this machine (the export formats' extras) is not asked for."""
+    check_names(cfg, exports=_runs("export", until))
     check_layer_pairs(cfg)
     check_keep_fp32(cfg)
     note = check_output(cfg)
@@ -83,15 +84,23 @@ def check_output(cfg) -> str:
     return f"every stage is cached and the cache is read-only: build reuses them without the lock ({problem.problem})"
 
 
-def check_names(cfg) -> None:
-    """Architecture, method and teacher names, and the extras the export formats need; raises the first problem
-    (an unknown name with the valid ones)."""
+def _runs(stage: str, until: str | None) -> bool:
+    """Whether a build that stops after `until` reaches `stage` (an unknown `until` is the runner's to report)."""
+    from .stages import CHAIN
+
+    order = [s.name for s in CHAIN]
+    return until not in order or order.index(until) >= order.index(stage)
+
+
+def check_names(cfg, exports: bool = True) -> None:
+    """Architecture, method and teacher names, and (`exports`: the build reaches the export stage) the extras the
+    export formats need; raises the first problem (an unknown name with the valid ones)."""
     from exporters.mobile import check_mobile_extra
 
     from .distill.methods import METHODS
     from .models.registry import ARCHS
 
-    if cfg.export is not None:
+    if cfg.export is not None and exports:
         check_mobile_extra(cfg.export.formats)  # installed packages: a fact of this machine, not of the config
 
     METHODS.get(cfg.distill.method)

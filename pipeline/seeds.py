@@ -43,11 +43,15 @@ def seed_for(seed_or_config, stream: str) -> int:
 
 
 def seed_everything(seed: int, threads: int) -> None:
+    import os
     import random
 
     import numpy as np
     import torch
 
+    # cuBLAS picks its reduction order by workspace unless this is set before its first call in the process;
+    # torch's deterministic mode warns on every cuBLAS product without it (docs/reproducibility.md).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)

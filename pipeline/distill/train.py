@@ -53,6 +53,12 @@ def layer_pairs(layers, models: Models, say=lambda _msg: None) -> list[PairSpec]
     return resolve_pairs(layers, models.teacher, models.student, (tv.channels, tv.size), (sv.channels, sv.size), say)
 
 
+def mixed_precision(device: torch.device, amp: bool):
+    """float16 autocast where distill.amp asks for it and the device is a GPU; full precision otherwise (the CPU
+    ignores distill.amp)."""
+    return torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
+
+
 class TeacherOutputs:
     """Teacher subtask logits and layer targets per training image: computed once when the inputs are fixed
     (no augmentation), else on the fly without autograd. `precomputed` (logits, {pair: teacher map}) for every
@@ -60,8 +66,8 @@ class TeacherOutputs:
 
     def __init__(self, models: Models, method: DistillMethod, images: torch.Tensor, device, cached: bool,
                  progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-                 projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None):
-        self.models, self.method, self.device = models, method, device
+                 projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None, amp: bool = False):
+        self.models, self.method, self.device, self.amp = models, method, device, amp
         self.teacher_layers = [p.teacher for p in method.pairs]
         self.cached, self.projected = None, projected is not None
         if projected is not None:      # SubDistill's targets from the subspaces stage (pipeline.distill.targets)
@@ -82,8 +88,7 @@ class TeacherOutputs:
     @torch.no_grad()  # not inference_mode: cached targets enter losses that autograd records
     def compute(self, raw: torch.Tensor, layers: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         teacher = self.models.teacher
-        autocast = torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
-        with tap_features(teacher, self.teacher_layers if layers else []) as feats, autocast:
+        with tap_features(teacher, self.teacher_layers if layers else []) as feats, mixed_precision(self.device, self.amp):
             x = channels_last(self.models.teacher_view(raw.to(self.device)))
             logits = teacher(x)[:, self.models.teacher_ids].float()
         targets = {i: self.method.teacher_target(i, f.float()) for i, f in feats.items()}
@@ -199,9 +204,10 @@ def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSe
     fixed = not augment          # the teacher sees a fixed set of inputs: its outputs are computed once
     teacher_out = TeacherOutputs(models, method, images, device, cached=fixed, progress=settings.progress,
                                  precomputed=settings.precomputed if fixed else None,
-                                 projected=settings.projected if fixed else None)
+                                 projected=settings.projected if fixed else None, amp=cfg.amp)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # The scaler is on exactly when the steps run under mixed_precision (float16 gradients need loss scaling).
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.amp)
     return LoopParts(step, teacher_out, optimizer, scaler, images, labels)
 
@@ -271,7 +277,7 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
     student.eval()
     teacher.to(memory_format=torch.contiguous_format)
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "history": history,
-            "train_images_per_s": images_seen / max(train_time, 1e-9)}
+            "train_images_per_s": images_seen / max(train_time, 1e-9), "amp": parts.scaler.is_enabled()}
 
 
 def _accumulate(step: nn.Module, teacher_out: TeacherOutputs, rows: torch.Tensor, raw: torch.Tensor, labels, weight: float,
@@ -279,9 +285,8 @@ def _accumulate(step: nn.Module, teacher_out: TeacherOutputs, rows: torch.Tensor
     """Forward and backward of one micro-batch (`rows` of the teacher's cache, `labels` of its images); DDP
     all-reduces the gradients at the last one. `layers`: whether this step has the layer loss (its targets)."""
     t_logits, t_targets = teacher_out.for_batch(rows, raw, layers)
-    autocast = torch.autocast("cuda", dtype=torch.float16) if scaler.is_enabled() else nullcontext()
     with distributed.sync_unless_last(step, last):
-        with autocast:
+        with mixed_precision(device, scaler.is_enabled()):
             losses = step(raw.to(device), t_logits, labels.to(device), t_targets)
         total = losses["total"] if weight == 1.0 else losses["total"] * weight
         scaler.scale(total).backward()

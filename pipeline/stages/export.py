@@ -20,7 +20,7 @@ class ExportStage(Stage):
     name = "export"
     sections = ("export", "data", "subtask")
     packages = ("torch", "nncf", "torchao", "onnx", "onnxruntime", "openvino", "polygraphy", "tensorrt",
-                "litert-torch", "ai-edge-litert", "executorch", "tflite-micro")
+                "litert-torch", "ai-edge-litert", "executorch", "tflite-micro", "ethos-u-vela")
 
     def key_sections(self, cfg) -> dict:
         keys = super().key_sections(cfg)

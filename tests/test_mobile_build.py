@@ -1,6 +1,7 @@
 """End to end through the CLI with the mobile formats: a tiny build exports LiteRT, TFLite Micro, ExecuTorch and
 (with the `npu` extra) Ethos-U, validates them on their runtimes, and a missed arena budget (and NPU time budget)
-fails the build with every result kept and the "fits on the MCU" (and "fits on the NPU") table in the report. Also `edgesmith profile` on a corrupt .tflite / .pte."""
+fails the build with every result kept and the "fits on the MCU" (and "fits on the NPU") table in the report.
+Also `edgesmith profile` on a corrupt .tflite / .pte."""
 
 import importlib.util
 import json

@@ -26,7 +26,7 @@ for _stage in CHAIN:
 
 # Config values that name files whose CONTENT a stage depends on: section -> fields. Their digests join the key
 # of every stage that hashes the section, so replacing a checkpoint or a dataset at the same path re-runs them.
-CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlabelled"), "export": ("ethos_u.ini",)}
+CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlabelled")}
 
 
 def resolve_device(requested: str) -> str:
@@ -292,9 +292,7 @@ def content_digests(cfg: EdgesmithConfig, sections: tuple[str, ...], digests: Di
     for name in sections:
         section = cfg.section(name)
         for field_name in CONTENT_INPUTS.get(name, ()):
-            value = section
-            for part in field_name.split("."):  # a nested field, e.g. export.ethos_u.ini
-                value = getattr(value, part, None)
+            value = getattr(section, field_name, None)
             if not isinstance(value, str) or not value:
                 continue
             path = _input_path(name, field_name, value)

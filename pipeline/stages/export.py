@@ -24,7 +24,9 @@ class ExportStage(Stage):
 
     def key_sections(self, cfg) -> dict:
         keys = super().key_sections(cfg)
-        return {**keys, "ood": cfg.ood.model_dump(mode="json")} if cfg.ood is not None else keys
+        if cfg.ood is not None:
+            keys = {**keys, "ood": cfg.ood.model_dump(mode="json")}
+        return {**keys, **ethos_u_ini_digest(cfg.section("export"))}
 
     def inputs(self, cfg):
         # The config refuses INT8 formats without a qat section; pipeline/preflight.py a missing `mobile` extra.
@@ -113,6 +115,17 @@ class ExportStage(Stage):
         return {"file": "eval.npz", "images": int(len(labels)), "arrays": sorted(arrays),
                 "accuracy": {k.removesuffix("_pred"): float((v == labels).mean())
                              for k, v in arrays.items() if k.endswith("_pred")}}
+
+
+def ethos_u_ini_digest(cfg: ExportConfig) -> dict:
+    """The content of a user's Vela .ini (export.ethos_u.ini): editing the file recompiles, as a new path would.
+    A missing file adds nothing; preflight reports it."""
+    import hashlib
+    from pathlib import Path
+
+    if "ethos_u" not in cfg.formats or not cfg.ethos_u.ini or not Path(cfg.ethos_u.ini).is_file():
+        return {}
+    return {"ethos_u_ini_sha256": hashlib.sha256(Path(cfg.ethos_u.ini).read_bytes()).hexdigest()}
 
 
 def predict(model, view, images, device, columns=None) -> np.ndarray:

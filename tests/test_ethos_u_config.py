@@ -79,3 +79,14 @@ def test_the_format_without_the_npu_extra_is_refused_by_check_and_build(tmp_path
     cfg = config(tmp_path)
     for command in ("check", "build"):
         assert_refused(edgesmith(command, cfg, prelude=NO_VELA), tmp_path, "ethos_u", "`npu` extra", ".[npu]")
+
+
+def test_the_ini_content_is_in_the_export_key(tmp_path):
+    from pipeline.stages.export import ExportStage
+
+    ini = tmp_path / "board.ini"
+    ini.write_text("[System_Config.Board]\ncore_clock=400e6\n")
+    cfg = parse_config(yaml.safe_load(config(tmp_path, targets=["ethos-u55-128"], ini=str(ini)).read_text()))
+    before = ExportStage().key_sections(cfg)["ethos_u_ini_sha256"]
+    ini.write_text("[System_Config.Board]\ncore_clock=200e6\n")
+    assert ExportStage().key_sections(cfg)["ethos_u_ini_sha256"] != before

@@ -136,6 +136,6 @@ def predict(model, view, images, device, columns=None) -> np.ndarray:
 
 def summary(checked: dict | None) -> str:
     if not checked:
-        return "n/a (built on device)"
+        return "n/a (not run on this machine)"
     return (f"max|dlogit| {checked['max_abs_logit_diff']:.2e}  top-1 agree {checked['top1_agreement']:.4f}  "
             f"acc {checked['accuracy']:.4f} (torch {checked['reference_accuracy']:.4f})")

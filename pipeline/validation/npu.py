@@ -36,7 +36,7 @@ def npu_section(runs, verdicts: list[Verdict]) -> Optional[Section]:
                      npu["inference_ms"], npu["cycles"], fits])
         classes.append("fail" if fits == "NO" else "ok")
     layers = [[npu["artifact"], r["operator"], r["target"], r["cycles"], r["cycles_percent"], r["macs"],
-               r["mac_utilisation_percent"], r["name"]]
+               r["mac_utilisation_percent"], short_layer(r["name"])]
               for npu in _once(points) for r in _slowest(npu.get("layers", []))]
     clocks = sorted({f"{npu['accelerator']}: {npu['clock_mhz']:g} MHz, {npu['system_config']}, {npu['memory_mode']}"
                      for _, npu in points})
@@ -46,12 +46,26 @@ def npu_section(runs, verdicts: list[Verdict]) -> Optional[Section]:
             "flash: where Vela places the weights and command stream (flash, or DRAM in a DRAM system config). "
             "CPU-fallback operators run on the Cortex-M under TFLite Micro; their time is not in the estimate.</p>")
     layer_note = (f'<p class="note">The {SLOWEST} slowest layers of each compiled model, from Vela\'s per-layer '
-                  "estimate (a fused activation shares its convolution's row).</p>")
+                  "estimate (a fused activation shares its convolution's row; full names in results-*.json).</p>")
     body = (html_table(HEADERS, rows, classes, left=5) + note + "<h3>Slowest layers (Vela's estimate)</h3>"
             + html_table(LAYER_HEADERS, layers, left=3) + layer_note)
     md = (md_table(HEADERS, rows) + "\n\nVela estimates at " + "; ".join(clocks) + " (not measured on a device).\n\n"
           + md_table(LAYER_HEADERS, layers))
     return Section("Fits on the NPU", body, md)
+
+
+def short_layer(name: str) -> str:
+    """The module a TFLite tensor name comes from, e.g. "features.4.0 (Conv2d)" for litert-torch's
+    "pkg.SmallCNN/torch.nn.modules.container.Sequential_features/...Sequential_4/torch.nn.modules.conv.Conv2d_0;1"
+    (a fused activation's name lists both modules: the convolution is named). Other names are kept, clipped."""
+    parts = [p for p in name.split(";;") if p]
+    chosen = next((p for p in parts if ".conv." in p), parts[0] if parts else name).split(";")[0]
+    modules = chosen.split("/")[1:]
+    if not modules or not all("_" in m for m in modules):
+        return name if len(name) <= 60 else name[:57] + "..."
+    leaves = [m.rsplit(".", 1)[-1] for m in modules]
+    path = ".".join(leaf.rsplit("_", 1)[1] for leaf in leaves)
+    return f"{path} ({leaves[-1].rsplit('_', 1)[0]})"
 
 
 def _slowest(layers: list[dict]) -> list[dict]:

@@ -18,13 +18,14 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
+from .config import FORMAT_EXTRAS
 from .errors import ExportError
 
 EXTRA = "mobile"
 NEEDS = {"litert": ("litert_torch", "ai_edge_litert"), "tflm": ("litert_torch", "tflite_micro"),
          "ethos_u": ("litert_torch", "ai_edge_litert", "ethosu.vela"), "executorch": ("executorch",)}
-# The extra each module comes from (the rest: `mobile`); FormatSpec.extra names the same for the format.
-MODULE_EXTRA = {"ethosu.vela": "npu"}
+# The extra each module comes from (the rest: `mobile`), as FormatSpec.extra declares it for the format.
+MODULE_EXTRA = {"ethosu.vela": FORMAT_EXTRAS["ethos_u"]}
 # Op names in converter messages: aten.foo.default, torch.ops.aten.foo, 'aten::foo'
 OP_PATTERN = re.compile(r"(aten(?:::|\.)[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)")
 

@@ -20,7 +20,7 @@ UV := $(VENV)/bin/uv pip install --quiet --python $(VENV)/bin/python -c constrai
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt uv
-	$(UV) -e ".[dev,demo,mobile,sign,search]"
+	$(UV) -e ".[dev,demo,mobile,sign,npu,search]"
 	$(UV) --no-deps $(MOBILE_NODEPS)
 	@touch $(STAMP)
 

@@ -58,6 +58,7 @@ class Session:
         self.results_path = opt.results
         self.min_fp32_agreement = opt.min_fp32_agreement
         self.measurements: dict[tuple[str, str], dict] = {}
+        self.npu: dict[str, dict] = {}  # ethos_u artifact -> Vela's estimates (device_tests/vela.py)
         self.outcomes: list[dict] = []
         self.error: str | None = None
         self.bundle: Bundle | None = None
@@ -71,6 +72,18 @@ class Session:
 
     def cases(self) -> list[tuple[str, str]]:
         return [(a.file, rt) for rt in self.runtimes for a in self.bundle.for_formats(get_runner(rt).bundle_formats)]
+
+    def npu_cases(self) -> list[str]:
+        """ethos_u artifacts: compiled for an NPU, not run here; their Vela estimates are recorded."""
+        return [a.file for a in self.bundle.for_formats(("ethos_u",))]
+
+    def npu_estimates(self, file: str) -> dict:
+        if file not in self.npu:
+            from device_tests.vela import device_record
+
+            artifact = next(a for a in self.bundle.artifacts if a.file == file)
+            self.npu[file] = device_record(self.bundle.root, artifact.extra, file, artifact.sha256)
+        return self.npu[file]
 
     def measure(self, artifact: str, runtime: str) -> dict:
         if (artifact, runtime) not in self.measurements:
@@ -121,7 +134,8 @@ class Session:
                 "environment": environment(), "error": self.error,
                 "settings": {"runtimes": self.runtimes, "threads": self.threads, "precision_hint": self.precision_hint,
                              **self.settings.to_dict()},
-                "runs": list(self.measurements.values()), "tests": {**counts, "outcomes": self.outcomes}}
+                "runs": list(self.measurements.values()), "npu": list(self.npu.values()),
+                "tests": {**counts, "outcomes": self.outcomes}}
         self.results_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(self.results_path, data)
 
@@ -150,6 +164,8 @@ def pytest_generate_tests(metafunc):
         session = metafunc.config.stash[SESSION]
         cases = session.cases()
         metafunc.parametrize("case", cases, ids=[f"{a}-{rt}" for a, rt in cases])
+    if "npu_case" in metafunc.fixturenames:
+        metafunc.parametrize("npu_case", metafunc.config.stash[SESSION].npu_cases())
 
 
 def _message(report) -> str:

@@ -2,7 +2,7 @@
 only here on the edgesmith side (device_tests reads the same file with json alone: it runs without edgesmith).
 
 Each entry of `artifacts` is one file as its format wrote it (exporters.formats): file, format, precision,
-size, sha256, parity, and per format sidecar, c_source, c_header, arena_bytes, io, ood ..."""
+size, sha256, parity, and per format sidecar, c_source, c_header, arena_bytes, io, ood, npu (Vela's estimates) ..."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ARTIFACTS_FILE = "artifacts.json"
+SHIPPED_KEYS = ("sidecar", "c_source", "c_header", "vela_input", "vela_ini", "vela_summary", "vela_layers")
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class ArtifactListing:
         return files
 
     def shipped_files(self) -> list[str]:
-        """model_files plus what travels with them: metadata sidecars and TFLM's C sources."""
-        extra = [a.get(key) for a in self.artifacts for key in ("sidecar", "c_source", "c_header")]
-        return self.model_files() + [f for f in extra if isinstance(f, str)]
+        """model_files plus what travels with them: metadata sidecars, the C sources (tflm, ethos_u), and for
+        ethos_u the .tflite Vela compiled, its .ini and its summary CSVs (so the device can compile it again)."""
+        extra = [a.get(key) for a in self.artifacts for key in SHIPPED_KEYS]
+        return list(dict.fromkeys(self.model_files() + [f for f in extra if isinstance(f, str)]))

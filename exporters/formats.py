@@ -272,6 +272,31 @@ def tflm(job: ExportJob) -> list[dict]:
                        c_source_sha256=sha256(c_source), c_header_sha256=sha256(header), **_mobile_extra(job, "int8"))]
 
 
+@EXPORT_FORMATS.register("ethos_u")
+def ethos_u(job: ExportJob) -> list[dict]:
+    """Vela's compilation of the INT8 .tflite per NPU target (exporters/ethos_u.py); no parity: it runs on the NPU."""
+    from .ethos_u import VELA_MODEL, compile_target, log_line, write_ini
+    from .mobile import require
+    from .tflite_file import io_quantization
+
+    require("ethos_u")
+    cfg = job.cfg.ethos_u
+    ini = write_ini(cfg, job.out / "ethos_u")
+    source = litert_file(job, "int8", "ethos_u")
+    io = io_quantization(source)
+    artifacts = []
+    for target in cfg.targets:
+        folder = job.out / "ethos_u" / target.folder
+        extra = compile_target(source, folder, target, cfg, ini, io)
+        job.log(log_line(target.folder, extra["npu"]))
+        path = folder / VELA_MODEL
+        artifacts.append(job.record(path, "ethos_u", "int8", "ethos_u", None, **extra,
+                                    c_source_sha256=sha256(job.out / extra["c_source"]),
+                                    c_header_sha256=sha256(job.out / extra["c_header"]),
+                                    **_mobile_extra(job, "int8")))
+    return artifacts
+
+
 @EXPORT_FORMATS.register("executorch")
 def executorch(job: ExportJob) -> list[dict]:
     from .mobile import executorch_convert, require

@@ -18,11 +18,14 @@ from torch import nn
 
 from pipeline.errors import ConfigError
 
+from .config import FORMAT_EXTRAS
 from .errors import ExportError
 
 EXTRA = "mobile"
 NEEDS = {"litert": ("litert_torch", "ai_edge_litert"), "tflm": ("litert_torch", "tflite_micro"),
-         "executorch": ("executorch",)}
+         "ethos_u": ("litert_torch", "ai_edge_litert", "ethosu.vela"), "executorch": ("executorch",)}
+# The extra each module comes from (the rest: `mobile`), as FormatSpec.extra declares it for the format.
+MODULE_EXTRA = {"ethosu.vela": FORMAT_EXTRAS["ethos_u"]}
 # Op names in converter messages: aten.foo.default, torch.ops.aten.foo, 'aten::foo'
 OP_PATTERN = re.compile(r"(aten(?:::|\.)[A-Za-z_0-9]+(?:\.[A-Za-z_0-9]+)?)")
 
@@ -39,12 +42,17 @@ def missing_extra(formats: list[str]) -> list[str]:
     return [f for f in formats if any(not installed(m) for m in NEEDS.get(f, ()))]
 
 
+def _extras(modules: list[str]) -> str:
+    return ",".join(dict.fromkeys(MODULE_EXTRA.get(m, EXTRA) for m in modules))
+
+
 def require(fmt: str) -> None:
     missing = [m for m in NEEDS[fmt] if not installed(m)]
     if missing:
+        extras = _extras(missing)
         raise ExportError(
-            f"Export format '{fmt}' needs {', '.join(missing)}, which is not installed (the `{EXTRA}` extra).",
-            f"Install it with `pip install -c constraints.txt -e '.[{EXTRA}]'` (`make venv` does), "
+            f"Export format '{fmt}' needs {', '.join(missing)}, which is not installed (the `{extras}` extra).",
+            f"Install it with `pip install -c constraints.txt -e '.[{extras}]'` (`make venv` does), "
             f"or remove '{fmt}' from export.formats.")
 
 
@@ -141,8 +149,14 @@ def _guarded(fmt: str, model: nn.Module, example: torch.Tensor, work: Callable):
 def check_mobile_extra(formats: list[str]) -> None:
     """Refuse a config that asks for a mobile format without the extra, before any stage runs."""
     missing = missing_extra(formats)
-    if missing:
-        raise ConfigError(f"export.formats asks for {', '.join(missing)}, but the `{EXTRA}` extra (litert-torch, "
-                          "ai-edge-litert, tflite-micro, executorch) is not installed in this Python.",
-                          f"Install it with `pip install -c constraints.txt -e '.[{EXTRA}]'` (`make venv` does), "
-                          f"or remove {', '.join(missing)} from export.formats.")
+    if not missing:
+        return
+    modules = [m for f in missing for m in NEEDS[f] if not installed(m)]
+    extras = _extras(modules)
+    what = {"mobile": "the `mobile` extra (litert-torch, ai-edge-litert, tflite-micro, executorch)",
+            "npu": "the `npu` extra (ethos-u-vela, Arm's Vela compiler)"}
+    raise ConfigError(f"export.formats asks for {', '.join(missing)}, but "
+                      f"{' and '.join(what[e] for e in extras.split(','))} "
+                      f"{'is' if ',' not in extras else 'are'} not installed in this Python.",
+                      f"Install it with `pip install -c constraints.txt -e '.[{extras}]'` (`make venv` does), "
+                      f"or remove {', '.join(missing)} from export.formats.")

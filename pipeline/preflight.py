@@ -102,6 +102,10 @@ def check_names(cfg, exports: bool = True) -> None:
 
     if cfg.export is not None and exports:
         check_mobile_extra(cfg.export.formats)  # installed packages: a fact of this machine, not of the config
+        if "ethos_u" in cfg.export.formats:
+            from exporters.ethos_u import check_ini
+
+            check_ini(cfg.export.ethos_u)  # the Vela .ini and the system configs and memory modes it must hold
 
     METHODS.get(cfg.distill.method)
     _check_arch(cfg.student.arch, ARCHS.names())

@@ -63,7 +63,11 @@ def _rows(model, prefix: str = ""):
         if isinstance(inner, type) and issubclass(inner, Section):
             list_of = typing.get_origin(field.annotation) is list or "list[" in str(field.annotation)
             if list_of and field.description:
-                yield key, "list of pairs or 'auto'", repr(field.get_default(call_default_factory=True)), field.description
+                kind = "list of pairs or 'auto'" if "auto" in str(field.annotation) else "list of tables"
+                default = field.get_default(call_default_factory=True)
+                if isinstance(default, list):  # sections as the YAML would spell them, not their Python repr
+                    default = [d.model_dump(exclude_none=True) if isinstance(d, Section) else d for d in default]
+                yield key, kind, repr(default), field.description
             yield from _rows(inner, key + "[]." if list_of else key + ".")
             continue
         default = "required" if field.is_required() else repr(field.get_default(call_default_factory=True))

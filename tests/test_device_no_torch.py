@@ -8,7 +8,8 @@ from pipeline.cache import PROJECT_ROOT
 
 MODULES = ["device_tests.measure", "device_tests.conftest", "device_tests.test_bundle", "device_tests.test_artifacts",
            "device_tests.runners.onnxrt", "device_tests.runners.ov", "device_tests.runners.trt", "device_tests.remote_env",
-           "device_tests.runners.litert", "device_tests.runners.tflm", "device_tests.runners.executorch"]
+           "device_tests.runners.litert", "device_tests.runners.tflm", "device_tests.runners.executorch",
+           "device_tests.vela", "device_tests.test_npu"]
 # The ExecuTorch runtime's Python API takes torch tensors: its runner imports torch when it is used (not when
 # device_tests is imported), and only that file may say so.
 TORCH_ALLOWED = {"executorch.py"}

@@ -1,7 +1,9 @@
-"""End to end through the CLI with the mobile formats: a tiny build exports LiteRT, TFLite Micro and ExecuTorch,
-validates them on their runtimes, and a missed arena budget fails the build with every result kept and the
-"fits on the MCU" table in the report. Also `edgesmith profile` on a corrupt .tflite / .pte."""
+"""End to end through the CLI with the mobile formats: a tiny build exports LiteRT, TFLite Micro, ExecuTorch and
+(with the `npu` extra) Ethos-U, validates them on their runtimes, and a missed arena budget (and NPU time budget)
+fails the build with every result kept and the "fits on the MCU" (and "fits on the NPU") table in the report.
+Also `edgesmith profile` on a corrupt .tflite / .pte."""
 
+import importlib.util
 import json
 import re
 
@@ -16,14 +18,16 @@ pytest.importorskip("executorch")
 pytest.importorskip("tflite_micro")
 
 MOBILE = ["litert", "tflm", "executorch"]
+NPU = ["ethos_u"] if importlib.util.find_spec("ethosu") is not None else []
 
 
 @pytest.mark.slow
 def test_mobile_build_validates_and_a_missed_arena_budget_fails_it(write_config, tmp_path):
-    cfg = write_config("m.yaml", **{"export.formats": ["onnx", *MOBILE], "export.parity_limit": 50,
+    npu_budget = {"max_npu_ms": 1e-6, "max_npu_sram_kb": 4096} if NPU else {}
+    cfg = write_config("m.yaml", **{"export.formats": ["onnx", *MOBILE, *NPU], "export.parity_limit": 50,
                                     "export.eval_images": 60, "qat": {"mode": "ptq", "calibration_size": 32},
                                     "validate.runtimes": ["onnxruntime", *MOBILE], "validate.latency": TINY_LATENCY,
-                                    "validate.budgets": {"max_arena_kb": 0.5, "max_flash_kb": 4096}})
+                                    "validate.budgets": {"max_arena_kb": 0.5, "max_flash_kb": 4096, **npu_budget}})
     proc = run_cli("build", cfg, timeout=1200)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 1, output[-4000:]
@@ -51,6 +55,14 @@ def test_mobile_build_validates_and_a_missed_arena_budget_fails_it(write_config,
     for (artifact, runtime), run in runs.items():  # FP32 artifacts reproduce the exported predictions
         if run["precision"] == "fp32":
             assert run["accuracy"]["agreement_fp32"] >= 0.99, (artifact, runtime)
+    if NPU:  # Vela's estimates recorded by the device suite, checked, reported: the missed time budget fails too
+        vela = "ethos_u/ethos-u55-128/model_vela.tflite"
+        assert [n["artifact"] for n in results["npu"]] == [vela] and results["npu"][0]["cycles"] > 0
+        assert results["npu"][0]["recompiled"]["same_bytes"]
+        assert {(v["budget"], v["ok"]) for v in verdicts if v["artifact"] == vela} == {("max_npu_ms", False),
+                                                                                         ("max_npu_sram_kb", True)}
+        assert "## Fits on the NPU" in report and "max_npu_ms" in output
+        assert (export / files[vela]["c_source"]).is_file()
 
 
 @pytest.mark.parametrize("name, runtime", [("broken.tflite", None), ("broken.tflite", "tflm"), ("broken.pte", None)])

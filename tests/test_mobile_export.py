@@ -4,6 +4,7 @@ compiler exists, bytes equal to the .tflite), the arena, and the errors a user c
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -22,6 +23,8 @@ from tests.test_export import net, quantized
 pytest.importorskip("litert_torch", reason="the `mobile` extra is not installed")
 pytest.importorskip("executorch")
 pytest.importorskip("tflite_micro")
+HAVE_VELA = importlib.util.find_spec("ethosu") is not None
+needs_vela = pytest.mark.skipif(not HAVE_VELA, reason="the `npu` extra (ethos-u-vela) is not installed")
 
 SHAPE = (1, 1, 8, 8)
 
@@ -39,18 +42,23 @@ def job_for(tmp_path, formats, model=None, with_int8=True) -> ExportJob:
         calibration=list(torch.randn(32, *SHAPE[1:], generator=gen).unsqueeze(1)))
 
 
+MOBILE = ["litert", "tflm", *(["ethos_u"] if HAVE_VELA else []), "executorch"]
+NPUS = ["ethos-u55-128", "ethos-u85-256"] if HAVE_VELA else []
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     out = tmp_path_factory.mktemp("mobile")
-    job = job_for(out, ["litert", "tflm", "executorch"])
-    artifacts = {a["file"]: a for name in ("litert", "tflm", "executorch") for a in EXPORT_FORMATS.get(name)(job)}
+    job = job_for(out, MOBILE)
+    job.cfg = ExportConfig(formats=MOBILE, dynamic_batch=False, ethos_u={"targets": NPUS})
+    artifacts = {a["file"]: a for name in MOBILE for a in EXPORT_FORMATS.get(name)(job)}
     return out, artifacts
 
 
 def test_every_mobile_artifact_matches_pytorch(exported):
     _, artifacts = exported
     assert set(artifacts) == {"model.tflite", "model.int8.tflite", "tflm/model.int8.tflite", "model.pte",
-                              "model.int8.pte"}
+                              "model.int8.pte", *(f"ethos_u/{npu}/model_vela.tflite" for npu in NPUS)}
     for name in ("model.tflite", "model.pte"):
         assert artifacts[name]["parity"]["max_abs_logit_diff"] < 1e-4, name
         assert artifacts[name]["parity"]["top1_agreement"] == 1.0
@@ -182,3 +190,99 @@ def test_edgesmith_check_refuses_a_mobile_format_without_the_extra(monkeypatch, 
     monkeypatch.setitem(sys.modules, "litert_torch", None)  # as if litert-torch were not installed
     with pytest.raises(ConfigError, match="`mobile` extra"):
         check_names(cfg)  # what `edgesmith check` and `edgesmith build` run before anything else
+
+
+# -- Arm Ethos-U (Vela) ---------------------------------------------------------------------------------------
+
+@needs_vela
+def test_vela_leaves_the_channel_mean_on_the_cpu_and_names_it(exported):
+    """The tiny net's global average pool is a MEAN over H and W of a 4x4x16 map, which Vela does not place on the
+    U55 or U85 (a reduction over depth): counted and named, not an error; the convolutions go to the NPU."""
+    out, artifacts = exported
+    for npu in NPUS:
+        entry = artifacts[f"ethos_u/{npu}/model_vela.tflite"]
+        est = entry["npu"]
+        assert est["accelerator"] == npu and est["cpu_ops"] == 1 and est["npu_ops"] >= 4, est
+        assert [c["operator"] for c in est["cpu_fallback"]] == ["Mean"] and est["cpu_fallback"][0]["reason"]
+        assert est["cycles"] > 0 and est["inference_ms"] == pytest.approx(est["cycles"] / (est["clock_mhz"] * 1e3))
+        assert est["sram_kib"] > 0 and est["flash_kib"] > 0
+        assert entry["ops"] == ["ETHOS_U", "MEAN"] and entry["parity"] is None
+        assert {r["target"] for r in est["layers"]} == {"NPU", "CPU"}
+        for key in ("vela_summary", "vela_layers", "vela_ini", "vela_input"):
+            assert (out / entry[key]).is_file(), key
+    u55 = artifacts["ethos_u/ethos-u55-128/model_vela.tflite"]["npu"]
+    assert (u55["system_config"], u55["memory_mode"], u55["clock_mhz"]) == ("Ethos_U55_High_End_Embedded", "Shared_Sram", 500)
+
+
+@needs_vela
+def test_ethos_u_c_array_equals_the_vela_tflite(exported):
+    from exporters.tflm import array_bytes
+
+    out, artifacts = exported
+    entry = artifacts["ethos_u/ethos-u55-128/model_vela.tflite"]
+    assert array_bytes(out / entry["c_source"]) == (out / entry["file"]).read_bytes()
+    header = (out / entry["c_header"]).read_text()
+    assert '#define EDGESMITH_NPU_ACCELERATOR "ethos-u55-128"' in header
+    assert "(resolver).AddEthosU();" in header and "(resolver).AddMean();" in header
+
+
+@needs_vela
+def test_device_record_reads_the_estimates_without_vela_and_reproduces_them_with_it(exported, monkeypatch):
+    from device_tests.vela import ESTIMATE_KEYS, device_record
+
+    out, artifacts = exported
+    file = "ethos_u/ethos-u85-256/model_vela.tflite"
+    entry = artifacts[file]
+    again = device_record(out, entry, file, entry["sha256"])["recompiled"]
+    assert again["same_bytes"] and {k: again[k] for k in ESTIMATE_KEYS} == {k: entry["npu"][k] for k in ESTIMATE_KEYS}
+    monkeypatch.setitem(sys.modules, "ethosu", None)  # as on a device without Vela
+    record = device_record(out, entry, file, entry["sha256"])
+    assert record["recompiled"] is None and "not installed" in record["recompiled_note"]
+    assert record["cycles"] == entry["npu"]["cycles"] and record["cpu_fallback"][0]["operator"] == "Mean"
+
+
+@needs_vela
+def test_npu_budgets_and_the_fits_on_the_npu_table(exported):
+    from device_tests.vela import device_record
+    from pipeline.validation.budgets import check
+    from pipeline.validation.config import ValidateConfig
+    from pipeline.validation.npu import npu_section
+    from pipeline.validation.suite import TargetRun
+
+    out, artifacts = exported
+    npu = [device_record(out, artifacts[f], f, artifacts[f]["sha256"]) for f in artifacts if f.startswith("ethos_u/")]
+    runs = [TargetRun("local", {"runs": [], "npu": npu})]
+    cfg = ValidateConfig(budgets={"max_npu_ms": 1.0, "max_npu_sram_kb": 64, "max_npu_flash_kb": 64,
+                                  "max_cpu_fallback_ops": 0})
+    verdicts = check(runs, cfg.budgets)
+    missed = {(v.artifact.split("/")[1], v.budget) for v in verdicts if not v.ok}
+    assert missed == {(n, "max_cpu_fallback_ops") for n in NPUS}   # the MEAN on the CPU
+    assert len(verdicts) == 4 * len(NPUS)
+    section = npu_section(runs, verdicts)
+    assert section.title == "Fits on the NPU" and "Vela estimates" in section.markdown
+    rows = [line for line in section.markdown.splitlines() if "model_vela.tflite | ethos-u" in line]
+    assert len(rows) == len(NPUS) and all("Mean (" in r and r.endswith("| NO |") for r in rows)
+    assert "500 MHz" in section.markdown and "| conv3.0 (Conv2d) |" in section.markdown  # the slowest layer
+
+
+@needs_vela
+def test_release_bundle_carries_the_vela_model_its_c_array_ini_and_summaries(exported, tmp_path):
+    from exporters.artifacts import ArtifactListing
+    from pipeline.release.bundle import ReleaseSources, copy_payload
+    from pipeline.release.manifest import file_entries
+
+    out, artifacts = exported
+    export = tmp_path / "export"
+    shutil.copytree(out, export)
+    (export / "model.onnx").write_bytes(b"stand-in: a release needs an FP32 ONNX")
+    ArtifactListing(tuple(artifacts.values()), {"size": 8, "channels": 1}, ("a", "b", "c")).write(export)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    copy_payload(bundle, ReleaseSources(export, None, None, include_eval_set=False))
+    entries = {e.path: e for e in file_entries(bundle)}
+    for npu in NPUS:
+        entry = artifacts[f"ethos_u/{npu}/model_vela.tflite"]
+        assert entries[entry["file"]].sha256 == entry["sha256"]
+        assert entries[entry["c_source"]].sha256 == entry["c_source_sha256"]
+        for key in ("c_header", "sidecar", "vela_summary", "vela_layers", "vela_ini", "vela_input"):
+            assert entry[key] in entries, key

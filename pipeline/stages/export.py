@@ -20,11 +20,13 @@ class ExportStage(Stage):
     name = "export"
     sections = ("export", "data", "subtask")
     packages = ("torch", "nncf", "torchao", "onnx", "onnxruntime", "openvino", "polygraphy", "tensorrt",
-                "litert-torch", "ai-edge-litert", "executorch", "tflite-micro")
+                "litert-torch", "ai-edge-litert", "executorch", "tflite-micro", "ethos-u-vela")
 
     def key_sections(self, cfg) -> dict:
         keys = super().key_sections(cfg)
-        return {**keys, "ood": cfg.ood.model_dump(mode="json")} if cfg.ood is not None else keys
+        if cfg.ood is not None:
+            keys = {**keys, "ood": cfg.ood.model_dump(mode="json")}
+        return {**keys, **ethos_u_ini_digest(cfg.section("export"))}
 
     def inputs(self, cfg):
         # The config refuses INT8 formats without a qat section; pipeline/preflight.py a missing `mobile` extra.
@@ -115,6 +117,17 @@ class ExportStage(Stage):
                              for k, v in arrays.items() if k.endswith("_pred")}}
 
 
+def ethos_u_ini_digest(cfg: ExportConfig) -> dict:
+    """The content of a user's Vela .ini (export.ethos_u.ini): editing the file recompiles, as a new path would.
+    A missing file adds nothing; preflight reports it."""
+    import hashlib
+    from pathlib import Path
+
+    if "ethos_u" not in cfg.formats or not cfg.ethos_u.ini or not Path(cfg.ethos_u.ini).is_file():
+        return {}
+    return {"ethos_u_ini_sha256": hashlib.sha256(Path(cfg.ethos_u.ini).read_bytes()).hexdigest()}
+
+
 def predict(model, view, images, device, columns=None) -> np.ndarray:
     from pipeline.models.predict import predict_logits
 
@@ -123,6 +136,6 @@ def predict(model, view, images, device, columns=None) -> np.ndarray:
 
 def summary(checked: dict | None) -> str:
     if not checked:
-        return "n/a (built on device)"
+        return "n/a (not run on this machine)"
     return (f"max|dlogit| {checked['max_abs_logit_diff']:.2e}  top-1 agree {checked['top1_agreement']:.4f}  "
             f"acc {checked['accuracy']:.4f} (torch {checked['reference_accuracy']:.4f})")

@@ -64,7 +64,8 @@ class ValidateStage(Stage):
         return {"passed": not missed, "complete": all(r.error is None for r in runs), "checks": len(verdicts),
                 "missed": len(missed),
                 "budgets": [v.to_dict() for v in verdicts], "targets": [r.summary() for r in runs],
-                "artifacts": _summary(runs), "report_error": report_error, "layer_error": layer_error, **explain}
+                "artifacts": _summary(runs), "npu": _npu_summary(runs),
+                "report_error": report_error, "layer_error": layer_error, **explain}
 
     def _explain(self, ctx: StageContext, cfg) -> tuple[dict, list]:
         """Heatmap agreement (validate.explain). Like the report, a failure here must not lose the device results:
@@ -152,6 +153,15 @@ def _class_names(bundle: Path) -> list[str]:
         return list(ArtifactListing.read(bundle).class_names)
     except (OSError, ValueError):
         return []
+
+
+def _npu_summary(runs: list[TargetRun]) -> list[dict]:
+    """Vela's estimates per ethos_u artifact and target (the per-layer table stays in results-<target>.json)."""
+    keys = ("artifact", "accelerator", "system_config", "memory_mode", "clock_mhz", "npu_ops", "cpu_ops", "sram_kib",
+            "flash_kib", "cycles", "inference_ms")
+    return [{"target": r.target, **{k: npu.get(k) for k in keys},
+             "cpu_fallback": [c["operator"] for c in npu.get("cpu_fallback", [])]}
+            for r in runs for npu in (r.results or {}).get("npu", [])]
 
 
 def _summary(runs: list[TargetRun]) -> list[dict]:

@@ -72,6 +72,22 @@ def mcu_rows(run: dict, budgets: Budgets, target: str) -> list[tuple[str, float,
     return checks
 
 
+NPU_BUDGETS = (("max_npu_ms", "inference_ms"), ("max_npu_sram_kb", "sram_kib"), ("max_npu_flash_kb", "flash_kib"),
+               ("max_cpu_fallback_ops", "cpu_ops"))
+NPU_RUNTIME = "vela estimate"
+
+
+def npu_rows(npu: dict, budgets: Budgets, target: str) -> list[tuple[str, float, float, bool]]:
+    """max_npu_ms / max_npu_sram_kb / max_npu_flash_kb / max_cpu_fallback_ops for one ethos_u artifact (Vela's
+    estimates, recorded by the device suite)."""
+    checks = []
+    for key, measured in NPU_BUDGETS:
+        allowed = _per_target(getattr(budgets, key), target)
+        if allowed is not None:
+            checks.append((key, npu[measured], allowed, npu[measured] <= allowed))
+    return checks
+
+
 def _ood_rows(ood: Optional[dict], budgets: Budgets) -> list[tuple[str, Any, float, bool]]:
     """max_fpr95 / min_auroc; an artifact measured without the unknown answer misses them (nothing silent)."""
     checks = []
@@ -101,6 +117,8 @@ def check(runs: list[TargetRun], budgets: Budgets) -> list[Verdict]:
                 verdicts.append(Verdict(t, name, runtime, what, run.get("message", run.get("status")), "yes", False))
                 continue
             verdicts += [Verdict(t, name, runtime, b, m, a, ok) for b, m, a, ok in _rows(run, budgets, t)]
+        for npu in results.get("npu", []):
+            verdicts += [Verdict(t, npu["artifact"], NPU_RUNTIME, b, m, a, ok) for b, m, a, ok in npu_rows(npu, budgets, t)]
         tests = results.get("tests")
         if tests is not None:
             failed = [o for o in tests["outcomes"] if o["outcome"] == "failed"]

@@ -16,7 +16,8 @@ from .targets import parse_target
 # The device suite's runners (device_tests/runners, RUNNERS): a registered runner is a valid name here.
 Runtime = Literal[tuple(sorted(RUNNERS))]  # type: ignore[valid-type]
 PerTarget = Union[float, dict[str, float]]
-PER_TARGET_BUDGETS = ("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb")
+PER_TARGET_BUDGETS = ("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb", "max_npu_ms", "max_npu_sram_kb",
+                      "max_npu_flash_kb", "max_cpu_fallback_ops")
 
 
 class LatencyConfig(Section):
@@ -48,12 +49,31 @@ class Budgets(Section):
     max_flash_kb: Optional[PerTarget] = Field(None, description="flash the tflm artifact's flatbuffer takes, KiB "
                                               "(number or {target: KiB})")
 
-    @field_validator("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb")
+    # Arm Ethos-U NPUs (export format ethos_u): Vela's estimates for each compiled NPU target.
+    max_npu_ms: Optional[PerTarget] = Field(None, description="Vela's estimated time per inference on the NPU, ms "
+                                            "(number or {target: ms})")
+    max_npu_sram_kb: Optional[PerTarget] = Field(None, description="SRAM Vela allocates for the NPU, KiB (number or "
+                                                 "{target: KiB})")
+    max_npu_flash_kb: Optional[PerTarget] = Field(None, description="flash (or DRAM) Vela places the weights in, KiB "
+                                                  "(number or {target: KiB})")
+    max_cpu_fallback_ops: Optional[PerTarget] = Field(None, description="operators Vela leaves to the CPU (number or "
+                                                      "{target: count}; 0: all on the NPU)")
+
+    @field_validator("max_p90_ms", "max_p99_ms", "max_arena_kb", "max_flash_kb", "max_npu_ms", "max_npu_sram_kb",
+                     "max_npu_flash_kb")
     @classmethod
     def _positive(cls, v):
         values = v.values() if isinstance(v, dict) else [v] if v is not None else []
         if any(x <= 0 for x in values):
-            raise ValueError("latency and MCU memory budgets must be positive (ms, KiB)")
+            raise ValueError("latency and MCU/NPU memory budgets must be positive (ms, KiB)")
+        return v
+
+    @field_validator("max_cpu_fallback_ops")
+    @classmethod
+    def _count(cls, v):
+        values = v.values() if isinstance(v, dict) else [v] if v is not None else []
+        if any(x < 0 or x != int(x) for x in values):
+            raise ValueError("max_cpu_fallback_ops must be a whole number of operators, 0 or more")
         return v
 
 

@@ -17,7 +17,9 @@ MISSED_MARK = "✗"
 # tests", ...) keeps its own name.
 TITLES = {"min_accuracy": "top-1", "max_drop_vs_fp32": "drop vs FP32", "max_drop_vs_teacher": "drop vs teacher",
           "max_p90_ms": "p90 ms", "max_p99_ms": "p99 ms", "max_size_mb": "size MiB", "max_peak_rss_mb": "peak RSS MiB",
-          "max_fpr95": "FPR at 95 % TPR", "min_auroc": "AUROC", "max_arena_kb": "arena KiB", "max_flash_kb": "flash KiB"}
+          "max_fpr95": "FPR at 95 % TPR", "min_auroc": "AUROC", "max_arena_kb": "arena KiB", "max_flash_kb": "flash KiB",
+          "max_npu_ms": "NPU ms (est.)", "max_npu_sram_kb": "NPU SRAM KiB", "max_npu_flash_kb": "NPU flash KiB",
+          "max_cpu_fallback_ops": "CPU-fallback ops"}
 BUDGET_ORDER = tuple(Budgets.model_fields)
 MESSAGE_CHARS = 40  # a "not measured" message is shown clipped; the whole text is in the tooltip
 

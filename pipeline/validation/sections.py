@@ -11,6 +11,7 @@ from .budgets import MIB, Verdict, fmt
 from .layers import layer_latency_section, tool_section
 from .matrix import NOT_APPLICABLE, matrix_html, matrix_rows, verdict_matrix
 from .mcu import mcu_section
+from .npu import npu_section
 from .suite import TargetRun
 
 
@@ -163,6 +164,7 @@ def validation_sections(runs: list[TargetRun], verdicts: list[Verdict], class_na
                 latency_distribution_section(runs), confusion_section(runs, class_names), environment_section(runs)]
     sections.insert(-1, ood_section(runs))  # pipeline/ood/report.py; None without the unknown answer
     sections.insert(2, mcu_section(runs, verdicts))  # None without a TFLite Micro artifact
+    sections.insert(3, npu_section(runs, verdicts))  # beside it; None without an Ethos-U (Vela) artifact
     sections[2:2] = [tool_section(runs), layer_latency_section(runs)]  # pipeline/validation/layers.py
     return [s for s in sections if s is not None]
 

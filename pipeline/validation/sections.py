@@ -57,8 +57,8 @@ def results_section(runs: list[TargetRun]) -> Section:
         acc_rows.append([target, run["artifact"], run["runtime"], run["precision"], run["size_bytes"] / MIB,
                          acc.get("top1"), acc.get("agreement_fp32"), acc.get("agreement_int8"), acc.get("agreement_teacher"),
                          acc.get("fp32_top1"), acc.get("teacher_top1")])
-        lat_rows.append([timed_label(target), run["artifact"], run["runtime"], m["p50_ms"], m["p90_ms"], m["p99_ms"], m["mean_ms"],
-                         m["std_ms"], lat["queries"], lat["preprocess"]["p50_ms"], lat["postprocess"]["p50_ms"],
+        lat_rows.append([timed_label(target), run["artifact"], run["runtime"], m["p50_ms"], m["p90_ms"], m["p99_ms"],
+                         m["mean_ms"], m["std_ms"], lat["queries"], lat["preprocess"]["p50_ms"], lat["postprocess"]["p50_ms"],
                          tp["images_per_s"], tp["batch"], run["peak_rss_mb"]])
     failed = [(r.target, run) for r in runs for run in (r.results or {}).get("runs", []) if run.get("status") != "passed"]
     problems = [f"{t} · {_label(run)}: {run.get('status')}: {run.get('message', '')}" for t, run in failed]

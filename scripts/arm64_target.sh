@@ -7,7 +7,7 @@
 #                                    # ('download' alone does its network-bound first part: fetch and unpack)
 #   scripts/arm64_target.sh start    # sshd on 127.0.0.1:<port>; prints the target and the ssh settings
 #   scripts/arm64_target.sh status   # built? running? which runtimes it has
-#   scripts/arm64_target.sh stop     # ends sshd and unmounts /proc, /sys, /dev of the root filesystem
+#   scripts/arm64_target.sh stop     # ends sshd and unmounts /proc and /dev of the root filesystem
 #
 # Needs root (debootstrap, chroot, mount) and Debian's apt for the two tools when they are missing.
 # Settings (environment): EDGESMITH_ARM64_HOME (default ~/.cache/edgesmith/arm64-bookworm), EDGESMITH_ARM64_PORT
@@ -26,7 +26,10 @@ PACKAGES="python3,python3-venv,python3-pip,openssh-server,openssh-sftp-server,ca
 # The device suite's needs, pinned by constraints.txt; each is tried on its own (not every runtime has an
 # aarch64 wheel) and the ones that installed are listed in $HOME_DIR/runtimes.txt.
 WHEELS=(numpy pytest onnxruntime openvino ai-edge-litert tflite_micro)
-MOUNTS=(proc sys dev)
+# /proc is needed (OpenVINO hangs without it); /sys is left out on purpose: under qemu-user /proc/cpuinfo
+# describes the x86 host, and ONNX Runtime's cpuinfo, given that and /sys together, crashes in its ARM parser
+# (segmentation fault on import); with /proc alone it warns and falls back to its defaults.
+MOUNTS=(proc dev)
 
 say() { echo "arm64_target: $*" >&2; }
 die() { local code=$1; shift; say "$*"; exit "$code"; }
@@ -72,8 +75,7 @@ mount_fs() {
     for m in "${MOUNTS[@]}"; do
         mountpoint -q "$ROOTFS/$m" && continue
         case $m in
-            proc) mount -t proc proc "$ROOTFS/proc" ;;  # ONNX Runtime's cpuinfo reads /proc and /sys
-            sys) mount -t sysfs sys "$ROOTFS/sys" ;;
+            proc) mount -t proc proc "$ROOTFS/proc" ;;
             dev) mount --bind /dev "$ROOTFS/dev" ;;
         esac
     done
@@ -81,8 +83,7 @@ mount_fs() {
 
 umount_fs() {
     local m
-    for ((i = ${#MOUNTS[@]} - 1; i >= 0; i--)); do
-        m=${MOUNTS[$i]}
+    for m in dev/pts dev sys proc; do  # also what debootstrap or an older version of this script mounted
         if mountpoint -q "$ROOTFS/$m"; then umount "$ROOTFS/$m" || umount -l "$ROOTFS/$m"; fi
     done
 }

@@ -3,6 +3,7 @@ per-class accuracy, confusion matrix (rows: true class, columns: predicted)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Callable, Optional
 
 import numpy as np
@@ -18,6 +19,17 @@ def predict(infer: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray, batch
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch - n, axis=0)])
         out.append(np.asarray(infer(np.ascontiguousarray(chunk)))[:n])
     return np.concatenate(out)
+
+
+def encode_logits(logits: np.ndarray) -> dict:
+    """The logits on the evaluation set, exactly (float32, base64): another target's run of the same artifact
+    is compared with them image by image (top-1 agreement, max |dlogit|), e.g. an ARM board against x86."""
+    z = np.ascontiguousarray(logits, dtype="<f4")
+    return {"shape": list(z.shape), "float32_b64": base64.b64encode(z.tobytes()).decode("ascii")}
+
+
+def decode_logits(encoded: dict) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(encoded["float32_b64"]), dtype="<f4").reshape(encoded["shape"])
 
 
 def scores(pred: np.ndarray, labels: np.ndarray, num_classes: int, teacher_pred: Optional[np.ndarray] = None,

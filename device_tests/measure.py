@@ -94,7 +94,7 @@ def _accuracy(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettin
     scores = accuracy.scores(logits.argmax(1), eval_set.labels, num_classes, eval_set.teacher_pred, eval_set.fp32_pred,
                              eval_set.int8_pred)
     return {**scores, **accuracy.reference(eval_set.labels, eval_set.teacher_pred, eval_set.fp32_pred, eval_set.int8_pred),
-            "num_outputs": int(logits.shape[1])}
+            "num_outputs": int(logits.shape[1]), "logits": accuracy.encode_logits(logits)}
 
 
 def _ood(runner, eval_set: EvalSet, prep: Callable, settings: LatencySettings, rule: "ood.Rule") -> dict:

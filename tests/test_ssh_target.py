@@ -5,6 +5,8 @@ results come back; unknown hosts, refused keys, dead ports, a missing Python or 
 import json
 import shutil
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,67 @@ def test_one_target_failing_after_connecting_keeps_the_other_targets_results(ser
     errors = {t["target"]: t["error"] for t in metrics["targets"]}
     assert "failed after connecting" in errors[server.target] and errors["local"] is None
     assert (out / "results-local.json").is_file() and {a["target"] for a in metrics["artifacts"]} == {"local"}
+
+
+def _kill_sessions_once_the_suite_runs(server, marker: str, timeout: float = 120.0) -> threading.Thread:
+    """The target dies mid-validation: once the suite's process (its command line holds `marker`) is up, every
+    sshd session process of the server is killed, as when a board loses power or network."""
+    import psutil
+
+    def kill():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(marker in " ".join(p.info["cmdline"] or []) and "--results" in (p.info["cmdline"] or [])
+                   for p in psutil.process_iter(["cmdline"])):
+                for child in psutil.Process(server.process.pid).children(recursive=True):
+                    child.kill()
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.slow
+def test_a_target_dying_mid_suite_names_the_step_and_keeps_the_other_targets_results(tmp_path):
+    from pipeline.config import parse_config
+    from pipeline.progress import ProgressDisplay
+    from pipeline.stage import StageContext, StageRecord
+    from pipeline.stages.validate import ValidateStage
+    from tests.conftest import tiny_config_dict
+
+    with SshServer(tmp_path / "sshd") as server:  # its own server: this test kills its sessions
+        raw = tiny_config_dict(tmp_path / "builds")
+        raw["validate"] = {"targets": [server.target, "local"], "latency": TINY_LATENCY,
+                           "ssh": cfg_for(server, tmp_path).ssh.model_dump()}
+        out = tmp_path / "validate"
+        out.mkdir()
+        ctx = StageContext(parse_config(raw), out, {"export": StageRecord("export", "k" * 64, shared_bundle(), {})},
+                           ProgressDisplay(enabled=False), "v" * 64)
+        killer = _kill_sessions_once_the_suite_runs(server, str(tmp_path / "remote"))
+        metrics = ValidateStage().run(ctx)
+        killer.join()
+    errors = {t["target"]: t["error"] for t in metrics["targets"]}
+    assert "failed after connecting, while running the device suite: the connection was lost" in errors[server.target]
+    assert errors["local"] is None and not metrics["passed"] and metrics["complete"] is False
+    failed = [v for v in metrics["budgets"] if v["target"] == server.target]
+    assert [v["budget"] for v in failed] == ["target ran the suite"] and "running the device suite" in failed[0]["measured"]
+    assert (out / "results-local.json").is_file() and {a["target"] for a in metrics["artifacts"]} == {"local"}
+
+
+@pytest.mark.slow
+def test_runtimes_are_checked_by_import_name_and_a_target_runs_with_those_it_has(server, tmp_path):
+    # litert is imported as ai_edge_litert.interpreter; a board without a wheel for one runtime (tensorrt here)
+    # still validates with the others, and the setup says which it lacked.
+    pytest.importorskip("ai_edge_litert.interpreter")
+    try:
+        import tensorrt  # noqa: F401
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    cfg = cfg_for(server, tmp_path).model_copy(update={"runtimes": ["onnxruntime", "litert", "tensorrt"]})
+    run = run_target(parse_target(server.target), shared_bundle(), cfg, tmp_path / "r.json")
+    assert run.ok, run.error
+    assert run.setup["missing_runtimes"] == ["tensorrt"] and "ai_edge_litert.interpreter" in run.setup["versions"]
+    assert {r["runtime"] for r in run.results["runs"] if r["status"] == "passed"} == {"onnxruntime"}

@@ -35,6 +35,7 @@ class Runner:
     formats: ClassVar[tuple[str, ...]]          # artifact formats it can load
     bundle_formats: ClassVar[tuple[str, ...]]   # formats it runs when validating a bundle
     distribution: ClassVar[str | None] = None   # PyPI distribution version() reports, for runtimes without one
+    module: ClassVar[str | None] = None         # what a target must import to have it (default: name)
 
     def __init__(self, path: Path, fmt: str, threads: int = 1, precision_hint: str = "f32", max_batch: int = 64):
         if fmt not in self.formats:

@@ -12,13 +12,15 @@ from .tflite_io import per_image
 
 PTE_IDENTIFIER = b"ET"          # program.fbs file_identifier "ET12" (the digits are the schema version)
 
-_et = _lazy("executorch.runtime", "ExecuTorch",
+MODULE = "executorch.runtime"
+_et = _lazy(MODULE, "ExecuTorch",
             "pip install executorch (it brings torch), or the project's `mobile` extra: pip install -e '.[mobile]'")
 
 
 @register_runner
 class ExecuTorchRunner(Runner):
     name = "executorch"
+    module = MODULE
     formats = ("executorch",)
     bundle_formats = ("executorch",)
     distribution = "executorch"

@@ -9,13 +9,15 @@ import numpy as np
 from .base import Runner, _lazy, register_runner
 from .tflite_io import dequantize, per_image, quantize
 
-_litert = _lazy("ai_edge_litert.interpreter", "LiteRT",
+MODULE = "ai_edge_litert.interpreter"
+_litert = _lazy(MODULE, "LiteRT",
                 "pip install ai-edge-litert, or the project's `mobile` extra: pip install -e '.[mobile]'")
 
 
 @register_runner
 class LiteRtRunner(Runner):
     name = "litert"
+    module = MODULE
     formats = ("litert", "tflm")   # a TFLite Micro model is a .tflite too
     bundle_formats = ("litert",)
     distribution = "ai-edge-litert"

@@ -14,7 +14,8 @@ import numpy as np
 from .base import Runner, _lazy, register_runner
 from .tflite_io import dequantize, per_image, quantize
 
-_tflm = _lazy("tflite_micro.python.tflite_micro.runtime", "TFLite Micro",
+MODULE = "tflite_micro.python.tflite_micro.runtime"
+_tflm = _lazy(MODULE, "TFLite Micro",
               "pip install tflite-micro, or the project's `mobile` extra: pip install -e '.[mobile]'")
 # Generous: the allocator takes what it needs from it and reports that; the firmware then reserves the reported size.
 ARENA_BYTES = 8 << 20
@@ -24,6 +25,7 @@ ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
 @register_runner
 class TflmRunner(Runner):
     name = "tflm"
+    module = MODULE
     formats = ("tflm", "litert")
     bundle_formats = ("tflm",)
     distribution = "tflite-micro"

@@ -14,6 +14,7 @@ from ..errors import BudgetError
 from ..report import write_report
 from ..stage import Stage, StageContext, StageRecord
 from ..validation.budgets import Verdict, check, table
+from ..validation.crosstarget import compare
 from ..validation.layers import bundle_layer_error, layer_error_section
 from ..validation.matrix import short_matrix_text
 from ..validation.run import run_target
@@ -64,7 +65,7 @@ class ValidateStage(Stage):
         return {"passed": not missed, "complete": all(r.error is None for r in runs), "checks": len(verdicts),
                 "missed": len(missed),
                 "budgets": [v.to_dict() for v in verdicts], "targets": [r.summary() for r in runs],
-                "artifacts": _summary(runs), "npu": _npu_summary(runs),
+                "artifacts": _summary(runs), "npu": _npu_summary(runs), "cross_target": [c.to_dict() for c in compare(runs)],
                 "report_error": report_error, "layer_error": layer_error, **explain}
 
     def _explain(self, ctx: StageContext, cfg) -> tuple[dict, list]:

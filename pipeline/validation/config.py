@@ -90,7 +90,8 @@ class ValidateConfig(OmitNoneOptions):
     omit_when_none = ("explain",)
 
     targets: list[str] = Field(default_factory=lambda: ["local"], min_length=1,
-                               description="local, or ssh://user@host[:port][?python=/path/to/python]")
+                               description="local, or ssh://user@host[:port], optionally ?python=/path/to/python "
+                               "and ?emulated=true (an emulated CPU: latency marked, not budgeted)")
     runtimes: list[Runtime] = Field(default_factory=lambda: ["onnxruntime", "openvino"], min_length=1,
                                     description="runtimes each artifact is measured with (where it can load it)")
     threads: int = Field(1, ge=0, description="runtime threads (0: the runtime's default)")

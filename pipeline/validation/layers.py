@@ -9,6 +9,7 @@ from typing import Optional
 
 from ..report import Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot
 from .suite import TargetRun
+from .targets import timed_label
 
 TOP = 10                 # layers listed per artifact
 BAR_LAYERS = 8           # layers drawn separately in the stacked bar (the rest is "other")
@@ -30,7 +31,7 @@ def tool_section(runs: list[TargetRun]) -> Optional[Section]:
     for target, run in points:
         tool, cmp_ = run.get("tool") or {}, run.get("tool_comparison") or {}
         reported = run["latency"].get("runtime_reported", {}).get("p50_ms")
-        rows.append([target, run["artifact"], run["runtime"], _us(run["latency"]["model"]["p50_ms"]), _us(reported),
+        rows.append([timed_label(target), run["artifact"], run["runtime"], _us(run["latency"]["model"]["p50_ms"]), _us(reported),
                      tool.get("tool", "none"), _us(tool.get("median_ms")) if tool.get("status") == "measured"
                      else tool.get("status", "-"), cmp_.get("ratio"),
                      ("yes" if cmp_.get("agrees") else "NO") if cmp_ else "-"])

@@ -8,11 +8,17 @@ from typing import Optional
 from ..ood.report import ood_section
 from ..report import Section, esc, figure_html, html_table, md_table, once_per_artifact, passed_runs, pyplot, subplot_grid
 from .budgets import MIB, Verdict, fmt
+from .crosstarget import cross_target_section
 from .layers import layer_latency_section, tool_section
 from .matrix import NOT_APPLICABLE, matrix_html, matrix_rows, verdict_matrix
 from .mcu import mcu_section
 from .npu import npu_section
 from .suite import TargetRun
+from .targets import is_emulated, timed_label
+
+EMULATED_NOTE = ("Targets marked (emulated) run on an emulated CPU (validate.targets with ?emulated=true): their "
+                 "accuracies are real, their times are not a measure of any device, and latency budgets are not "
+                 "applied to them.")
 
 
 def _label(run: dict) -> str:
@@ -52,19 +58,21 @@ def results_section(runs: list[TargetRun]) -> Section:
         acc_rows.append([target, run["artifact"], run["runtime"], run["precision"], run["size_bytes"] / MIB,
                          acc.get("top1"), acc.get("agreement_fp32"), acc.get("agreement_int8"), acc.get("agreement_teacher"),
                          acc.get("fp32_top1"), acc.get("teacher_top1")])
-        lat_rows.append([target, run["artifact"], run["runtime"], m["p50_ms"], m["p90_ms"], m["p99_ms"], m["mean_ms"],
-                         m["std_ms"], lat["queries"], lat["preprocess"]["p50_ms"], lat["postprocess"]["p50_ms"],
+        lat_rows.append([timed_label(target), run["artifact"], run["runtime"], m["p50_ms"], m["p90_ms"], m["p99_ms"],
+                         m["mean_ms"], m["std_ms"], lat["queries"], lat["preprocess"]["p50_ms"], lat["postprocess"]["p50_ms"],
                          tp["images_per_s"], tp["batch"], run["peak_rss_mb"]])
     failed = [(r.target, run) for r in runs for run in (r.results or {}).get("runs", []) if run.get("status") != "passed"]
     problems = [f"{t} · {_label(run)}: {run.get('status')}: {run.get('message', '')}" for t, run in failed]
     problems += [f"{r.target}: {r.error}" for r in runs if r.error]
     note = ('<p class="note">Model time is the runtime call alone at batch 1 (warm-up discarded, at least the '
             "configured queries and duration); pre = numpy normalisation of one raw image, post = softmax + top-1; "
-            "img/s is the model call at the stated batch.</p>")
+            "img/s is the model call at the stated batch."
+            + (f" {EMULATED_NOTE}" if any(is_emulated(r.target) for r in runs) else "") + "</p>")
     body = ("<h3>Accuracy</h3>" + html_table(acc_headers, acc_rows, left=4) + "<h3>Latency and memory</h3>"
             + html_table(lat_headers, lat_rows, left=3) + note
             + "".join(f'<p class="note fail">{esc(p)}</p>' for p in problems))
     md = (md_table(acc_headers, acc_rows) + "\n\n" + md_table(lat_headers, lat_rows)
+          + (f"\n\n{EMULATED_NOTE}" if any(is_emulated(r.target) for r in runs) else "")
           + "".join(f"\n\n- {p}" for p in problems))
     return Section("Results per artifact and target", body, md)
 
@@ -80,7 +88,7 @@ def accuracy_latency_section(runs: list[TargetRun]) -> Optional[Section]:
     for t, run in points:
         m = run["latency"]["model"]
         ax.errorbar(m["p50_ms"], run["accuracy"]["top1"], xerr=[[0], [max(m["p90_ms"] - m["p50_ms"], 0)]],
-                    fmt=markers[targets.index(t) % len(markers)], capsize=3, label=f"{_label(run)} @ {t}")
+                    fmt=markers[targets.index(t) % len(markers)], capsize=3, label=f"{_label(run)} @ {timed_label(t)}")
     ax.set_xlabel("model latency, batch 1: p50 (bar to p90) [ms]")
     ax.set_ylabel("top-1 on the evaluation set")
     ax.grid(alpha=0.3)
@@ -104,7 +112,7 @@ def latency_distribution_section(runs: list[TargetRun]) -> Optional[Section]:
         ax.set_xscale("log")
         ax.set_xlabel("model latency, batch 1 [ms] (log)")
         ax.set_ylabel("percentile")
-        ax.set_title(target, fontsize=9)
+        ax.set_title(timed_label(target), fontsize=9)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     return Section("Latency distribution", figure_html(fig, "latency CDF"),
@@ -148,7 +156,7 @@ def environment_section(runs: list[TargetRun]) -> Section:
         env, settings = res.get("environment", {}), res.get("settings", {})
         versions = sorted({f"{run['runtime']} {run.get('runtime_version', '')}".strip()
                            for run in res.get("runs", []) if run.get("status") == "passed"})
-        rows.append([r.target, env.get("hostname"), env.get("cpu_model"), env.get("usable_cores"), env.get("os"),
+        rows.append([timed_label(r.target), env.get("hostname"), env.get("cpu_model"), env.get("usable_cores"), env.get("os"),
                      env.get("python"), settings.get("threads"), ", ".join(versions)])
     settings = next(((r.results or {}).get("settings") for r in runs if r.results), {}) or {}
     note = (f'<p class="note">Protocol: warm-up {esc(settings.get("warmup"))} queries discarded, at least '
@@ -160,7 +168,8 @@ def environment_section(runs: list[TargetRun]) -> Section:
 
 
 def validation_sections(runs: list[TargetRun], verdicts: list[Verdict], class_names: list[str]) -> list[Section]:
-    sections = [verdict_section(verdicts), results_section(runs), accuracy_latency_section(runs),
+    sections = [verdict_section(verdicts), results_section(runs), cross_target_section(runs),
+                accuracy_latency_section(runs),
                 latency_distribution_section(runs), confusion_section(runs, class_names), environment_section(runs)]
     sections.insert(-1, ood_section(runs))  # pipeline/ood/report.py; None without the unknown answer
     sections.insert(2, mcu_section(runs, verdicts))  # None without a TFLite Micro artifact

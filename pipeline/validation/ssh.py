@@ -21,6 +21,20 @@ from .targets import Target
 REQUIRED = ("numpy", "pytest")
 
 
+def runtime_module(runtime: str) -> str:
+    """What the target must import to have a runtime (litert: ai_edge_litert.interpreter, ...)."""
+    from device_tests.runners import RUNNERS
+
+    runner = RUNNERS.get(runtime)
+    return (runner.module if runner else None) or runtime
+
+
+def _pip_name(module: str) -> str:
+    from device_tests.runners import RUNNERS
+
+    return next((r.distribution or r.name for r in RUNNERS.values() if (r.module or r.name) == module), module)
+
+
 class SshSession:
     """A connection to one target; a context manager (connect on enter, close on exit)."""
 
@@ -132,6 +146,13 @@ class SshSession:
             pass
         code = channel.recv_exit_status()
         channel.close()
+        if code == -1 and not self._client.get_transport().is_active():
+            # paramiko closes the channel of a dropped connection without an exit status: the target rebooted,
+            # lost power or network, or its sshd was killed while the command ran.
+            import paramiko
+
+            raise paramiko.SSHException(f"the connection was lost while `{args[0]} ...` ran "
+                                        f"(output so far: {b''.join(chunks).decode(errors='replace')[-300:]!r})")
         return code, b"".join(chunks).decode(errors="replace")
 
     def home(self) -> PurePosixPath:
@@ -177,11 +198,14 @@ def _digest(files: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def prepare(session: SshSession, python: str, runtimes: list[str], workdir: PurePosixPath,
-            venv_dir: PurePosixPath) -> dict:
-    """Make (or reuse) the venv on the target and check that it has numpy, pytest and the runtimes."""
+def prepare(session: SshSession, python: str, requires: list[str], workdir: PurePosixPath,
+            venv_dir: PurePosixPath, some_of: tuple[str, ...] = ()) -> dict:
+    """Make (or reuse) the venv on the target and check that it has every package in `requires` and at least
+    one runtime of `some_of`. The runtimes it lacks are left to the suite, which reports each artifact it
+    could not run with them as a failed row (a board without a wheel for one runtime still runs the others)."""
+    modules = [*requires, *(runtime_module(r) for r in some_of)]
     code, out = session.run([python, str(workdir / "device_tests" / "remote_env.py"), "--venv",
-                             str(venv_dir), "--require", *REQUIRED, *runtimes],
+                             str(venv_dir), "--require", *modules],
                             timeout=session.cfg.command_timeout_s)
     if code == 127:
         raise DeviceError(f"The target {session.target.spec} has no Python at '{python}' ({out.strip()[-300:]}).",
@@ -195,17 +219,25 @@ def prepare(session: SshSession, python: str, runtimes: list[str], workdir: Pure
     if info.get("error"):
         raise DeviceError(f"The virtual environment on {session.target.spec} does not start: {info['error']}",
                           "Remove it on the target and retry, or set validate.ssh.python to another interpreter.")
-    if info["missing"]:
-        names = ", ".join(info["missing"])
-        why = "; ".join(info["missing"].values())
+    missing = dict(info["missing"])
+    runtimes = [runtime_module(r) for r in some_of]
+    if runtimes and all(m in missing for m in runtimes):
+        fatal = missing
+    else:  # a runtime that is absent while others are present is the suite's to report
+        fatal = {m: why for m, why in missing.items() if m not in runtimes}
+    if fatal:
+        names = ", ".join(_pip_name(m) for m in fatal)
+        why = "; ".join(fatal.values())
         raise DeviceError(f"The target {session.target.spec} lacks {names} for {python} ({why}).",
-                          f"Install them on the target (e.g. {python} -m pip install {' '.join(info['missing'])}), or set "
-                          "validate.ssh.python to a Python that has them, or remove the runtime from validate.runtimes.")
+                          f"Install them on the target (e.g. {python} -m pip install {' '.join(_pip_name(m) for m in fatal)}), "
+                          "or set validate.ssh.python to a Python that has them, or remove the runtime from "
+                          "validate.runtimes.")
+    info["missing_runtimes"] = sorted(r for r in some_of if runtime_module(r) in missing)
     return info
 
 
 def stage_files(session: SshSession, cfg: ValidateConfig, files: list[tuple[Path, PurePosixPath]],
-                python: str, requires: list[str]) -> tuple[PurePosixPath, dict]:
+                python: str, requires: list[str], some_of: tuple[str, ...] = ()) -> tuple[PurePosixPath, dict]:
     """Upload files (plus device_tests/) into a run folder named by their content; prepare the venv."""
     base = PurePosixPath(cfg.ssh.workdir)
     with session.step("finding the home folder"):
@@ -216,7 +248,7 @@ def stage_files(session: SshSession, cfg: ValidateConfig, files: list[tuple[Path
         session.upload([(local, run_dir / rel) for local, rel in files + devices])
     venv_dir = base / f"venv-{hashlib.sha256(python.encode()).hexdigest()[:8]}"  # one per interpreter
     with session.step(f"preparing the virtual environment {venv_dir}"):
-        return run_dir, prepare(session, python, requires, run_dir, venv_dir)
+        return run_dir, prepare(session, python, requires, run_dir, venv_dir, some_of)
 
 
 def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) -> TargetRun:
@@ -224,7 +256,7 @@ def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) ->
     python = target.python or cfg.ssh.python
     files = [(bundle / f, PurePosixPath("bundle", *f.parts)) for f in bundle_files(bundle)]
     with SshSession(target, cfg.ssh) as session:
-        run_dir, info = stage_files(session, cfg, files, python, [*REQUIRED, *cfg.runtimes])
+        run_dir, info = stage_files(session, cfg, files, python, list(REQUIRED), tuple(cfg.runtimes))
         remote_results = run_dir / "results.json"
         args = suite_args(info["venv_python"], str(run_dir / "device_tests"), str(run_dir / "bundle"),
                           str(remote_results), cfg)
@@ -234,7 +266,8 @@ def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) ->
         with session.step(f"fetching {remote_results}"):
             fetched = session.download(remote_results, results)
     run = _finish(target.spec, code, out, load_results(results) if fetched else None)
-    run.setup = {"python": python, "venv_python": info["venv_python"], "versions": info["versions"], "run_dir": str(run_dir)}
+    run.setup = {"python": python, "venv_python": info["venv_python"], "versions": info["versions"],
+                 "missing_runtimes": info["missing_runtimes"], "run_dir": str(run_dir), "emulated": target.emulated}
     return run
 
 
@@ -244,7 +277,7 @@ def run_measure_ssh(target: Target, cfg: ValidateConfig, files: list[tuple[Path,
     measure_args that start with '@/' are made relative to the remote run folder."""
     python = target.python or cfg.ssh.python
     with SshSession(target, cfg.ssh) as session:
-        run_dir, info = stage_files(session, cfg, files, python, ["numpy", runtime])
+        run_dir, info = stage_files(session, cfg, files, python, ["numpy", runtime_module(runtime)])
         remote_out = run_dir / "profile.json"
         args = [str(run_dir / a[2:]) if a.startswith("@/") else a for a in measure_args]
         with session.step("running the measurement"):

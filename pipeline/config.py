@@ -198,15 +198,21 @@ class EdgesmithConfig(Section):
     ood: Optional[OODConfig] = None  # unknown answer for inputs outside the subtask (pipeline/ood, docs/ood.md)
     search: Optional[SearchConfig] = None  # the student found by a search under budgets (pipeline/search, docs/search.md)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _search_by_default(cls, raw):
+        """`student.arch: search` alone searches with the section's defaults."""
+        if isinstance(raw, dict) and isinstance(raw.get("student"), dict) and raw["student"].get("arch") == "search" \
+                and raw.get("search") is None:
+            return {**raw, "search": {}}
+        return raw
+
     @model_validator(mode="after")
     def _search_picks_the_student(self):
         if self.search is not None and self.student.arch != "search":
             raise ValueError(
                 f"the config has a search section but student.arch is '{self.student.arch}'; set student.arch: search "
                 "to let the search pick the student, or remove the search section to train this one")
-        if self.search is None and self.student.arch == "search":
-            raise ValueError("student.arch is `search` but the config has no search section; add one (its defaults "
-                             "search edgesmith's CNN family) or name an architecture")
         if self.search is not None and self.student.pretrained:
             raise ValueError("student.pretrained does not apply to searched students (they train from scratch); "
                              "set it to false")

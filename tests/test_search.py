@@ -155,6 +155,11 @@ def test_bad_search_configs_are_config_errors(tmp_path, override, expected):
     assert expected in err.value.message
 
 
+def test_student_arch_search_alone_searches_with_the_defaults():
+    cfg = config_with(REPO / "configs" / "fashion_tops.yaml", {"student.arch": "search"})
+    assert cfg.search is not None and cfg.search.trials == 24 and cfg.search.families[0].family == "cnn"
+
+
 def test_an_unknown_timm_name_is_refused_before_anything_runs_with_a_suggestion(tmp_path):
     from pipeline.preflight import check_build
 

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import DEFAULT_CONFIG, TINY_CONFIG, parse, parser, quiet_progress, save_figure, write_results
+from bench._common import DEFAULT_CONFIG, ROOT, TINY_CONFIG, parse, parser, quiet_progress, save_figure, write_results
 from pipeline.config import config_with
 from pipeline.errors import BudgetError
 from pipeline.runner import Build
@@ -128,7 +128,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     by_macs = search_summary(build(search_config(args, {"max_macs": max_macs}, args.finalists)))
     by_macs["build_wall_s"] = time.perf_counter() - start
-    report = {"config": str(args.config if not args.quick else TINY_CONFIG), "own_student": {
+    config = TINY_CONFIG if args.quick else args.config.resolve()
+    report = {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config), "own_student": {
         "arch": base.student.arch, "test_acc": own["student_test_acc"], "macs": own["student_macs"],
         "params": own["student_params"]}, "max_macs": max_macs, "by_macs": by_macs, "settings": vars(args)}
     if not args.skip_latency:

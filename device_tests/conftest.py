@@ -41,6 +41,9 @@ def pytest_addoption(parser):
     g.addoption("--min-duration", type=float, default=2.0, help="seconds")
     g.addoption("--warmup", type=int, default=50)
     g.addoption("--throughput-batch", type=int, default=64)
+    g.addoption("--emulated", action="store_true",
+                help="the CPU is emulated: skip what only measures time beyond the protocol (per-layer profile, the "
+                     "runtime's own benchmark tool); the results say so")
     g.addoption("--min-fp32-agreement", type=float, default=0.99,
                 help="an FP32 artifact must reproduce the exported FP32 predictions on this fraction of eval images")
 
@@ -57,6 +60,7 @@ class Session:
         self.settings = LatencySettings(opt.min_queries, opt.min_duration, opt.warmup, opt.throughput_batch)
         self.results_path = opt.results
         self.min_fp32_agreement = opt.min_fp32_agreement
+        self.emulated = opt.emulated
         self.measurements: dict[tuple[str, str], dict] = {}
         self.npu: dict[str, dict] = {}  # ethos_u artifact -> Vela's estimates (device_tests/vela.py)
         self.outcomes: list[dict] = []
@@ -99,6 +103,8 @@ class Session:
                     "--precision-hint", self.precision_hint, "--min-queries", str(s.min_queries),
                     "--min-duration", str(s.min_duration_s), "--warmup", str(s.warmup),
                     "--throughput-batch", str(s.throughput_batch), "--out", str(out)]
+            if self.emulated:
+                args += ["--layer-runs", "0", "--no-tool"]
             try:
                 proc = subprocess.run(args, cwd=PACKAGE_PARENT, capture_output=True, text=True,
                                       timeout=600 + 20 * s.min_duration_s)
@@ -133,7 +139,7 @@ class Session:
         data = {"schema": SCHEMA, "bundle": str(self.bundle_path), "created": created,
                 "environment": environment(), "error": self.error,
                 "settings": {"runtimes": self.runtimes, "threads": self.threads, "precision_hint": self.precision_hint,
-                             **self.settings.to_dict()},
+                             "emulated": self.emulated, **self.settings.to_dict()},
                 "runs": list(self.measurements.values()), "npu": list(self.npu.values()),
                 "tests": {**counts, "outcomes": self.outcomes}}
         self.results_path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,7 @@
 #                                    # ('download' alone does its network-bound first part: fetch and unpack)
 #   scripts/arm64_target.sh start    # sshd on 127.0.0.1:<port>; prints the target and the ssh settings
 #   scripts/arm64_target.sh status   # built? running? which runtimes it has
-#   scripts/arm64_target.sh stop     # ends sshd and unmounts /proc and /dev of the root filesystem
+#   scripts/arm64_target.sh stop     # ends sshd and unmounts /proc, /sys and /dev of the root filesystem
 #
 # Needs root (debootstrap, chroot, mount) and Debian's apt for the two tools when they are missing.
 # Settings (environment): EDGESMITH_ARM64_HOME (default ~/.cache/edgesmith/arm64-bookworm), EDGESMITH_ARM64_PORT
@@ -26,10 +26,11 @@ PACKAGES="python3,python3-venv,python3-pip,openssh-server,openssh-sftp-server,ca
 # The device suite's needs, pinned by constraints.txt; each is tried on its own (not every runtime has an
 # aarch64 wheel) and the ones that installed are listed in $HOME_DIR/runtimes.txt.
 WHEELS=(numpy pytest onnxruntime openvino ai-edge-litert tflite_micro)
-# /proc is needed (OpenVINO hangs without it); /sys is left out on purpose: under qemu-user /proc/cpuinfo
-# describes the x86 host, and ONNX Runtime's cpuinfo, given that and /sys together, crashes in its ARM parser
-# (segmentation fault on import); with /proc alone it warns and falls back to its defaults.
-MOUNTS=(proc dev)
+# The runtimes read the CPU from /proc and /sys (OpenVINO hangs without /proc and crashes without /sys). Under
+# qemu-user /proc/cpuinfo describes the x86 host, and ONNX Runtime's ARM cpuinfo parser crashes on it (a
+# segmentation fault on import), so an arm64 one is bound over it: a Cortex-A76 (Raspberry Pi 5) with the
+# host's number of cores.
+MOUNTS=(proc sys dev cpuinfo)
 
 say() { echo "arm64_target: $*" >&2; }
 die() { local code=$1; shift; say "$*"; exit "$code"; }
@@ -73,17 +74,28 @@ registration must come from the host: run 'docker run --privileged' or, on the h
 mount_fs() {
     local m
     for m in "${MOUNTS[@]}"; do
+        [ "$m" = cpuinfo ] && m=proc/cpuinfo
         mountpoint -q "$ROOTFS/$m" && continue
+        [ "$m" = proc/cpuinfo ] && m=cpuinfo
         case $m in
             proc) mount -t proc proc "$ROOTFS/proc" ;;
+            sys) mount -t sysfs sys "$ROOTFS/sys" ;;
             dev) mount --bind /dev "$ROOTFS/dev" ;;
+            cpuinfo) arm64_cpuinfo > "$HOME_DIR/cpuinfo"; mount --bind "$HOME_DIR/cpuinfo" "$ROOTFS/proc/cpuinfo" ;;
         esac
+    done
+}
+
+arm64_cpuinfo() {
+    local i
+    for ((i = 0; i < $(nproc); i++)); do
+        printf 'processor\t: %d\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp\nCPU implementer\t: 0x41\nCPU architecture: 8\nCPU variant\t: 0x4\nCPU part\t: 0xd0b\nCPU revision\t: 1\n\n' "$i"
     done
 }
 
 umount_fs() {
     local m
-    for m in dev/pts dev sys proc; do  # also what debootstrap or an older version of this script mounted
+    for m in proc/cpuinfo dev/pts dev sys proc; do  # dev/pts: what debootstrap may leave
         if mountpoint -q "$ROOTFS/$m"; then umount "$ROOTFS/$m" || umount -l "$ROOTFS/$m"; fi
     done
 }
@@ -188,9 +200,9 @@ cmd_start() {
     need_root
     [ -f "$HOME_DIR/built" ] || die 2 "no arm64 root filesystem in $HOME_DIR yet; run '$0 build' first."
     ensure_binfmt
+    mount_fs
     if running_pid >/dev/null; then print_target; return 0; fi
     local port=${EDGESMITH_ARM64_PORT:-$(free_port)} host_key
-    mount_fs
     mkdir -p "$ROOTFS/run/sshd"
     host_key=$(cut -d' ' -f1,2 "$ROOTFS/etc/ssh/ssh_host_ed25519_key.pub")
     echo "[127.0.0.1]:$port $host_key" > "$HOME_DIR/known_hosts"

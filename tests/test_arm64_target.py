@@ -146,7 +146,9 @@ def test_bundle_validated_on_arm64_agrees_with_x86(arm64_target, tmp_path):
     errors = {t["target"]: t["error"] for t in metrics["targets"]}
     assert errors == {"local": None, arm64_target: None}, errors
     remote = json.loads((out / f"results-{parse_target(arm64_target).slug}.json").read_text())
-    assert remote["environment"]["machine"] == "aarch64"
+    assert remote["environment"]["machine"] == "aarch64" and remote["settings"]["emulated"] is True
+    # on an emulated CPU the timing extras (per-layer profile, the runtime's own tool) are not run
+    assert not any("tool" in r or r.get("layers", {}).get("layers") for r in remote["runs"])
     # every artifact, on every runtime that loads it, measured with its accuracy on eval.npz
     local = json.loads((out / "results-local.json").read_text())
     pairs = {(r["artifact"], r["runtime"]) for r in local["runs"]}

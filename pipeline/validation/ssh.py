@@ -259,7 +259,7 @@ def run_ssh(target: Target, bundle: Path, cfg: ValidateConfig, results: Path) ->
         run_dir, info = stage_files(session, cfg, files, python, list(REQUIRED), tuple(cfg.runtimes))
         remote_results = run_dir / "results.json"
         args = suite_args(info["venv_python"], str(run_dir / "device_tests"), str(run_dir / "bundle"),
-                          str(remote_results), cfg)
+                          str(remote_results), cfg) + (["--emulated"] if target.emulated else [])
         with session.step("running the device suite"):
             session.remove(remote_results)  # never fetch the results of an earlier run
             code, out = session.run(args, timeout=cfg.ssh.command_timeout_s)

@@ -201,7 +201,7 @@ print_target() {
     local port
     port=$(cat "$HOME_DIR/port")
     echo "ssh://root@127.0.0.1:$port?emulated=true"
-    say "validate with: --set 'validate.targets=[local,ssh://root@127.0.0.1:$port?emulated=true]'" \
+    say "validate with: --set 'validate.targets=[local,\"ssh://root@127.0.0.1:$port?emulated=true\"]'" \
         "--set validate.ssh.key_file=$HOME_DIR/id_ed25519 --set validate.ssh.known_hosts=$HOME_DIR/known_hosts"
 }
 

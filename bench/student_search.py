@@ -202,9 +202,7 @@ def plot(report: dict, path: Path, stamp: dict) -> None:
 
     from pipeline.search import choose
 
-    fields = ("trial", "arch", "resolution", "state", "macs", "params", "proxy_val_acc", "epochs", "size_kb", "p99_ms",
-              "full_val_acc", "artifact", "skipped")
-    rows = [choose.Row(**{k: r[k] for k in fields}) for r in report["by_macs"]["rows"]]
+    rows = [choose.Row.from_json(r) for r in report["by_macs"]["rows"]]
     fig = choose.fronts_figure(rows, choose.front_trials(rows))
     save_figure(fig, path, stamp)
     plt.close(fig)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -46,6 +46,11 @@ class Row:
 
     def to_json(self) -> dict:
         return {**asdict(self), "p99_median_ms": self.p99, "p99_noise": self.noise}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Row":
+        """A row of trials.json (which adds derived columns) back as a Row."""
+        return cls(**{f.name: raw[f.name] for f in fields(cls)})
 
 
 def rows_of(proxy_trials, full_trials) -> list[Row]:

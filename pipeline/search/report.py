@@ -13,10 +13,9 @@ def search_section(search_dir: Path) -> Section:
     folder = Path(search_dir)
     chosen = json.loads((folder / "chosen.json").read_text())
     table = json.loads((folder / "trials.json").read_text())
-    fields = ("trial", "arch", "resolution", "state", "macs", "params", "proxy_val_acc", "epochs", "size_kb", "p99_ms",
-              "full_val_acc", "artifact", "skipped")
-    rows = [choose.Row(**{k: r[k] for k in fields}) for r in table]
-    front = set(choose.front_trials(rows)["macs"]) | set(choose.front_trials(rows)["p99_ms"])
+    rows = [choose.Row.from_json(r) for r in table]
+    fronts = choose.front_trials(rows)
+    front = set(fronts["macs"]) | set(fronts["p99_ms"])
     shown = sorted([r for r in table if r["finalist"] or r["trial"] in front],
                    key=lambda r: (-(r["full_val_acc"] or r["proxy_val_acc"] or 0), r["macs"]))
     headers = ["candidate", "MACs", "params", "INT8 KiB", "p99 ms (median)", "proxy val", "full val", "finalist",
@@ -30,6 +29,6 @@ def search_section(search_dir: Path) -> Section:
              f"{states['complete']} trained on the proxy schedule, {states['pruned']} stopped early by successive "
              f"halving, {states['skipped']} over the MACs or parameter budget and never trained. Below: the finalists "
              "and the candidates on a front (no other one is both more accurate and cheaper).")
-    figure = figure_html(choose.fronts_figure(rows, choose.front_trials(rows)), "accuracy against MACs and p99")
+    figure = figure_html(choose.fronts_figure(rows, fronts), "accuracy against MACs and p99")
     html = (f"<p>{esc(intro)}</p>" + html_table(headers, body, marks) + figure)
     return Section("How the student was chosen", html, intro + "\n\n" + md_table(headers, body))

@@ -219,6 +219,7 @@ class TrialRunner:
 
         import torch
 
+        from device_tests.errors import DeviceTestError
         from exporters.errors import ExportError
 
         if not row.weights or not (artifacts / row.weights).is_file():
@@ -230,7 +231,7 @@ class TrialRunner:
         try:
             export_tflite(model, self.view(row.candidate), self.calibration, path)
             record = tflm_figures(path)
-        except (ExportError, RuntimeError) as exc:   # one candidate the converter or TFLM cannot take
+        except (ExportError, DeviceTestError, RuntimeError) as exc:   # one candidate the converter or TFLM cannot take
             return {"error": getattr(exc, "message", str(exc))}
         seconds = time.perf_counter() - start
         self.seconds["tflite_s"] += seconds

@@ -251,11 +251,26 @@ def test_mcu_budgets_convert_the_survivors_and_reject_one_over_the_arena(searche
     ({"search.families": [{"family": "cnnn"}]}, "expected tags: 'cnn', 'timm'"),
     ({"search.families": [{"family": "cnn", "wdths": [4]}]}, "Did you mean 'widths'?"),
     ({"search.families": [{"family": "cnn", "widths": []}]}, "widths is empty"),
+    ({"validate.targets": ["local", "ssh://pi@board:22"], "search.latency.target": "ssh://pi@board:2222"},
+     "Did you mean 'ssh://pi@board:22'?"),
+    ({"validate.targets": ["ssh://pi@vm:22?emulated=true"], "search.latency.target": "ssh://pi@vm:22?emulated=true",
+      "search.budgets.max_p99_ms": 1.0}, "emulated CPU"),
 ])
 def test_bad_search_configs_are_config_errors(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
         config_with(load_config(search_config(tmp_path)), override)
     assert expected in err.value.message
+
+
+def test_mcu_budgets_without_the_mobile_extra_are_refused_before_anything_runs(monkeypatch, tmp_path):
+    from pipeline.preflight import check_build
+
+    monkeypatch.setitem(sys.modules, "tflite_micro", None)   # as if tflite-micro were not installed
+    cfg = load_config(search_config(tmp_path, budgets={"max_flash_kb": 64}))
+    with pytest.raises(ConfigError) as err:
+        check_build(cfg)
+    assert "max_flash_kb" in err.value.problem and "`mobile` extra" in err.value.problem
+    assert ".[mobile]" in err.value.fix and not (tmp_path / "builds").exists()
 
 
 def test_student_arch_search_alone_searches_with_the_defaults():

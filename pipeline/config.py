@@ -219,6 +219,28 @@ class EdgesmithConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _search_times_on_a_target(self):
+        """search.latency.target names `local` or a validate target (its SSH options live there); an emulated
+        CPU's times say nothing of the device's, so they cannot judge max_p99_ms."""
+        from .validation.targets import is_emulated
+
+        target = self.search.latency.target if self.search is not None else "local"
+        if target == "local":
+            return self
+        targets = self.validate_.targets if self.validate_ is not None else ["local"]
+        if target not in targets:
+            raise ValueError(
+                f"search.latency.target '{target}' is not one of validate.targets {targets}.{did_you_mean(target, targets)} "
+                "Add it to validate.targets (which holds its SSH options in validate.ssh), or time on this machine "
+                "with search.latency.target: local")
+        if is_emulated(target) and self.search.budgets.max_p99_ms is not None:
+            raise ValueError(
+                f"search.latency.target '{target}' is an emulated CPU: its times are not the device's, so they "
+                "cannot decide search.budgets.max_p99_ms. Time on the real board or on local, or drop max_p99_ms "
+                "and bound the candidates by max_macs / max_size_kb (the emulated p99 is still recorded, marked)")
+        return self
+
+    @model_validator(mode="after")
     def _no_label_peeking(self):
         if self.data.labels_per_class is not None and self.ood is not None and self.ood.outlier_exposure:
             raise ValueError(

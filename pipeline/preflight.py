@@ -111,9 +111,10 @@ def check_names(cfg, exports: bool = True) -> None:
     _check_arch(cfg.student.arch, ARCHS.names())
     if cfg.search is not None:
         from .search.space import check_families
-        from .search.study import check_optuna
+        from .search.study import check_mcu_extra, check_optuna
 
         check_optuna()
+        check_mcu_extra(cfg.search)
         check_families(cfg.search.families)
     if cfg.teacher.source == "train":
         _check_arch(cfg.teacher.train.arch, ARCHS.names())

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -140,6 +142,107 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_to_the_same_choic
     assert _chosen_and_order(tmp_path / "killed") == reference
 
 
+def copied_build(searched, tmp_path: Path, validate: dict | None = None, **search) -> Path:
+    """The searched build (teacher, adapt, the study and its artifacts) copied without its search stage, and its
+    config with `search` keys changed: a new search stage over the same stored trials, nothing trained again."""
+    source = searched[0] / "builds"
+    shutil.copytree(source, tmp_path / "builds", ignore=lambda folder, names: [
+        n for n in names if Path(folder) == source / "tiny" and n.startswith(("search-", "distill-"))
+        and n != "search-study"])
+    raw = yaml.safe_load(searched[1].read_text())
+    raw["build"]["output"] = str(tmp_path / "builds")
+    raw["search"].update(search)
+    raw["validate"] = {**raw.get("validate", {}), **(validate or {})}
+    path = tmp_path / "copied.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def stage_json(root: Path, name: str = "trials.json"):
+    """A file of the newest search stage folder (a changed budget makes another)."""
+    latest = max((p for p in (root / "tiny").glob("search-*") if (p / "stage.json").is_file()),
+                 key=lambda p: (p / "stage.json").stat().st_mtime)
+    return json.loads((latest / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    from tests.helpers import SSHD, SshServer
+
+    if not SSHD.exists() or shutil.which("ssh-keygen") is None:
+        pytest.skip("needs Debian openssh-server (scripts/ensure_test_deps.sh installs it)")
+    with SshServer(tmp_path_factory.mktemp("sshd")) as server:
+        yield server
+
+
+def test_stored_trials_are_timed_again_on_an_ssh_latency_target(searched, sshd, tmp_path):
+    from pipeline.errors import DeviceError
+    from pipeline.search.timing import Timed, Timer
+    from pipeline.validation.targets import parse_target
+    from tests.helpers import free_port
+
+    remote = tmp_path / "remote"
+    dead = f"ssh://{sshd.user}@127.0.0.1:{free_port()}"
+    validate = {"targets": ["local", sshd.target, dead], "threads": 1,
+                "ssh": {"python": sys.executable, "known_hosts": str(sshd.known_hosts), "key_file": str(sshd.user_key),
+                        "workdir": str(remote), "connect_timeout_s": 10}}
+    cfg = copied_build(searched, tmp_path, validate, latency={**SEARCH["latency"], "target": sshd.target})
+    ok = run_cli("build", cfg, "--until", "search")
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    root = tmp_path / "builds"
+    assert stage_json(root, "stage.json")["metrics"]["trained_now"] == 0
+
+    # Every p99 came from the timing entry run in the target's venv (one result file per connection), none from
+    # the figures the fixture's build timed locally.
+    (study,) = root.glob("tiny/search-study/*")
+    remote_results = [json.loads(f.read_text()) for f in remote.glob("runs/*/timing-result.json")]
+    assert remote_results and all(r["environment"]["executable"].startswith(str(remote)) for r in remote_results)
+    remote_p99 = {m["p99_ms"] for r in remote_results for m in r["models"]}
+    rows = [r for r in stage_json(root) if r["p99_ms"]]
+    assert rows and all(r["timed_on"] == sshd.target and set(r["p99_ms"]) <= remote_p99 for r in rows)
+    local = [r for r in json.loads((stage_dir(searched[0] / "builds", "search") / "trials.json").read_text())
+             if r["p99_ms"]]
+    assert not remote_p99 & {v for r in local for v in r["p99_ms"]}
+    assert {p.name.split("-")[1] for p in study.glob("timed-*.json")} == {"local", "ssh"}
+    chosen = stage_json(root, "chosen.json")
+    assert chosen["latency_target"] == sshd.target and f"on {sshd.target}" in chosen["why"]
+    assert stage_json(root, "timing.json")["environment"]["executable"].startswith(str(remote))
+
+    # A target that does not answer: one paragraph naming the target and the setting; the trials stay.
+    timer = Timer(parse_target(dead), 1, load_config(cfg).search.latency, np.zeros((2, 1, 28, 28), np.uint8),
+                  load_config(cfg).section("validate"))
+    artifact = next(study.glob("artifacts/*.int8.onnx"))
+    with pytest.raises(DeviceError) as err:
+        timer([Timed(artifact, {"size": 20, "channels": 1, "mean": [0.5], "std": [0.5]})])
+    assert "Cannot reach 127.0.0.1" in err.value.message and "search.latency.target" in err.value.message
+    assert "trials are kept" in err.value.message and err.value.exit_code == 2
+
+
+def test_mcu_budgets_convert_the_survivors_and_reject_one_over_the_arena(searched, tmp_path):
+    from device_tests.runners.tflm import TflmRunner
+
+    # 8 KiB: between the arenas of the fixture's 20 px survivors (about 6 KiB) and its 28 px one (about 10 KiB).
+    limit = 8.0
+    cfg = copied_build(searched, tmp_path, budgets={"max_macs": 60000, "max_arena_kb": limit, "max_flash_kb": 1000})
+    run = run_cli("build", cfg, "--until", "search")
+    assert run.returncode == 0, run.stdout + run.stderr
+    root = tmp_path / "builds"
+    (artifacts,) = root.glob("tiny/search-study/*/artifacts")
+    survivors = [r for r in stage_json(root) if r["state"] == "complete"]
+    for row in survivors:      # the figures TFLite Micro reports for the converted .tflite
+        tflite = artifacts / row["artifact"].replace(".onnx", ".tflite")
+        with TflmRunner(tflite, "tflm") as runner:
+            assert row["arena_kb"] == runner.describe()["arena_used_bytes"] / 1024
+        assert row["flash_kb"] == tflite.stat().st_size / 1024 and row["tflite_s"] > 0
+        # over the arena: rejected before timing (no p99), the budget named in its misses
+        over = row["arena_kb"] > limit
+        assert over == any(m.startswith("max_arena_kb") for m in row["misses"]) == (row["p99_ms"] == [])
+    assert {r["arena_kb"] > limit for r in survivors} == {True, False}, "the fixture's survivors no longer straddle 8 KiB"
+    assert stage_json(root, "stage.json")["metrics"]["tflite_s_per_candidate"] > 0
+    chosen = stage_json(root, "chosen.json")
+    assert chosen["arena_kb"] <= limit and "arena" in chosen["why"]
+
+
 @pytest.mark.parametrize("override, expected", [
     ({"search.trials": 0}, "search.trials"),
     ({"search.families": []}, "search.families is empty"),
@@ -148,11 +251,26 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_to_the_same_choic
     ({"search.families": [{"family": "cnnn"}]}, "expected tags: 'cnn', 'timm'"),
     ({"search.families": [{"family": "cnn", "wdths": [4]}]}, "Did you mean 'widths'?"),
     ({"search.families": [{"family": "cnn", "widths": []}]}, "widths is empty"),
+    ({"validate.targets": ["local", "ssh://pi@board:22"], "search.latency.target": "ssh://pi@board:2222"},
+     "Did you mean 'ssh://pi@board:22'?"),
+    ({"validate.targets": ["ssh://pi@vm:22?emulated=true"], "search.latency.target": "ssh://pi@vm:22?emulated=true",
+      "search.budgets.max_p99_ms": 1.0}, "emulated CPU"),
 ])
 def test_bad_search_configs_are_config_errors(tmp_path, override, expected):
     with pytest.raises(ConfigError) as err:
         config_with(load_config(search_config(tmp_path)), override)
     assert expected in err.value.message
+
+
+def test_mcu_budgets_without_the_mobile_extra_are_refused_before_anything_runs(monkeypatch, tmp_path):
+    from pipeline.preflight import check_build
+
+    monkeypatch.setitem(sys.modules, "tflite_micro", None)   # as if tflite-micro were not installed
+    cfg = load_config(search_config(tmp_path, budgets={"max_flash_kb": 64}))
+    with pytest.raises(ConfigError) as err:
+        check_build(cfg)
+    assert "max_flash_kb" in err.value.problem and "`mobile` extra" in err.value.problem
+    assert ".[mobile]" in err.value.fix and not (tmp_path / "builds").exists()
 
 
 def test_student_arch_search_alone_searches_with_the_defaults():
@@ -191,16 +309,16 @@ def test_finalists_remeasure_interleaved_and_near_the_limit():
     rows = [_row(0, 0.9, p99=1.05), _row(1, 0.8, p99=0.5), _row(2, 0.95, macs=5000), _row(3, 0.7, p99=0.4)]
     calls = []
 
-    def measure(row):
-        calls.append(row.trial)
-        return {0: 1.08, 1: 0.5, 3: 0.4}[row.trial]
+    def measure(batch):   # one round over the batch, as a remote target times it over one connection
+        calls.append([row.trial for row in batch])
+        return [{0: 1.08, 1: 0.5, 3: 0.4}[row.trial] for row in batch]
 
     budgets = SearchBudgets(max_macs=2000, max_p99_ms=1.0)
     picked = choose.finalists(rows, budgets, count=2, rounds=2, margin=0.1, measure=measure)
     # Trial 2 is over the MACs budget; trial 0 was near the limit and measured 4 times in all; it misses (median
     # 1.08 ms), so the next best, trial 3, takes its place.
     assert [r.trial for r in picked] == [1, 3]
-    assert calls[:2] == [0, 1] and len(rows[0].p99_ms) == 4
+    assert calls[0] == [0, 1] and [0] in calls and len(rows[0].p99_ms) == 4
     for r, full in zip(picked, (0.81, 0.83)):
         r.full_val_acc = full
     assert choose.choice(rows, budgets).trial == 3

@@ -1,5 +1,6 @@
-"""From stored trials to one student: the trials table, budgets applied (deterministic figures first, then the
-measured latency with interleaved re-measurement near the limit), finalists, the choice, the Pareto fronts."""
+"""From stored trials to one student: the trials table, budgets applied (deterministic figures first: MACs,
+parameters, INT8 size, TFLite Micro arena and flash; then the measured latency with interleaved re-measurement near
+the limit), finalists, the choice, the Pareto fronts."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ class Row:
     full_val_acc: Optional[float] = None
     artifact: Optional[str] = None
     skipped: str = ""
+    weights: Optional[str] = None
+    arena_kb: Optional[float] = None     # TFLite Micro tensor arena of the INT8 .tflite (the MCU budgets only)
+    flash_kb: Optional[float] = None     # its flatbuffer
+    tflite_s: Optional[float] = None     # seconds the .tflite conversion and arena measurement took
+    tflite_error: str = ""               # why this candidate has no .tflite (a converter failure)
+    timed_on: Optional[str] = None       # search.latency.target that timed p99_ms
 
     @property
     def candidate(self) -> Candidate:
@@ -49,8 +56,8 @@ class Row:
 
     @classmethod
     def from_json(cls, raw: dict) -> "Row":
-        """A row of trials.json (which adds derived columns) back as a Row."""
-        return cls(**{f.name: raw[f.name] for f in fields(cls)})
+        """A row of trials.json (which adds derived columns) back as a Row; columns it lacks take their default."""
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
 
 
 def rows_of(proxy_trials, full_trials) -> list[Row]:
@@ -67,19 +74,26 @@ def rows_of(proxy_trials, full_trials) -> list[Row]:
         state = "skipped" if attrs.get("skipped") else t.state.name.lower()
         proxy = t.value if t.state.name == "COMPLETE" else (max(history) if history else None)
         rows.append(Row(t.number, c["arch"], c["resolution"], state, attrs.get("macs", 0), attrs.get("params", 0),
-                        proxy, len(history), attrs.get("size_kb"), list(attrs.get("p99_ms", [])),
-                        full.get((c["arch"], c["resolution"])), attrs.get("artifact"), attrs.get("skipped", "")))
+                        proxy, len(history), attrs.get("size_kb"), [], full.get((c["arch"], c["resolution"])),
+                        attrs.get("artifact"), attrs.get("skipped", ""), attrs.get("weights")))
     return sorted(rows, key=lambda r: r.trial)
+
+
+def exact_figures(row: Row, budgets: SearchBudgets) -> list[tuple[str, Optional[float], Optional[float]]]:
+    """(budget, value, limit) of the figures that are exact properties of the candidate: they decide before latency."""
+    return [("max_macs", row.macs, budgets.max_macs), ("max_params", row.params, budgets.max_params),
+            ("max_size_kb", row.size_kb, budgets.max_size_kb), ("max_arena_kb", row.arena_kb, budgets.max_arena_kb),
+            ("max_flash_kb", row.flash_kb, budgets.max_flash_kb)]
 
 
 def misses(row: Row, budgets: SearchBudgets, final: bool = True) -> list[str]:
     """The budgets `row` misses, each as 'name value > limit'. Accuracy is judged on the full schedule only."""
     out = []
-    checks = [("max_macs", row.macs, budgets.max_macs), ("max_params", row.params, budgets.max_params),
-              ("max_size_kb", row.size_kb, budgets.max_size_kb), ("max_p99_ms", row.p99, budgets.max_p99_ms)]
-    for name, value, limit in checks:
+    for name, value, limit in [*exact_figures(row, budgets), ("max_p99_ms", row.p99, budgets.max_p99_ms)]:
         if limit is not None and value is not None and value > limit:
             out.append(f"{name} {_fmt(value)} > {_fmt(limit)}")
+    if budgets.needs_tflite and row.tflite_error:
+        out.append(f"no INT8 .tflite for max_arena_kb / max_flash_kb: {row.tflite_error[:160]}")
     if final and budgets.min_val_acc is not None and row.full_val_acc is not None and row.full_val_acc < budgets.min_val_acc:
         out.append(f"min_val_acc {row.full_val_acc:.4f} < {budgets.min_val_acc}")
     return out
@@ -99,17 +113,18 @@ def near_limit(row: Row, budgets: SearchBudgets, margin: float) -> bool:
     return limit is not None and row.p99 is not None and abs(row.p99 - limit) <= margin * limit
 
 
-def remeasure(rows: list[Row], rounds: int, measure: Callable[[Row], float]) -> None:
+def remeasure(rows: list[Row], rounds: int, measure: Callable[[list[Row]], list[float]]) -> None:
     """Measure until every row has `rounds` figures, interleaved (one round over all rows, then the next), so that
-    a slow moment of the machine hits every candidate alike rather than one."""
+    a slow moment of the machine hits every candidate alike rather than one. `measure` times a round's rows at
+    once (on a remote target: one connection per round)."""
     for _ in range(rounds):
-        for row in rows:
-            if len(row.p99_ms) < rounds:
-                row.p99_ms.append(measure(row))
+        due = [row for row in rows if len(row.p99_ms) < rounds]
+        for row, value in zip(due, measure(due) if due else []):
+            row.p99_ms.append(value)
 
 
 def finalists(rows: list[Row], budgets: SearchBudgets, count: int, rounds: int, margin: float,
-              measure: Callable[[Row], float]) -> list[Row]:
+              measure: Callable[[list[Row]], list[float]]) -> list[Row]:
     """The `count` best proxy candidates that meet every budget. Their p99 is the median of `rounds` interleaved
     figures; one within `margin` of max_p99_ms gets `rounds` more before it is judged."""
     ranked_rows = ranked([r for r in rows if r.state == "complete"], lambda r: r.proxy_val_acc)
@@ -134,8 +149,7 @@ def closest(rows: list[Row], budgets: SearchBudgets, n: int = 8) -> list[tuple[R
     """Candidates nearest to meeting the budgets: fewest misses, then the smallest total relative excess."""
     def excess(row: Row) -> float:
         total = 0.0
-        for value, limit in ((row.macs, budgets.max_macs), (row.params, budgets.max_params),
-                             (row.size_kb, budgets.max_size_kb), (row.p99, budgets.max_p99_ms)):
+        for _, value, limit in [*exact_figures(row, budgets), ("max_p99_ms", row.p99, budgets.max_p99_ms)]:
             if limit is not None and value is not None and value > limit:
                 total += value / limit - 1
         return total
@@ -197,7 +211,11 @@ def fronts_figure(rows: list[Row], fronts: dict):
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by_trial = {r.trial: r for r in rows}
-    for ax, key, label in ((axes[0], "macs", "MACs per image (M)"), (axes[1], "p99_ms", "INT8 ONNX p99 (ms)")):
+    from ..validation.targets import timed_label
+
+    timed_on = next((r.timed_on for r in rows if r.timed_on), None)
+    p99_label = f"INT8 ONNX p99 on {timed_label(timed_on)} (ms)" if timed_on else "INT8 ONNX p99 (ms)"
+    for ax, key, label in ((axes[0], "macs", "MACs per image (M)"), (axes[1], "p99_ms", p99_label)):
         value = (lambda r: r.macs / 1e6) if key == "macs" else (lambda r: r.p99)
         pts = [r for r in rows if value(r) is not None and best_accuracy(r) is not None]
         ax.scatter([value(r) for r in pts], [best_accuracy(r) for r in pts], s=14, c="#9aa5b1", label="trials")

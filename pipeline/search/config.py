@@ -63,23 +63,36 @@ Family = Annotated[Union[CnnFamily, TimmFamily], Field(discriminator="family")]
 
 class SearchBudgets(Section):
     """What the chosen student must meet (None: not checked). MACs and parameters are known before training,
-    so a candidate over them is never trained; size and latency are measured on its INT8 ONNX artifact."""
+    so a candidate over them is never trained; size, arena and flash are exact figures of its artifacts and decide
+    before latency, which is measured (a candidate over them is not timed)."""
 
     max_macs: Optional[int] = Field(None, gt=0, description="multiply-accumulates per image")
     max_params: Optional[int] = Field(None, gt=0, description="parameters")
     max_size_kb: Optional[float] = Field(None, gt=0, description="INT8 ONNX file size, KiB")
+    max_arena_kb: Optional[float] = Field(None, gt=0, description="TFLite Micro tensor arena (RAM) the INT8 .tflite "
+                                          "uses, KiB, as validate.budgets.max_arena_kb reads it (needs the `mobile` "
+                                          "extra; each candidate is converted as the tflm format converts it)")
+    max_flash_kb: Optional[float] = Field(None, gt=0, description="flash the INT8 .tflite flatbuffer takes, KiB, as "
+                                          "validate.budgets.max_flash_kb reads it (needs the `mobile` extra)")
     max_p99_ms: Optional[float] = Field(None, gt=0, description="p99 of the INT8 ONNX model call at batch 1 on "
-                                        "ONNX Runtime, validate.threads threads, on this machine, ms")
+                                        "ONNX Runtime, validate.threads threads, on search.latency.target, ms")
     min_val_acc: Optional[float] = Field(None, ge=0, le=1, description="validation top-1 after the full schedule")
 
     def set(self) -> dict[str, float]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
+
+    @property
+    def needs_tflite(self) -> bool:
+        """Whether candidates need their INT8 .tflite (the MCU budgets)."""
+        return self.max_arena_kb is not None or self.max_flash_kb is not None
 
 
 class SearchLatency(Section):
     """How candidates are timed: the suite's single-stream protocol, shortened (many candidates), then repeated in
     interleaved rounds for the finalists, whose p99 is the median over the rounds."""
 
+    target: str = Field("local", description="where candidates are timed: local (this machine) or one of "
+                        "validate.targets (ssh://...: one connection per measuring round)")
     min_queries: int = Field(300, ge=1, description="timed batch-1 queries per round, at least")
     min_duration_s: float = Field(0.5, ge=0, description="timed seconds per round, at least")
     warmup: int = Field(30, ge=0, description="untimed queries first")
@@ -117,7 +130,8 @@ class SearchConfig(Section):
         return self
 
     def study_fields(self) -> dict:
-        """What the trials depend on: the space and the proxy schedule. Budgets, trial count, finalists, latency
-        rounds and storage only decide which stored trials are used, so changing them reuses the study."""
+        """What the trials depend on: the space and the proxy schedule. Budgets, trial count, finalists, the latency
+        settings and target, and storage only decide which stored trials are used and how they are measured, so
+        changing them reuses the study (timings are recorded per target and protocol: timing.py)."""
         return {"families": [f.model_dump(mode="json") for f in self.families], "epochs": self.epochs,
                 "reduction_factor": self.reduction_factor}

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..report import Section, esc, figure_html, html_table, md_table
+from ..validation.targets import timed_label
 from . import choose
 
 
@@ -18,9 +19,12 @@ def search_section(search_dir: Path) -> Section:
     front = set(fronts["macs"]) | set(fronts["p99_ms"])
     shown = sorted([r for r in table if r["finalist"] or r["trial"] in front],
                    key=lambda r: (-(r["full_val_acc"] or r["proxy_val_acc"] or 0), r["macs"]))
-    headers = ["candidate", "MACs", "params", "INT8 KiB", "p99 ms (median)", "proxy val", "full val", "finalist",
-               "budgets missed"]
-    body = [[f"{r['arch']}@{r['resolution']}", r["macs"], r["params"], r["size_kb"], r["p99_median_ms"],
+    target = chosen.get("latency_target", "local")
+    mcu = any(r.get("arena_kb") is not None for r in table)     # the MCU budgets were set: their columns
+    headers = ["candidate", "MACs", "params", "INT8 KiB", *(["arena KiB", "flash KiB"] if mcu else []),
+               f"p99 ms (median, {timed_label(target)})", "proxy val", "full val", "finalist", "budgets missed"]
+    body = [[f"{r['arch']}@{r['resolution']}", r["macs"], r["params"], r["size_kb"],
+             *([r.get("arena_kb"), r.get("flash_kb")] if mcu else []), r["p99_median_ms"],
              r["proxy_val_acc"], r["full_val_acc"], "yes" if r["finalist"] else "", "; ".join(r["misses"])]
             for r in shown]
     marks = ["pass" if r["trial"] == chosen["trial"] else "" for r in shown]

@@ -1,7 +1,8 @@
 """The trials, kept in an Optuna study: a seeded TPE sampler draws candidates, MACs and parameters over budget are
-skipped before any training, successive halving stops weak candidates after a few epochs, and every survivor's INT8
-artifact is measured. The study lives in a journal file (or an RDB) outside the stage folder, so a killed search
-resumes, several workers can share it, and a changed budget re-scores the stored trials."""
+skipped before any training, successive halving stops weak candidates after a few epochs, and every survivor keeps
+its INT8 ONNX artifact and its weights (the stage measures them: choose.py, timing.py). The study lives in a journal
+file (or an RDB) outside the stage folder, so a killed search resumes, several workers can share it, and a changed
+budget re-scores the stored trials."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ FULL = "full"            # study of the finalists' full-schedule runs
 
 
 class Evaluator(Protocol):
-    """What a trial needs from the build: the candidate's size, a distillation run, its INT8 artifact and timing."""
+    """What a trial needs from the build: the candidate's size, a distillation run, its INT8 artifact and weights."""
 
     def complexity(self, candidate: Candidate) -> tuple[int, int]: ...            # (MACs, parameters)
 
@@ -31,7 +32,7 @@ class Evaluator(Protocol):
 
     def artifact(self, candidate: Candidate, model, path: Path) -> Path: ...
 
-    def p99_ms(self, candidate: Candidate, path: Path) -> float: ...
+    def weights(self, model, path: Path) -> Path: ...
 
 
 def check_optuna() -> None:
@@ -41,6 +42,22 @@ def check_optuna() -> None:
     if importlib.util.find_spec("optuna") is None:
         raise ConfigError("The config has a search section, but Optuna is not installed.",
                           'Install the search extra: pip install -e ".[search]" (make demo / make test do it).')
+
+
+def check_mcu_extra(cfg: SearchConfig) -> None:
+    """search.budgets.max_arena_kb / max_flash_kb convert every candidate as the tflm format does, which needs the
+    `mobile` extra (litert-torch, tflite-micro)."""
+    if not cfg.budgets.needs_tflite:
+        return
+    from exporters.mobile import NEEDS, installed
+
+    missing = [m for m in NEEDS["tflm"] if not installed(m)]
+    if missing:
+        named = " and ".join(k for k in ("max_arena_kb", "max_flash_kb") if getattr(cfg.budgets, k) is not None)
+        raise ConfigError(f"search.budgets.{named} convert each candidate to TFLite Micro, but {', '.join(missing)} "
+                          "(the `mobile` extra) is not installed in this Python.",
+                          "Install it with `pip install -c constraints.txt -e '.[mobile]'` (`make venv` does), or "
+                          "drop max_arena_kb / max_flash_kb from search.budgets.")
 
 
 def storage_for(cfg: SearchConfig, folder: Path):
@@ -179,13 +196,15 @@ class Worker:
             return 1
         path = self.evaluator.artifact(candidate, model, self.artifacts / f"trial{trial.number}.int8.onnx")
         size_kb = path.stat().st_size / 1024
-        p99 = self.evaluator.p99_ms(candidate, path)
+        # The weights, for artifacts that a later budget may ask for (the .tflite of max_arena_kb) without training
+        # again; timing is the stage's, on search.latency.target, so that workers busy training do not skew it.
+        weights = self.evaluator.weights(model, self.artifacts / f"trial{trial.number}.pt")
         trial.set_user_attr("artifact", path.name)
+        trial.set_user_attr("weights", weights.name)
         trial.set_user_attr("size_kb", size_kb)
-        trial.set_user_attr("p99_ms", [p99])
         trial.set_user_attr("trained", True)
         study.tell(trial, best)
-        self.log(f"    val acc {best:.4f}, INT8 {size_kb:.1f} KiB, p99 {p99:.3f} ms")
+        self.log(f"    val acc {best:.4f}, INT8 {size_kb:.1f} KiB")
         return 1
 
 

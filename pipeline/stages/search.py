@@ -1,6 +1,7 @@
 """Stage `search`: find the student. Candidates from the search space are distilled from the cached teacher on a
-short proxy schedule (successive halving stops weak ones early), the survivors' INT8 artifacts are measured here,
-the best within budget get the full schedule, and the winner's spec goes to distill, which trains it."""
+short proxy schedule (successive halving stops weak ones early), the survivors' artifacts are measured (exact figures
+first: INT8 size, and with the MCU budgets the TFLite Micro arena and flash; then p99 on search.latency.target), the
+best within budget get the full schedule, and the winner's spec goes to distill, which trains it."""
 
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ from ..errors import BudgetError
 from ..models import count_macs, count_params, create_model
 from ..search import choose
 from ..search.config import SearchConfig
-from ..search.measure import export_int8, p99_ms
+from ..search.measure import export_int8, export_tflite, preprocess_spec, tflm_figures
 from ..search.space import Candidate, check_families
 from ..search.study import FULL, PROXY, Worker, open_study, storage_for
+from ..search.timing import Records, Timed, Timer
 from ..seeds import seed_everything, seed_for
 from ..stage import Stage, StageContext
+from ..validation.targets import parse_target, timed_label
 from .distill import CHOSEN, DistillStage, candidate_config
 
 
@@ -43,32 +46,46 @@ class SearchStage(Stage):
         trials, study_dir, proxy, full = session.trials, session.folder, session.proxy, session.full
         trained = session.worker.run(proxy)
         rows = choose.current(choose.rows_of(proxy.get_trials(), full.get_trials()), cfg.budgets)
+        trials.tflite_figures(rows)          # exact figures decide before anything is timed
+        trials.first_round(rows)
         finalists = choose.finalists(rows, cfg.budgets, cfg.finalists, cfg.latency.rounds, cfg.latency.margin,
-                                     lambda row: trials.p99_ms(row.candidate, study_dir / "artifacts" / row.artifact))
+                                     trials.time_rows)
         for row in finalists:
             if row.full_val_acc is None:
                 row.full_val_acc = trials.full_schedule(full, row)
         winner = choose.choice(rows, cfg.budgets)
-        self.write(ctx.out, rows, finalists, winner, cfg)
+        self.write(ctx.out, rows, finalists, winner, cfg, trials.timer)
         if winner is None:
             raise no_candidate_error(rows, cfg, study_dir)
         ctx.log(f"  search: chose {winner.candidate.label} (full-schedule val acc {winner.full_val_acc:.4f}, "
-                f"{winner.macs / 1e6:.2f} M MACs, p99 {winner.p99:.3f} ms)")
+                f"{winner.macs / 1e6:.2f} M MACs, p99 {winner.p99:.3f} ms on {timed_label(cfg.latency.target)})")
         return {"chosen": winner.candidate.to_json(), "trials": len(rows), "trained_now": trained,
                 "finalists": [r.candidate.label for r in finalists], "chosen_full_val_acc": winner.full_val_acc,
                 "chosen_macs": winner.macs, "chosen_params": winner.params, "chosen_p99_ms": winner.p99,
-                "chosen_size_kb": winner.size_kb, **trials.times()}
+                "chosen_size_kb": winner.size_kb, "chosen_arena_kb": winner.arena_kb,
+                "chosen_flash_kb": winner.flash_kb, "latency_target": cfg.latency.target, **trials.times()}
 
-    def write(self, out: Path, rows, finalists, winner, cfg: SearchConfig) -> None:
+    def write(self, out: Path, rows, finalists, winner, cfg: SearchConfig, timer: Timer) -> None:
         table = [{**r.to_json(), "finalist": r in finalists, "misses": choose.misses(r, cfg.budgets)} for r in rows]
         (out / "trials.json").write_text(json.dumps(table, indent=2) + "\n")
+        # Which machine timed the candidates, and how: the figures mean nothing without it.
+        timing = {**timer.protocol, "emulated": timer.target.emulated, "environment": timer.environment}
+        (out / "timing.json").write_text(json.dumps(timing, indent=2) + "\n")
         choose.write_fronts(rows, out)
         if winner is not None:
-            budgets = ", ".join(f"{k} {v}" for k, v in cfg.budgets.set().items()) or "none set"
-            why = (f"best full-schedule validation accuracy ({winner.full_val_acc:.4f}) among the {len(finalists)} "
-                   f"finalists that meet every budget ({budgets})")
-            (out / CHOSEN).write_text(json.dumps({**winner.candidate.to_json(), "trial": winner.trial, "why": why,
-                                                  **winner.to_json()}, indent=2) + "\n")
+            (out / CHOSEN).write_text(json.dumps({**winner.candidate.to_json(), "trial": winner.trial,
+                                                  "why": why_chosen(winner, finalists, cfg),
+                                                  "latency_target": cfg.latency.target, **winner.to_json()},
+                                                 indent=2) + "\n")
+
+
+def why_chosen(winner, finalists, cfg: SearchConfig) -> str:
+    budgets = ", ".join(f"{k} {v}" for k, v in cfg.budgets.set().items()) or "none set"
+    figures = [f"p99 {winner.p99:.4g} ms on {timed_label(cfg.latency.target)}"] if winner.p99 is not None else []
+    figures += [f"{name} {value:.1f} KiB" for name, value in (("arena", winner.arena_kb), ("flash", winner.flash_kb))
+                if value is not None]
+    return (f"best full-schedule validation accuracy ({winner.full_val_acc:.4f}) among the {len(finalists)} "
+            f"finalists that meet every budget ({budgets}); {', '.join(figures) or 'no measured figure'}")
 
 
 class SearchSession:
@@ -84,7 +101,7 @@ class SearchSession:
         (self.folder / "artifacts").mkdir(parents=True, exist_ok=True)
         storage = storage_for(cfg, self.folder)
         self.proxy, self.full = open_study(storage, self.key, PROXY), open_study(storage, self.key, FULL)
-        self.trials = TrialRunner(ctx)
+        self.trials = TrialRunner(ctx, self.folder)
         self.worker = Worker(cfg, self.trials, self.folder / "artifacts", seed_for(ctx.config, "search.sampler"),
                              ctx.log)
 
@@ -104,6 +121,12 @@ def study_key(ctx: StageContext) -> str:
                           "code": code_digest(TRIAL_CODE)})
 
 
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def no_candidate_error(rows, cfg: SearchConfig, study_dir: Path) -> BudgetError:
     lines = [f"{r.candidate.label}: {choose.why_not(r, m)}" for r, m in choose.closest(rows, cfg.budgets)]
     return BudgetError(
@@ -113,21 +136,29 @@ def no_candidate_error(rows, cfg: SearchConfig, study_dir: Path) -> BudgetError:
 
 
 class TrialRunner:
-    """The build's side of a trial: the distill stage's own recipe with the candidate as student."""
+    """The build's side of a trial: the distill stage's own recipe with the candidate as student, and the
+    measurements of the survivors' artifacts."""
 
-    def __init__(self, ctx: StageContext):
-        self.ctx = ctx
+    def __init__(self, ctx: StageContext, folder: Path):
+        self.ctx, self.folder = ctx, folder       # folder: the study's (its artifacts and measurement records)
         self.data = subtask_data(ctx.config)
-        self.threads = ctx.config.section("validate").threads if ctx.config.section("validate") else 1
+        validate = ctx.config.section("validate")
+        self.threads = validate.threads if validate else 1
         rng = np.random.default_rng(seed_for(ctx.config, "search.calibration"))
         self.calibration = self.data.train.images[np.sort(rng.permutation(len(self.data.train))[:200])]
-        self.timing_images = self.data.val.images[:64]
-        self.seconds = {"train_s": 0.0, "measure_s": 0.0}
+        latency = ctx.config.search.latency
+        self.timer = Timer(parse_target(latency.target), self.threads, latency, self.data.val.images[:64], validate)
+        self.seconds = {"train_s": 0.0, "measure_s": 0.0, "tflite_s": 0.0, "timing_s": 0.0}
+        self.converted = 0
 
     def complexity(self, candidate: Candidate) -> tuple[int, int]:
+        model = self.model(candidate)
         view = self.view(candidate)
-        model = create_model(candidate.arch, self.data.num_classes, view.channels)
         return count_macs(model, (view.channels, view.size, view.size)), count_params(model)
+
+    def model(self, candidate: Candidate):
+        """An untrained candidate, built as the distill stage builds its student."""
+        return create_model(candidate.arch, self.data.num_classes, self.view(candidate).channels)
 
     def view(self, candidate: Candidate):
         return student_view(candidate_config(self.ctx.config, candidate), self.data.dataset)
@@ -156,13 +187,92 @@ class TrialRunner:
         self.seconds["measure_s"] += time.perf_counter() - start
         return path
 
-    def p99_ms(self, candidate: Candidate, path: Path) -> float:
+    def weights(self, model, path: Path) -> Path:
+        import torch
+
+        tmp = path.with_suffix(".partial")
+        torch.save(model.state_dict(), tmp)
+        tmp.replace(path)
+        return path
+
+    # -- measurements of the survivors (the stage's, after the proxy round) ---------------------------------
+    def tflite_figures(self, rows) -> None:
+        """With max_arena_kb / max_flash_kb: each survivor within the other exact budgets gets its INT8 .tflite
+        (the tflm format's conversion) and TFLite Micro's arena and flash; kept in the study's tflite.json."""
+        budgets = self.ctx.config.search.budgets
+        if not budgets.needs_tflite:
+            return
+        path = self.folder / "tflite.json"
+        records = json.loads(path.read_text()) if path.is_file() else {}
+        for row in rows:
+            if row.state != "complete" or not row.artifact or choose.misses(row, budgets, final=False):
+                continue
+            if row.artifact not in records:
+                records[row.artifact] = self._tflite(row, self.folder / "artifacts")
+                _write_json(path, records)
+            record = records[row.artifact]
+            row.arena_kb, row.flash_kb = record.get("arena_kb"), record.get("flash_kb")
+            row.tflite_s, row.tflite_error = record.get("tflite_s"), record.get("error", "")
+
+    def _tflite(self, row, artifacts: Path) -> dict:
+        import time
+
+        import torch
+
+        from device_tests.errors import DeviceTestError
+        from exporters.errors import ExportError
+
+        if not row.weights or not (artifacts / row.weights).is_file():
+            return {"error": "the trial's weights are not stored"}
+        start = time.perf_counter()
+        model = self.model(row.candidate)
+        model.load_state_dict(torch.load(artifacts / row.weights, map_location="cpu"))
+        path = artifacts / row.artifact.replace(".int8.onnx", ".int8.tflite")
+        try:
+            export_tflite(model, self.view(row.candidate), self.calibration, path)
+            record = tflm_figures(path)
+        except (ExportError, DeviceTestError, RuntimeError) as exc:   # one candidate the converter or TFLM cannot take
+            return {"error": getattr(exc, "message", str(exc))}
+        seconds = time.perf_counter() - start
+        self.seconds["tflite_s"] += seconds
+        self.converted += 1
+        self.ctx.log(f"  search: {row.candidate.label} as TFLite Micro INT8: arena {record['arena_kb']:.1f} KiB, "
+                     f"flash {record['flash_kb']:.1f} KiB ({seconds:.1f} s)")
+        return {**record, "tflite": path.name, "tflite_s": round(seconds, 2)}
+
+    def first_round(self, rows) -> None:
+        """The first p99 of every survivor within the exact budgets: from the records of this target and protocol,
+        the others timed in one round (one connection to a remote target) and recorded."""
+        budgets = self.ctx.config.search.budgets
+        records: Records = self.timer.records(self.folder)
+        due = []
+        for row in rows:
+            if row.state != "complete" or not row.artifact or choose.misses(row, budgets, final=False):
+                continue
+            known = records.get(row.artifact)
+            if known is None:
+                due.append(row)
+            else:
+                row.p99_ms, row.timed_on = [known], self.timer.target.spec
+        if due:
+            self.ctx.log(f"  search: timing {len(due)} candidate(s) on {timed_label(self.timer.target.spec)}")
+            figures = self.time_rows(due)
+            for row, value in zip(due, figures):
+                row.p99_ms = [value]
+            records.add({row.artifact: value for row, value in zip(due, figures)}, self.timer.environment)
+
+    def time_rows(self, rows) -> list[float]:
+        """One measuring round over `rows` on search.latency.target: their p99 (ms), in order."""
         import time
 
         start = time.perf_counter()
-        value = p99_ms(path, self.view(candidate), self.timing_images, self.threads, self.ctx.config.search.latency)
-        self.seconds["measure_s"] += time.perf_counter() - start
-        return value
+        models = [Timed(self.folder / "artifacts" / row.artifact, preprocess_spec(self.view(row.candidate)))
+                  for row in rows]
+        figures = self.timer(models)
+        for row in rows:
+            row.timed_on = self.timer.target.spec
+        self.seconds["timing_s"] += time.perf_counter() - start
+        return figures
 
     def full_schedule(self, study, row) -> float:
         """The finalist trained with the config's whole distill schedule, recorded in the study of full runs."""
@@ -175,7 +285,10 @@ class TrialRunner:
         return best
 
     def times(self) -> dict:
-        return {k: round(v, 1) for k, v in self.seconds.items()}
+        times = {k: round(v, 1) for k, v in self.seconds.items()}
+        if self.converted:
+            times["tflite_s_per_candidate"] = round(self.seconds["tflite_s"] / self.converted, 2)
+        return times
 
 
 def work(ctx: StageContext) -> int:

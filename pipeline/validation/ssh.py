@@ -275,20 +275,28 @@ def run_measure_ssh(target: Target, cfg: ValidateConfig, files: list[tuple[Path,
                     measure_args: list[str], runtime: str, out: Path) -> tuple[int, str]:
     """`edgesmith profile --target ssh://...`: one device_tests.measure run on the target. Paths in
     measure_args that start with '@/' are made relative to the remote run folder."""
+    return run_module_ssh(target, cfg, files, "device_tests.measure", measure_args, runtime, out, "the measurement")
+
+
+def run_module_ssh(target: Target, cfg: ValidateConfig, files: list[tuple[Path, PurePosixPath]], module: str,
+                   module_args: list[str], runtime: str, out: Path, what: str) -> tuple[int, str]:
+    """One connection: copy `files` and device_tests/, run `python -m module ... --out FILE` in the target's venv
+    (which must have numpy and `runtime`), fetch FILE to `out`. Paths in module_args that start with '@/' are
+    made relative to the remote run folder. Returns (exit code, output); raises DeviceError when nothing came back."""
     python = target.python or cfg.ssh.python
     with SshSession(target, cfg.ssh) as session:
         run_dir, info = stage_files(session, cfg, files, python, ["numpy", runtime_module(runtime)])
-        remote_out = run_dir / "profile.json"
-        args = [str(run_dir / a[2:]) if a.startswith("@/") else a for a in measure_args]
-        with session.step("running the measurement"):
+        remote_out = run_dir / out.name
+        args = [str(run_dir / a[2:]) if a.startswith("@/") else a for a in module_args]
+        with session.step(f"running {what}"):
             session.remove(remote_out)
             # `env PYTHONPATH=...` instead of `cd dir && ...`: still an argument list, no shell syntax.
             code, log = session.run(["env", f"PYTHONPATH={run_dir}", info["venv_python"], "-m",
-                                     "device_tests.measure", *args, "--out", str(remote_out)],
+                                     module, *args, "--out", str(remote_out)],
                                     timeout=cfg.ssh.command_timeout_s)
         with session.step(f"fetching {remote_out}"):
             fetched = session.download(remote_out, out)
         if not fetched:
-            raise DeviceError(f"The measurement on {target.spec} wrote no result (exit {code}): {log.strip()[-800:]}",
-                              "Run the same command by hand on the target to see what fails.")
+            raise DeviceError(f"{what[0].upper()}{what[1:]} on {target.spec} wrote no result (exit {code}): "
+                              f"{log.strip()[-800:]}", "Run the same command by hand on the target to see what fails.")
         return code, log

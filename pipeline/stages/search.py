@@ -226,7 +226,7 @@ class TrialRunner:
             return {"error": "the trial's weights are not stored"}
         start = time.perf_counter()
         model = self.model(row.candidate)
-        model.load_state_dict(torch.load(artifacts / row.weights, map_location="cpu"))
+        model.load_state_dict(torch.load(artifacts / row.weights, map_location="cpu", weights_only=True))
         path = artifacts / row.artifact.replace(".int8.onnx", ".int8.tflite")
         try:
             export_tflite(model, self.view(row.candidate), self.calibration, path)

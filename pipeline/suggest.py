@@ -27,7 +27,7 @@ from .seeds import seed_for
 
 PCA_DIMS = 64            # k-means and distances on the top principal components of the L2-normalised features
 NEIGHBOURS = 20          # typicality: mean distance to this many nearest neighbours in the cluster (TypiClust)
-MIN_CLUSTER = 5          # smaller clusters are outliers: used only once every larger one had its turn
+MIN_CLUSTER = 5          # smaller clusters are outliers: their turn comes after every larger one's
 KMEANS_ITERATIONS = 100
 SHEET_IMAGES = 64        # images on the contact sheet
 CSV_NAME, SHEET_NAME = "suggestions.csv", "suggestions.png"
@@ -234,17 +234,14 @@ def _preference(members: list[int], typical: torch.Tensor, score: np.ndarray | N
 
 
 def _next_cluster(queues: dict, sizes: list[int], labels_in: list[int], taken: list[int], score) -> int:
-    """Fewest labels (given + suggested) first; among those, the largest cluster, or for a cluster with labels the
-    one whose best candidate is most uncertain. Clusters under MIN_CLUSTER images wait until no other is left."""
-    open_ = [c for c, q in queues.items() if q]
-    large = [c for c in open_ if sizes[c] >= MIN_CLUSTER] or open_
-
+    """Fewest labels (given + suggested) first; among those, clusters of at least MIN_CLUSTER images before the
+    smaller ones (outliers), then the largest cluster, or for a cluster with labels the one whose best candidate is
+    most uncertain."""
     def order(c):
-        covered = labels_in[c] + taken[c]
         second = -float(score[queues[c][0]]) if (score is not None and labels_in[c]) else -sizes[c]
-        return covered, second, c
+        return labels_in[c] + taken[c], sizes[c] < MIN_CLUSTER, second, c
 
-    return min(large, key=order)
+    return min((c for c, q in queues.items() if q), key=order)
 
 
 def _pick(i: int, c: int, size: int, labels: int, taken: int, typical: torch.Tensor,
@@ -294,10 +291,15 @@ def uncertainty(cfg, folders: dict[str, Path], cand: Candidates, device) -> Unce
 
 def suggest(cfg, count: int, progress) -> tuple[list[Suggestion], Candidates]:
     """The ranked suggestions for a config (builds or reuses the stages it reads)."""
+    cand = candidates(cfg)
+    return rank(cfg, cand, count, progress), cand
+
+
+def rank(cfg, cand: Candidates, count: int, progress) -> list[Suggestion]:
+    """The ranking of given candidates (suggest's; a benchmark may pass other candidates)."""
     from .models import load_teacher
     from .runner import resolve_device
 
-    cand = candidates(cfg)
     check_count(count, len(cand.images))
     folders = stage_folders(cfg, progress)
     device = torch.device(resolve_device(cfg.build.device))
@@ -307,7 +309,7 @@ def suggest(cfg, count: int, progress) -> tuple[list[Suggestion], Candidates]:
     x = embed(penultimate(model, spec.input, images, device))
     uncertain = uncertainty(cfg, folders, cand, device) if cand.labelled is not None else None
     picks = select(x, len(cand.images), count, cfg.build.seed, uncertain)
-    return [Suggestion(cand.ids[i], rank, round(score, 6), why) for rank, (i, score, why) in enumerate(picks, 1)], cand
+    return [Suggestion(cand.ids[i], r, round(score, 6), why) for r, (i, score, why) in enumerate(picks, 1)]
 
 
 def write_csv(path: Path, suggestions: list[Suggestion]) -> None:

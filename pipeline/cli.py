@@ -149,12 +149,13 @@ def suggest_labels(config: Path = typer.Argument(..., help="YAML build config"),
     contact sheet."""
     from .preflight import check_build
     from .progress import ProgressDisplay
-    from .suggest import CSV_NAME, SHEET_NAME, candidates, check_count, suggest, write_csv, write_sheet
+    from .suggest import CSV_NAME, SHEET_NAME, candidates, check_count, rank, write_csv, write_sheet
 
     cfg = load_with_overrides(config, sets)
     check_build(cfg, until="adapt")
-    check_count(count, len(candidates(cfg).images))       # before any stage runs
-    suggestions, cand = suggest(cfg, count, ProgressDisplay(console))
+    cand = candidates(cfg)                   # a bad labels file or --count fails here, before any stage runs
+    check_count(count, len(cand.images))
+    suggestions = rank(cfg, cand, count, ProgressDisplay(console))
     folder = out or Path(cfg.build.output) / cfg.build.name / "suggestions"
     folder.mkdir(parents=True, exist_ok=True)
     write_csv(folder / CSV_NAME, suggestions)

@@ -15,6 +15,7 @@ from pipeline.config import load_config, parse_config
 from pipeline.data import load_dataset
 from pipeline.data.for_config import subtask_data
 from pipeline.errors import ConfigError, DataError
+from pipeline.preflight import check_data
 from pipeline.progress import ProgressDisplay
 from pipeline.runner import Build
 from pipeline.suggest import check_count, suggest
@@ -109,7 +110,10 @@ def test_labels_file_and_budget_exclude_each_other_and_the_cli_refuses_a_bad_fil
     with pytest.raises(ConfigError, match="labels_per_class and labels_file both say"):
         parse_config(tiny_config_dict(tmp_path, **{"data.labels_per_class": 8, "data.labels_file": "x.csv"}))
     bad = write_labels(tmp_path / "labels.csv", [(0, "Coats")])
-    result = run_cli("build", write_config(**{"data.labels_file": str(bad)}))
+    config = write_config(**{"data.labels_file": str(bad)})
+    with pytest.raises(DataError, match="'Coats' is not a subtask class"):     # what `edgesmith check` runs
+        check_data(load_config(config))
+    result = run_cli("build", config)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"data.labels_file {bad} has 1 problem: line 2: 'Coats' is not a subtask class" in \
         " ".join(result.stdout.split())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 # In the order bench/README.md lists them.
-BENCHES = ("distill_methods", "label_efficiency", "reference_setting", "adapt_small_n", "subdistill_steps",
+BENCHES = ("distill_methods", "label_efficiency", "label_suggestions", "reference_setting", "adapt_small_n", "subdistill_steps",
            "quantization", "ood", "xai_spurious", "faults", "student_search")
 
 

@@ -138,6 +138,32 @@ def status(config: Path = typer.Argument(..., help="YAML build config"),
     console.print(table)
 
 
+@app.command("suggest-labels")
+def suggest_labels(config: Path = typer.Argument(..., help="YAML build config"),
+                   count: int = typer.Option(..., "--count", help="images to suggest for labelling"),
+                   out: Optional[Path] = typer.Option(None, "--out", help="folder for suggestions.csv and "
+                                                      "suggestions.png (default: <build.output>/<build.name>/suggestions)"),
+                   sets: List[str] = typer.Option([], "--set", metavar="KEY=VALUE", help=SET_HELP)) -> None:
+    """Rank the unlabelled pool for labelling: typical images of distinct clusters while there are no labels
+    (TypiClust), then uncertain ones where labels exist; writes a CSV to fill in (data.labels_file) and a
+    contact sheet."""
+    from .preflight import check_build
+    from .progress import ProgressDisplay
+    from .suggest import CSV_NAME, SHEET_NAME, candidates, check_count, rank, write_csv, write_sheet
+
+    cfg = load_with_overrides(config, sets)
+    check_build(cfg, until="adapt")
+    cand = candidates(cfg)                   # a bad labels file or --count fails here, before any stage runs
+    check_count(count, len(cand.images))
+    suggestions = rank(cfg, cand, count, ProgressDisplay(console))
+    folder = out or Path(cfg.build.output) / cfg.build.name / "suggestions"
+    folder.mkdir(parents=True, exist_ok=True)
+    write_csv(folder / CSV_NAME, suggestions)
+    write_sheet(folder / SHEET_NAME, suggestions, cand)
+    console.print(f"{len(suggestions)} suggestions: {folder / CSV_NAME} (fill in the label column and set "
+                  f"data.labels_file to it), contact sheet {folder / SHEET_NAME}", highlight=False, soft_wrap=True)
+
+
 app.command("profile")(profile)
 app.command("verify")(verify)
 app.command("diff")(diff)

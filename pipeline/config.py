@@ -69,7 +69,7 @@ class SpuriousConfig(Section):
 
 class DataConfig(OmitNoneOptions):
     # The label-budget keys are left out of the dump while unset: configs without a budget keep their keys.
-    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images")
+    omit_when_none = ("spurious", "labels_per_class", "unlabelled", "unlabelled_max_images", "labels_file")
 
     dataset: str = Field("fashion_mnist", description="fashion_mnist, cifar100 or image_folder (the dataset registry)")
     root: Optional[str] = Field(None, description="image_folder: folder with train/<class>/ and test/<class>/")
@@ -89,6 +89,10 @@ class DataConfig(OmitNoneOptions):
         "image of the dataset, all classes), none, or a folder of images (searched recursively); None: rest "
         "under a label budget, else none")
     unlabelled_max_images: Optional[int] = Field(None, ge=1, description="seeded cap on the unlabelled pool")
+    labels_file: Optional[str] = Field(
+        None, description="CSV of your labels (header image,label; image: training index, or path under data.root "
+        "for image_folder; label: a subtask class): exactly these images are labelled (a seeded part of each class "
+        "held out for model selection), the other training images form the pool; instead of labels_per_class")
 
     @field_validator("labels_per_class")
     @classmethod
@@ -104,6 +108,21 @@ class DataConfig(OmitNoneOptions):
         if v is not None and not v.strip():
             raise ValueError("unlabelled is empty; use rest, none or the path of a folder of images")
         return v
+
+    @field_validator("labels_file")
+    @classmethod
+    def _labels_file_given(cls, v):
+        if v is not None and not v.strip():
+            raise ValueError("labels_file is empty; give the path of your labels CSV, or leave the key out")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source_of_labels(self):
+        if self.labels_file is not None and self.labels_per_class is not None:
+            raise ValueError(
+                "labels_per_class and labels_file both say which images have labels; keep labels_file to train on "
+                "your labels, or labels_per_class for a seeded budget of the dataset's own labels")
+        return self
 
 
 class SubtaskConfig(Section):
@@ -242,10 +261,12 @@ class EdgesmithConfig(Section):
 
     @model_validator(mode="after")
     def _no_label_peeking(self):
-        if self.data.labels_per_class is not None and self.ood is not None and self.ood.outlier_exposure:
+        few = self.data.labels_per_class is not None or self.data.labels_file is not None
+        if few and self.ood is not None and self.ood.outlier_exposure:
             raise ValueError(
                 "ood.outlier_exposure trains on the images known to lie outside the subtask, i.e. on the other "
-                "classes' labels, which a label budget (data.labels_per_class) says you do not have; set "
+                "classes' labels, which a label budget (data.labels_per_class or data.labels_file) says you do not "
+                "have; set "
                 "ood.outlier_exposure: false (the unlabelled pool already holds such images, without labels)")
         return self
 

@@ -149,7 +149,8 @@ def check_data(cfg) -> tuple[object | None, str]:
     try:
         return subtask_data(cfg), ""
     except DataError as exc:
-        if cfg.teacher.adapt.method != "none" or (cfg.teacher.num_classes or 1000) != 1000:
+        # A labels file names the dataset's images: without the dataset (or with a bad file) there is no fallback.
+        if cfg.teacher.adapt.method != "none" or (cfg.teacher.num_classes or 1000) != 1000 or cfg.data.labels_file:
             raise
         import timm.data
 

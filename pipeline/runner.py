@@ -25,7 +25,7 @@ for _stage in CHAIN:
 
 # Config values that name files whose CONTENT a stage depends on: section -> fields. Their digests join the key
 # of every stage that hashes the section, so replacing a checkpoint or a dataset at the same path re-runs them.
-CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlabelled")}
+CONTENT_INPUTS = {"teacher": ("weights", "class_names"), "data": ("root", "unlabelled", "labels_file")}
 
 
 def resolve_device(requested: str) -> str:

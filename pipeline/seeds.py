@@ -11,6 +11,7 @@ STREAMS = (
     "data.split",              # the seeded 80/20 train/validation split (all classes)
     "data.labels",             # which training images keep their labels under a label budget
     "data.pool",               # the cap on the unlabelled pool
+    "data.labels_file",        # which of a labels file's images are held out for model selection
     "data.spurious",           # which images get a marker (stress test), with data.spurious.seed
     "teacher.batches",         # from-scratch teacher: shuffling
     "teacher.augment",         # its augmentation (data.augment)
@@ -29,6 +30,8 @@ STREAMS = (
     "search.calibration",      # the calibration images of the candidates' INT8 artifacts
     "xai.images",              # the test images explained
     "xai.flipping",            # pixel flipping's random reference order
+    "suggest.kmeans",          # edgesmith suggest-labels: the k-means seeding of the pool's embeddings
+    "suggest.pool",            # its cap on the images ranked without labels (data.unlabelled_max_images)
 )
 
 

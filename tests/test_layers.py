@@ -26,7 +26,7 @@ LAYERS = [
     ("config", ["pipeline.config"]),
     ("stage API", ["pipeline.stage"]),
     ("stages", ["pipeline.stages"]),
-    ("entry points", ["pipeline.runner", "pipeline.preflight", "pipeline.cli"]),
+    ("entry points", ["pipeline.runner", "pipeline.preflight", "pipeline.suggest", "pipeline.cli"]),
 ]
 
 

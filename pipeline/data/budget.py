@@ -49,19 +49,21 @@ def choose_labelled(dataset: Dataset, class_ids: list[int], labels_per_class: in
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
 
 
-def unlabelled_pool(dataset: Dataset, kind: str, labelled: np.ndarray, cap: int | None, seed: int) -> ImageSet | None:
-    """The pool named by data.unlabelled ('rest', 'none' or a folder), capped to `cap` seeded images."""
+def unlabelled_pool(dataset: Dataset, kind: str, labelled: np.ndarray, cap: int | None,
+                    seed: int) -> tuple[ImageSet | None, np.ndarray | None]:
+    """The pool named by data.unlabelled ('rest', 'none' or a folder), capped to `cap` seeded images, and (rest)
+    each pool image's index in the training split (label suggestions name images by it)."""
     if kind == "none":
-        return None
+        return None, None
     if kind == "rest":
-        rest = np.setdiff1d(np.arange(len(dataset.train)), labelled)
-        images = dataset.train.images[rest]
+        index = np.setdiff1d(np.arange(len(dataset.train)), labelled)
+        images = dataset.train.images[index]
     else:
-        images = read_folder(Path(kind).expanduser(), dataset.channels, dataset.size)
+        index, images = None, read_folder(Path(kind).expanduser(), dataset.channels, dataset.size)
     if cap is not None and cap < len(images):
         keep = np.sort(np.random.default_rng(seed_for(seed, "data.pool")).permutation(len(images))[:cap])
-        images = images[keep]
-    return ImageSet(np.ascontiguousarray(images), np.full(len(images), UNLABELLED, dtype=np.int64))
+        images, index = images[keep], None if index is None else index[keep]
+    return ImageSet(np.ascontiguousarray(images), np.full(len(images), UNLABELLED, dtype=np.int64)), index
 
 
 def read_folder(folder: Path, channels: int, size: int) -> np.ndarray:
@@ -91,9 +93,12 @@ def read_folder(folder: Path, channels: int, size: int) -> np.ndarray:
     return np.stack(images)
 
 
-def describe(labels_per_class: int | None, pool: ImageSet | None, kind: str | None) -> str:
+def describe(labels_per_class: int | None, pool: ImageSet | None, kind: str | None, labels_file: str | None = None,
+             labelled: int = 0) -> str:
     """One line naming the label budget (model card, report, logs)."""
+    shown_pool = f"{len(pool)} images ({kind})" if pool is not None else "none"
+    if labels_file is not None:
+        return f"{labelled} labelled images from {Path(labels_file).name}; unlabelled pool: {shown_pool}"
     if labels_per_class is None:
-        return "every training label" + (f"; unlabelled pool: {len(pool)} images ({kind})" if pool is not None else "")
-    return (f"{labels_per_class} labelled images per class; unlabelled pool: "
-            + (f"{len(pool)} images ({kind})" if pool is not None else "none"))
+        return "every training label" + (f"; unlabelled pool: {shown_pool}" if pool is not None else "")
+    return f"{labels_per_class} labelled images per class; unlabelled pool: {shown_pool}"

@@ -82,9 +82,8 @@ def image_folder(cfg) -> Dataset:
 
     def load(split: str, cap: int | None) -> ImageSet:
         images, labels = [], []
-        for label, name in enumerate(class_names):
-            files = sorted(p for p in (root / split / name).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-            for file in files[:cap]:
+        for label, files in enumerate(folder_files(root, split, class_names, cap)):
+            for file in files:
                 with Image.open(file) as im:
                     images.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)).transpose(2, 0, 1))
                 labels.append(label)
@@ -93,6 +92,22 @@ def image_folder(cfg) -> Dataset:
         return ImageSet(np.stack(images), np.asarray(labels, dtype=np.int64))
 
     return Dataset("image_folder", class_names, load("train", cfg.train_per_class), load("test", cfg.test_per_class))
+
+
+def folder_files(root: Path, split: str, class_names: tuple[str, ...], cap: int | None) -> list[list[Path]]:
+    """The image files of an image_folder split, per class, in the order the dataset holds them."""
+    return [sorted(p for p in (root / split / name).glob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:cap]
+            for name in class_names]
+
+
+def training_ids(cfg, dataset: Dataset) -> list[str]:
+    """How a user names each training image (labels files, label suggestions): its path under data.root for an
+    image_folder dataset, else its index in the training split as the config loads it (after train_per_class)."""
+    if cfg.dataset != "image_folder":
+        return [str(i) for i in range(len(dataset.train))]
+    root = Path(cfg.root).expanduser()
+    return [file.relative_to(root).as_posix() for files in folder_files(root, "train", dataset.class_names,
+                                                                         cfg.train_per_class) for file in files]
 
 
 @DATASETS.register("cifar100")

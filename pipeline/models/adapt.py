@@ -58,9 +58,9 @@ def teacher_class_ids(head_names: list[str], data) -> list[int]:
 
 def labelled_split(cfg, data):
     """What the teacher may learn its head from: every labelled training image of the dataset (all classes, the
-    seeded 80/20 split) -- or, under a label budget (data.labels_per_class), only the subtask's labelled images,
-    with the budget's own small validation split. Labels are head columns (labelled_classes)."""
-    if data.labels_per_class is not None:
+    seeded 80/20 split) -- or, under a label budget (data.labels_per_class or data.labels_file), only the subtask's
+    labelled images, with the budget's own small validation split. Labels are head columns (labelled_classes)."""
+    if data.few_labels:
         return data.train, data.val
     from ..data.subtask import full_split
 
@@ -69,7 +69,7 @@ def labelled_split(cfg, data):
 
 def labelled_classes(data) -> list[str]:
     """The new head's classes: the dataset's, or only the subtask's under a label budget (no other labels exist)."""
-    return data.class_names if data.labels_per_class is not None else list(data.dataset.class_names)
+    return data.class_names if data.few_labels else list(data.dataset.class_names)
 
 
 def teacher_arch(cfg) -> str:

@@ -7,6 +7,7 @@ the machine, so the card is as reproducible as the manifest.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from .manifest import StageEntry, budget_passed
@@ -98,12 +99,15 @@ def _student_line(facts: CardFacts, student: dict) -> str:
 
 def _label_budget(data: dict) -> list[str]:
     """A line only for builds with a label budget or a pool (every other card stays as it was)."""
-    if data.get("labels_per_class") is None and data.get("unlabelled") is None:
+    if all(data.get(k) is None for k in ("labels_per_class", "unlabelled", "labels_file")):
         return []
-    n = data.get("labels_per_class")
+    n, file = data.get("labels_per_class"), data.get("labels_file")
     labels = (f"{n} labelled training images per subtask class (of which a small share held out for model "
               "selection; no other label was used)" if n is not None else "every training label")
-    pool = data.get("unlabelled") or ("rest" if n is not None else "none")
+    if file is not None:
+        labels = (f"the labelled training images listed in `{Path(file).name}` (of which a small share per class "
+                  "held out for model selection; no other label was used)")
+    pool = data.get("unlabelled") or ("rest" if n is not None or file is not None else "none")
     pool_text = {"rest": "the dataset's other training images, without labels", "none": "none"}.get(
         pool, f"the images in `{pool}`, without labels")
     cap = f" (at most {data['unlabelled_max_images']})" if data.get("unlabelled_max_images") else ""

@@ -69,8 +69,8 @@ class AdaptStage(Stage):
             seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
             known = (np.concatenate(seen), result.pop("logits"))
         model.cpu().eval()
-        budget = {} if data.labels_per_class is None else {"labels_per_class": data.labels_per_class,
-                                                           "adapt_val_images": len(val), "label_budget": data.budget}
+        budget = {} if not data.few_labels else {"labels_per_class": data.labels_per_class,
+                                                 "adapt_val_images": len(val), "label_budget": data.budget}
         return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
                 "adapt_history": result["history"], "adapt_train_images": len(train), **budget}, known
 

@@ -106,7 +106,7 @@ class DistillStage(Stage):
         return data.transfer
 
     def budget(self, data, train) -> dict:
-        if data.labels_per_class is None and data.pool is None:
+        if not data.few_labels and data.pool is None:
             return {}
         return {"labels_per_class": data.labels_per_class, "label_budget": data.budget,
                 "labelled_train_images": len(data.train), "val_images": len(data.val), "transfer_images": len(train)}

@@ -182,14 +182,20 @@ def label_budget_sections(config) -> list[Section]:
     """'Label budget' for a build made from few labels (data.labels_per_class) or with an unlabelled pool; none
     otherwise, so other reports are unchanged."""
     data = config.data
-    if data.labels_per_class is None and data.unlabelled is None:
+    if data.labels_per_class is None and data.unlabelled is None and data.labels_file is None:
         return []
     from ..data.budget import val_per_class
 
-    n = data.labels_per_class
-    pool = data.unlabelled or ("rest" if n is not None else "none")
-    rows = [["labelled images per subtask class", n if n is not None else "all"],
-            ["of which held out for model selection", val_per_class(n, data.val_fraction) if n is not None else "-"],
+    n, file = data.labels_per_class, data.labels_file
+    pool = data.unlabelled or ("rest" if n is not None or file is not None else "none")
+    if file is not None:
+        labelled = [["labelled images", f"those listed in {file}"],
+                    ["of which held out for model selection", "round(val_fraction x n) of a class's n, at most n/4"]]
+    else:
+        labelled = [["labelled images per subtask class", n if n is not None else "all"],
+                    ["of which held out for model selection",
+                     val_per_class(n, data.val_fraction) if n is not None else "-"]]
+    rows = [*labelled,
             ["unlabelled transfer pool", pool],
             ["pool cap", data.unlabelled_max_images or "none"]]
     note = ("<p class=\"note\">The teacher was adapted on the labelled images only, distillation trained on the "

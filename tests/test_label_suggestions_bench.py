@@ -1,0 +1,32 @@
+"""python -m bench label_suggestions --quick: random vs suggested labels through the real stages, on tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+@pytest.mark.slow
+def test_quick_label_suggestions_run_writes_every_row(tmp_path):
+    out = tmp_path / "ls.json"
+    result = subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
+                             str(tmp_path / "b"), "--out", str(out), "--threads", "1"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(out.read_text())
+    runs = {r["row"]: r for r in report["runs"]}
+    assert set(runs) == {"random", "suggested", "suggested, subtask"}
+    assert runs["random"]["labels"] == 4 * 8 and 0.0 <= runs["random"]["test_acc"] <= 1.0
+    # the annotator labels only the subtask's images among the K = 32 suggestions
+    assert runs["suggested, subtask"]["labels"] == 32 and runs["suggested, subtask"]["looked_at"] == 32
+    suggested = runs["suggested"]
+    assert suggested["looked_at"] == 32 and ("error" in suggested or suggested["labels"] < 32)
+    labels_files = sorted((tmp_path / "b" / "labels").glob("*.csv"))
+    assert [p.name.rsplit("_", 1)[1] for p in labels_files] == ["all.csv", "subtask.csv"]
+    assert out.with_suffix(".png").stat().st_size > 1000 and "suggested" in out.with_suffix(".txt").read_text()
+    assert out.with_suffix(".txt").read_text().startswith("# commit ")

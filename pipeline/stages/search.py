@@ -44,6 +44,7 @@ class SearchStage(Stage):
         cfg: SearchConfig = ctx.config.search
         session = SearchSession(ctx)
         trials, study_dir, proxy, full = session.trials, session.folder, session.proxy, session.full
+        warn_small_validation(ctx, len(trials.data.val))
         trained = session.worker.run(proxy)
         rows = choose.current(choose.rows_of(proxy.get_trials(), full.get_trials()), cfg.budgets)
         trials.tflite_figures(rows)          # exact figures decide before anything is timed
@@ -77,6 +78,17 @@ class SearchStage(Stage):
                                                   "why": why_chosen(winner, finalists, cfg),
                                                   "latency_target": cfg.latency.target, **winner.to_json()},
                                                  indent=2) + "\n")
+
+
+# Below this many validation images one image moves the score by a quarter of a point or more, and candidates tie.
+SMALL_VALIDATION = 400
+
+
+def warn_small_validation(ctx: StageContext, images: int) -> None:
+    if images < SMALL_VALIDATION:
+        ctx.log(f"  search: warning: the validation split has {images} images (one image = {100 / images:.1f} "
+                "points), too few to rank students reliably; label more validation images or keep a named "
+                "student.arch (docs/search.md, 'Under a label budget')")
 
 
 def why_chosen(winner, finalists, cfg: SearchConfig) -> str:

@@ -38,7 +38,7 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 test: venv data testdeps lint
-	$(VENV)/bin/python -m pytest --durations=25 $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest -n auto --dist loadfile --durations=25 $(PYTEST_ARGS)
 
 clean-cache:
 	rm -rf builds

@@ -7,10 +7,12 @@ to its nearest neighbours in the cluster). Typical images of distinct clusters c
 labels, where the most uncertain images (outliers, at low budgets) would not.
 
 With labels (a budget or a labels file, the adapt stage trained a head) it ranks the unlabelled pool: k-means
-into labelled + asked-for clusters over the pool and the labelled images; clusters with the fewest labels first
-(the largest of them first), taking the most typical image of a cluster without any label and the most uncertain
-one (the adapted teacher's smallest top-2 margin, and first where the distilled student disagrees with it, when a
-distill stage is cached) of a cluster that has some. One image per cluster until every cluster had its turn.
+into as many clusters as images asked for, over the pool and the labelled images; clusters with the fewest labels
+first (the largest of them first), taking the most typical image of a cluster without any label (a mode the labels
+miss) and the most uncertain one (the adapted teacher's smallest top-2 margin, and first where the distilled
+student disagrees with it, when a distill stage is cached) of a cluster that has some. One image per cluster until
+every cluster had its turn. (TypiClust's own rule, labelled + asked-for clusters, leaves at least one cluster
+without labels per image asked for, so it would never ask where the model is unsure.)
 """
 
 from __future__ import annotations
@@ -206,7 +208,7 @@ def select(x: torch.Tensor, n_candidates: int, count: int, seed: int,
            uncertain: Uncertainty | None = None) -> list[tuple[int, float, str]]:
     """(candidate, score, why) in rank order. `x`: embeddings of the candidates, then of the labelled images."""
     labelled = len(x) - n_candidates
-    assign = kmeans(x, min(len(x), count + labelled), seed_for(seed, "suggest.kmeans"))
+    assign = kmeans(x, min(len(x), count), seed_for(seed, "suggest.kmeans"))
     k = int(assign.max()) + 1
     typical = torch.zeros(len(x))
     for c in range(k):

@@ -21,8 +21,8 @@ LAYERS = [
     ("methods", ["pipeline.distill", "exporters"]),
     ("quantization", ["quantize"]),
     ("analysis", ["pipeline.ood", "pipeline.xai"]),
-    ("search", ["pipeline.search"]),
     ("checks and shipping", ["pipeline.validation", "pipeline.release"]),
+    ("search", ["pipeline.search"]),       # times candidates on the validate targets
     ("config", ["pipeline.config"]),
     ("stage API", ["pipeline.stage"]),
     ("stages", ["pipeline.stages"]),

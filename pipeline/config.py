@@ -105,6 +105,13 @@ class DataConfig(OmitNoneOptions):
             raise ValueError("unlabelled is empty; use rest, none or the path of a folder of images")
         return v
 
+    @property
+    def has_pool(self) -> bool:
+        """Whether distillation gets an unlabelled pool (data.unlabelled, default rest under a label budget)."""
+        if self.unlabelled is None:
+            return self.labels_per_class is not None
+        return self.unlabelled != "none"
+
 
 class SubtaskConfig(Section):
     classes: list[Union[str, int]] = Field(min_length=2, description="class names (or ids) of the dataset the device needs")
@@ -220,11 +227,37 @@ class EdgesmithConfig(Section):
 
     @model_validator(mode="after")
     def _no_label_peeking(self):
-        if self.data.labels_per_class is not None and self.ood is not None and self.ood.outlier_exposure:
+        ood = self.ood
+        if ood is None:
+            return self
+        if self.data.labels_per_class is not None and ood.outlier_exposure and ood.mined_outliers is None:
             raise ValueError(
                 "ood.outlier_exposure trains on the images known to lie outside the subtask, i.e. on the other "
-                "classes' labels, which a label budget (data.labels_per_class) says you do not have; set "
-                "ood.outlier_exposure: false (the unlabelled pool already holds such images, without labels)")
+                "classes' labels, which a label budget (data.labels_per_class) says you do not have; add "
+                "ood.mined_outliers: {} to train on the pool's outliers found without labels, or set "
+                "ood.outlier_exposure: false")
+        if ood.mined_outliers is not None and not ood.outlier_exposure:
+            raise ValueError("ood.mined_outliers chooses the images outlier exposure trains on, but "
+                             "ood.outlier_exposure is false; set it to true, or remove ood.mined_outliers")
+        if ood.mined_outliers is not None and not self.data.has_pool:
+            raise ValueError("ood.mined_outliers looks for outliers in the unlabelled pool, but this config has none; "
+                             "set data.unlabelled (rest, or a folder of images from the device's domain), or remove "
+                             "ood.mined_outliers")
+        return self
+
+    @model_validator(mode="after")
+    def _pool_losses_need_a_pool(self):
+        asked = [k for k in ("consistency", "pseudo_labels") if getattr(self.distill, k) is not None]
+        if asked and not self.data.has_pool:
+            raise ValueError(
+                f"distill.{' and distill.'.join(asked)} {'needs' if len(asked) == 1 else 'need'} an unlabelled pool, "
+                "but this config has none; set "
+                "data.unlabelled (rest, or a folder of images from the device's domain), or remove "
+                f"distill.{' and distill.'.join(asked)}")
+        if asked and self.distill.method == "student_only":
+            raise ValueError(
+                f"distill.method student_only trains on the labelled images alone, so distill.{asked[0]} would never "
+                "see an unlabelled image; use a method with a teacher (kd, attention, ...), or remove it")
         return self
 
     @model_validator(mode="after")

@@ -45,14 +45,23 @@ class OutlierExposure:
         return {**losses, "outlier": outlier.detach(), "total": losses["total"] + self.cfg.oe_weight * outlier}
 
 
+def outlier_images(config, models, device, log) -> tuple[np.ndarray, str]:
+    """The other classes' training images, or (ood.mined_outliers) the pool's outliers found without labels."""
+    if config.ood.mined_outliers is None:
+        return outside_data(config).train.images, "non-subtask training images"
+    from ..data.for_config import subtask_data
+    from .mining import mined_outliers
+
+    return mined_outliers(config.ood.mined_outliers, models, subtask_data(config), device, log), "mined pool images"
+
+
 def outlier_exposure(config, models, device, log=lambda _m: None, known=None) -> OutlierExposure | None:
     """From the full config (None when the `ood` section is absent or exposure is off). `known`: the adapt
     stage's table of teacher logits (pipeline.models.known_logits), which spares the teacher passes."""
     cfg: OODConfig | None = getattr(config, "ood", None)
     if cfg is None or not cfg.outlier_exposure:
         return None
-    train = outside_data(config).train
-    images = train.images
+    images, source = outlier_images(config, models, device, log)
     if cfg.oe_max_images is not None and cfg.oe_max_images < len(images):
         order = np.random.default_rng(seed_for(config, "ood.exposure.images")).permutation(len(images))
         pick = np.sort(order[:cfg.oe_max_images])
@@ -62,7 +71,7 @@ def outlier_exposure(config, models, device, log=lambda _m: None, known=None) ->
         from ..models.known_logits import teacher_logits as logits_of
 
         teacher_logits = logits_of(models.teacher, models.teacher_view, images, device, models.teacher_ids, known)
-    log(f"  outlier exposure: {len(images)} non-subtask training images, target {cfg.oe_target}, "
+    log(f"  outlier exposure: {len(images)} {source}, target {cfg.oe_target}, "
         f"weight {cfg.oe_weight}")
     return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size,
                            seed_for(config, "ood.exposure.batches"), device, teacher_logits, config.distill.temperature)

@@ -167,11 +167,14 @@ def test_new_options_left_unset_keep_the_config_dump():
 def test_a_budget_build_learns_from_the_pool_and_mines_outliers(write_config):
     config = write_config(**{"data.labels_per_class": 12, "data.unlabelled_max_images": 120,
                              "distill.consistency": {"threshold": 0.3}, "distill.pseudo_labels": {"threshold": 0.3},
-                             "ood": {"outlier_exposure": True, "oe_target": "uniform", "mined_outliers": {}}})
+                             "ood": {"outlier_exposure": True, "oe_target": "uniform", "mined_outliers": {"distill": False}}})
     result = run_cli("build", config, "--until", "distill")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "mined outliers:" in result.stdout and "mined pool images" in result.stdout
+    out = " ".join(result.stdout.split())
+    mined = int(out.split("outlier exposure: ")[1].split()[0])
+    assert 0 < mined < 120 and f"the {mined} mined outliers left out of the pool" in out
     stage = json.loads(next((config.parent / "builds" / "tiny").glob("distill-*/stage.json")).read_text())
+    assert stage["metrics"]["transfer_images"] == 40 + 120 - mined
     last = stage["metrics"]["history"][-1]
     assert {"consistency", "pseudo", "outlier"} <= set(last)
     assert stage["config"]["distill"]["consistency"]["threshold"] == 0.3

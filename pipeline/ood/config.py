@@ -15,6 +15,8 @@ class MinedOutliersConfig(Section):
                             "the frozen teacher's embedding")
     quantile: float = Field(0.95, gt=0, le=1, description="a pool image is an outlier when it lies farther than this "
                             "quantile of the held-out labelled images' own distances")
+    distill: bool = Field(True, description="whether the mined images stay in the distillation transfer set (the "
+                          "student also learns the teacher's answers on them); false: outlier exposure only")
 
 
 class OODConfig(OmitNoneOptions):

@@ -53,8 +53,8 @@ def mine(labelled: torch.Tensor, held_out: torch.Tensor, pool: torch.Tensor, k: 
 
 
 def mined_outliers(cfg, models, data, device, log=lambda _m: None) -> np.ndarray:
-    """The pool images outlier exposure trains on (uint8, in pool order), mined on the frozen teacher's
-    embedding; `cfg` is the ood.mined_outliers section."""
+    """The rows of the pool outlier exposure trains on (sorted), mined on the frozen teacher's embedding; `cfg` is
+    the ood.mined_outliers section."""
     if data.pool is None or not len(data.pool):
         raise ValueError("mined outliers need an unlabelled pool")       # the config check says so first
     teacher, view = models.teacher, models.teacher_view
@@ -63,4 +63,4 @@ def mined_outliers(cfg, models, data, device, log=lambda _m: None) -> np.ndarray
     picked, cut, distance = mine(labelled, held_out, pool, cfg.neighbours, cfg.quantile)
     log(f"  mined outliers: {len(picked)} of {len(distance)} pool images lie farther than {cut:.4f} (the "
         f"{cfg.quantile:g} quantile of the held-out labelled images' {cfg.neighbours}-NN distance)")
-    return data.pool.images[picked]
+    return picked

@@ -12,7 +12,7 @@ from ..schema import OmitNoneOptions, Section
 
 class MinedOutliersConfig(Section):
     neighbours: int = Field(5, ge=1, description="k of the distance to the k-th nearest labelled training image on "
-                            "the frozen teacher's embedding")
+                            "the embedding of the teacher before adaptation")
     quantile: float = Field(0.95, gt=0, le=1, description="a pool image is an outlier when it lies farther than this "
                             "quantile of the held-out labelled images' own distances")
     distill: bool = Field(True, description="whether the mined images stay in the distillation transfer set (the "

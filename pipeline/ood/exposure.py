@@ -47,26 +47,31 @@ class OutlierExposure:
         return {**losses, "outlier": outlier.detach(), "total": losses["total"] + self.cfg.oe_weight * outlier}
 
 
-def outlier_images(config, models, device, log) -> tuple[np.ndarray, np.ndarray | None]:
-    """The other classes' training images, or (ood.mined_outliers) the pool's outliers found without labels, with
-    their rows in the pool."""
+def outlier_images(config, models, device, log, original_teacher=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The other classes' training images, or (ood.mined_outliers) the pool's outliers found without labels on the
+    embedding of `original_teacher` (the teacher stage's folder: the model before adaptation), with their rows in
+    the pool."""
     if config.ood.mined_outliers is None:
         return outside_data(config).train.images, None
     from ..data.for_config import subtask_data
+    from ..models import load_teacher
     from .mining import mined_outliers
 
     data = subtask_data(config)
-    rows = mined_outliers(config.ood.mined_outliers, models, data, device, log)
+    teacher, spec = load_teacher(original_teacher)
+    rows = mined_outliers(config.ood.mined_outliers, teacher, spec.input, data, device, log)
     return data.pool.images[rows], rows
 
 
-def outlier_exposure(config, models, device, log=lambda _m: None, known=None) -> OutlierExposure | None:
+def outlier_exposure(config, models, device, log=lambda _m: None, known=None, original_teacher=None
+                     ) -> OutlierExposure | None:
     """From the full config (None when the `ood` section is absent or exposure is off). `known`: the adapt
-    stage's table of teacher logits (pipeline.models.known_logits), which spares the teacher passes."""
+    stage's table of teacher logits (pipeline.models.known_logits), which spares the teacher passes;
+    `original_teacher`: the teacher stage's folder (ood.mined_outliers embeds with it)."""
     cfg: OODConfig | None = getattr(config, "ood", None)
     if cfg is None or not cfg.outlier_exposure:
         return None
-    images, pool_rows = outlier_images(config, models, device, log)
+    images, pool_rows = outlier_images(config, models, device, log, original_teacher)
     if cfg.oe_max_images is not None and cfg.oe_max_images < len(images):
         order = np.random.default_rng(seed_for(config, "ood.exposure.images")).permutation(len(images))
         pick = np.sort(order[:cfg.oe_max_images])

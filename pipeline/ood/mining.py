@@ -1,6 +1,7 @@
 """Outliers found in the unlabelled pool without any label: the pool images that lie farthest from the labelled
-subtask images in the frozen teacher's embedding (the input of its last Linear layer, L2-normalised), measured by
-the distance to the k-th nearest labelled training image (Sun et al. 2022: deep nearest neighbours for OOD).
+subtask images in the original teacher's embedding (the input of its last Linear layer, L2-normalised, before any
+adaptation: fitted to the subtask's few labels, the adapted teacher maps outside images close to its classes),
+measured by the distance to the k-th nearest labelled training image (Sun et al. 2022: deep nearest neighbours).
 
 Where to cut is set by the budget's held-out labelled images, as the unknown answer's threshold is: an image is
 an outlier when it lies farther than the `quantile` of the held-out images' own distances, so about 1 - quantile
@@ -52,12 +53,12 @@ def mine(labelled: torch.Tensor, held_out: torch.Tensor, pool: torch.Tensor, k: 
     return np.flatnonzero(distance > cut), cut, distance
 
 
-def mined_outliers(cfg, models, data, device, log=lambda _m: None) -> np.ndarray:
-    """The rows of the pool outlier exposure trains on (sorted), mined on the frozen teacher's embedding; `cfg` is
-    the ood.mined_outliers section."""
+def mined_outliers(cfg, teacher: torch.nn.Module, view, data, device, log=lambda _m: None) -> np.ndarray:
+    """The rows of the pool outlier exposure trains on (sorted), mined on `teacher`'s embedding (seeing images
+    through `view`); `cfg` is the ood.mined_outliers section."""
     if data.pool is None or not len(data.pool):
         raise ValueError("mined outliers need an unlabelled pool")       # the config check says so first
-    teacher, view = models.teacher, models.teacher_view
+    teacher = teacher.to(device)
     labelled, held_out, pool = (embed(teacher, view, images, device)
                                 for images in (data.train.images, data.val.images, data.pool.images))
     picked, cut, distance = mine(labelled, held_out, pool, cfg.neighbours, cfg.quantile)

@@ -70,7 +70,9 @@ class DistillStage(Stage):
 
     def inputs(self, cfg):
         base = ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
-        return base + (("search",) if cfg.search is not None else ())
+        # ood.mined_outliers embeds with the teacher as it was before adaptation
+        mining = cfg.ood is not None and cfg.ood.mined_outliers is not None
+        return base + (("search",) if cfg.search is not None else ()) + (("teacher",) if mining else ())
 
     def run(self, ctx: StageContext) -> dict:
         searched = {}
@@ -91,7 +93,8 @@ class DistillStage(Stage):
         models = load_models(cfg, ctx.inputs["adapt"].dir, data)
         method = self.prepare_method(ctx, models)
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
-        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
+        original = ctx.inputs["teacher"].dir if "teacher" in ctx.inputs else None
+        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known, original)  # None unless outlier_exposure
         train = self.transfer_set(ctx, method, data, outliers)
         settings = DistillSettings(
             cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,

@@ -246,21 +246,6 @@ class EdgesmithConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _pool_losses_need_a_pool(self):
-        asked = [k for k in ("consistency", "pseudo_labels") if getattr(self.distill, k) is not None]
-        if asked and not self.data.has_pool:
-            raise ValueError(
-                f"distill.{' and distill.'.join(asked)} {'needs' if len(asked) == 1 else 'need'} an unlabelled pool, "
-                "but this config has none; set "
-                "data.unlabelled (rest, or a folder of images from the device's domain), or remove "
-                f"distill.{' and distill.'.join(asked)}")
-        if asked and self.distill.method == "student_only":
-            raise ValueError(
-                f"distill.method student_only trains on the labelled images alone, so distill.{asked[0]} would never "
-                "see an unlabelled image; use a method with a teacher (kd, attention, ...), or remove it")
-        return self
-
-    @model_validator(mode="after")
     def _int8_formats_need_qat(self):
         int8 = self.export.int8_only() if self.export is not None else []
         if int8 and self.qat is None:

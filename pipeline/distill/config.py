@@ -22,20 +22,8 @@ class SubspacesConfig(Section):
     batch_size: int = Field(128, ge=1, description="teacher forward/backward batch size")
 
 
-class ConsistencyConfig(Section):
-    threshold: float = Field(0.95, gt=0, le=1, description="the student's top probability on the weak view from "
-                             "which it becomes the target of the strong view")
-    weight: float = Field(1.0, ge=0, description="weight of the consistency loss next to the distillation loss")
-
-
-class PseudoLabelConfig(Section):
-    threshold: float = Field(0.9, gt=0, le=1, description="the teacher's top probability (softmax of its subtask "
-                             "logits) from which its class becomes a hard label")
-    weight: float = Field(1.0, ge=0, description="weight of the pseudo-label loss next to the distillation loss")
-
-
 class DistillConfig(OmitNoneOptions):
-    omit_when_none = ("layer_every", "consistency", "pseudo_labels")
+    omit_when_none = ("layer_every",)
 
     method: str = Field("kd", description=", ".join(METHODS.names()))  # the METHODS registry
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
@@ -57,12 +45,6 @@ class DistillConfig(OmitNoneOptions):
         "steps that neither tap features nor gather targets (docs/subdistill.md: how large n may be); None: every "
         "step, as the method's reference code does")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-    consistency: Optional[ConsistencyConfig] = Field(
-        None, description="unlabelled pool images: the student's confident prediction on a weak view (flip, shift) "
-        "is the hard target of its prediction on a strong one (RandAugment-style ops, cutout), as FixMatch; None: off")
-    pseudo_labels: Optional[PseudoLabelConfig] = Field(
-        None, description="unlabelled pool images: the teacher's confident top class is the hard target of the "
-        "student's prediction on a strong view, as Noisy Student; None: off")
 
     @model_validator(mode="after")
     def _every_only_for_layer_methods(self):

@@ -128,11 +128,11 @@ class TrainStep(nn.Module):
     """The student and the method's trainable parts (orthogonal V matrices, projection heads) as one module, so
     that DistributedDataParallel all-reduces the gradients of both. Returns the method's named losses."""
 
-    def __init__(self, models: Models, method: DistillMethod, outliers=None, pool=None):
+    def __init__(self, models: Models, method: DistillMethod, outliers=None):
         super().__init__()
         self.student, self.method, self.view = models.student, method, models.student_view
         self.layers = [p.student for p in method.pairs]
-        self.outliers, self.pool = outliers, pool
+        self.outliers = outliers
 
     def forward(self, raw: torch.Tensor, t_logits: torch.Tensor, labels: torch.Tensor,
                 t_targets: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,8 +140,6 @@ class TrainStep(nn.Module):
             s_logits = self.student(self.view(raw))
             losses = self.method(Outputs(s_logits.float(), t_logits, labels,
                                          {i: f.float() for i, f in s_feats.items()}, t_targets))
-        if self.pool is not None:      # its own forward passes, outside tap_features, as outlier exposure's
-            losses = self.pool(losses, self.student, self.view, raw, labels, t_logits)
         if self.outliers is not None:  # its own forward pass, outside tap_features: layer losses stay in-subtask
             losses = self.outliers(losses, self.student)
         return losses
@@ -167,8 +165,7 @@ class DistillSettings:
     `projected`: SubDistill's targets as the subspaces stage cached them. Under torchrun every process draws the
     same global batches and trains on its share of each (DDP); `micro_batch` caps the images per forward pass
     (gradients accumulate up to the global batch).
-    `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step; `pool`
-    (pipeline.distill.pool.PoolLosses) the consistency and pseudo-label losses on the batch's unlabelled images."""
+    `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
 
     cfg: Any                            # the distill section (pipeline.distill.config.DistillConfig)
     seed: int
@@ -179,7 +176,6 @@ class DistillSettings:
     precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
     projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
     outliers: Any = None
-    pool: Any = None
     on_epoch: Any = None                # called with (epoch, validation accuracy) after every epoch; may raise to stop
 
 
@@ -202,7 +198,7 @@ def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSe
     models.teacher.to(device).to(memory_format=torch.channels_last)
     method.to(device)
     # A lazy layer loss leaves the method's own parameters without a gradient on the steps between.
-    step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers, settings.pool).to(device), device,
+    step = distributed.wrap_ddp(TrainStep(models, method, settings.outliers).to(device), device,
                                 find_unused_parameters=method.layer_every > 1)
     images, labels = as_tensor(train.images), torch.as_tensor(train.labels)
     fixed = not augment          # the teacher sees a fixed set of inputs: its outputs are computed once

@@ -12,7 +12,6 @@ import numpy as np
 from ..config import EdgesmithConfig, config_with
 from ..data.for_config import subtask_data
 from ..distill.methods import METHODS
-from ..distill.pool import pool_losses
 from ..distill.train import DistillSettings, Models, distill, layer_pairs, load_models
 from ..models import StudentSpec, count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
@@ -100,8 +99,7 @@ class DistillStage(Stage):
             cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
             precomputed=self.known_outputs(ctx, models, method, train, known),
-            projected=self.projected_targets(ctx, method, train), outliers=outliers,
-            pool=pool_losses(cfg.distill, seed_for(cfg, "distill.pool")))
+            projected=self.projected_targets(ctx, method, train), outliers=outliers)
         return DistillRun(data, models, method, train, known, settings)
 
     def transfer_set(self, ctx: StageContext, method, data, outliers=None):

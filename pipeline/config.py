@@ -124,6 +124,13 @@ class DataConfig(OmitNoneOptions):
                 "your labels, or labels_per_class for a seeded budget of the dataset's own labels")
         return self
 
+    @property
+    def has_pool(self) -> bool:
+        """Whether distillation gets an unlabelled pool (data.unlabelled, default rest under a label budget)."""
+        if self.unlabelled is None:
+            return self.labels_per_class is not None or self.labels_file is not None
+        return self.unlabelled != "none"
+
 
 class SubtaskConfig(Section):
     classes: list[Union[str, int]] = Field(min_length=2, description="class names (or ids) of the dataset the device needs")
@@ -261,13 +268,24 @@ class EdgesmithConfig(Section):
 
     @model_validator(mode="after")
     def _no_label_peeking(self):
+        ood = self.ood
+        if ood is None:
+            return self
         few = self.data.labels_per_class is not None or self.data.labels_file is not None
-        if few and self.ood is not None and self.ood.outlier_exposure:
+        if few and ood.outlier_exposure and ood.mined_outliers is None:
             raise ValueError(
                 "ood.outlier_exposure trains on the images known to lie outside the subtask, i.e. on the other "
                 "classes' labels, which a label budget (data.labels_per_class or data.labels_file) says you do not "
-                "have; set "
-                "ood.outlier_exposure: false (the unlabelled pool already holds such images, without labels)")
+                "have; add "
+                "ood.mined_outliers: {} to train on the pool's outliers found without labels, or set "
+                "ood.outlier_exposure: false")
+        if ood.mined_outliers is not None and not ood.outlier_exposure:
+            raise ValueError("ood.mined_outliers chooses the images outlier exposure trains on, but "
+                             "ood.outlier_exposure is false; set it to true, or remove ood.mined_outliers")
+        if ood.mined_outliers is not None and not self.data.has_pool:
+            raise ValueError("ood.mined_outliers looks for outliers in the unlabelled pool, but this config has none; "
+                             "set data.unlabelled (rest, or a folder of images from the device's domain), or remove "
+                             "ood.mined_outliers")
         return self
 
     @model_validator(mode="after")

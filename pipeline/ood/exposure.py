@@ -21,8 +21,10 @@ class OutlierExposure:
     """Called once per training step with the method's losses; returns them with "outlier" added to "total"."""
 
     def __init__(self, images: torch.Tensor, view, cfg: OODConfig, batch_size: int, seed: int, device,
-                 teacher_logits: torch.Tensor | None = None, temperature: float = 4.0):
+                 teacher_logits: torch.Tensor | None = None, temperature: float = 4.0,
+                 pool_rows: np.ndarray | None = None):
         self.images, self.view, self.cfg, self.device = images, view, cfg, device
+        self.pool_rows = pool_rows      # mined outliers: their rows in the unlabelled pool (else None)
         self.per_step = max(1, math.ceil(batch_size * cfg.oe_ratio))
         self.generator = torch.Generator().manual_seed(seed)  # its own stream: the subtask order is unchanged
         self.teacher_logits, self.temperature = teacher_logits, temperature
@@ -45,24 +47,44 @@ class OutlierExposure:
         return {**losses, "outlier": outlier.detach(), "total": losses["total"] + self.cfg.oe_weight * outlier}
 
 
-def outlier_exposure(config, models, device, log=lambda _m: None, known=None) -> OutlierExposure | None:
+def outlier_images(config, models, device, log, original_teacher=None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The other classes' training images, or (ood.mined_outliers) the pool's outliers found without labels on the
+    embedding of `original_teacher` (the teacher stage's folder: the model before adaptation), with their rows in
+    the pool."""
+    if config.ood.mined_outliers is None:
+        return outside_data(config).train.images, None
+    from ..data.for_config import subtask_data
+    from ..models import load_teacher
+    from .mining import mined_outliers
+
+    data = subtask_data(config)
+    teacher, spec = load_teacher(original_teacher)
+    rows = mined_outliers(config.ood.mined_outliers, teacher, spec.input, data, device, log)
+    return data.pool.images[rows], rows
+
+
+def outlier_exposure(config, models, device, log=lambda _m: None, known=None, original_teacher=None
+                     ) -> OutlierExposure | None:
     """From the full config (None when the `ood` section is absent or exposure is off). `known`: the adapt
-    stage's table of teacher logits (pipeline.models.known_logits), which spares the teacher passes."""
+    stage's table of teacher logits (pipeline.models.known_logits), which spares the teacher passes;
+    `original_teacher`: the teacher stage's folder (ood.mined_outliers embeds with it)."""
     cfg: OODConfig | None = getattr(config, "ood", None)
     if cfg is None or not cfg.outlier_exposure:
         return None
-    train = outside_data(config).train
-    images = train.images
+    images, pool_rows = outlier_images(config, models, device, log, original_teacher)
     if cfg.oe_max_images is not None and cfg.oe_max_images < len(images):
         order = np.random.default_rng(seed_for(config, "ood.exposure.images")).permutation(len(images))
         pick = np.sort(order[:cfg.oe_max_images])
         images = images[pick]
+        pool_rows = pool_rows[pick] if pool_rows is not None else None
     teacher_logits = None
     if cfg.oe_target == "teacher":
         from ..models.known_logits import teacher_logits as logits_of
 
         teacher_logits = logits_of(models.teacher, models.teacher_view, images, device, models.teacher_ids, known)
-    log(f"  outlier exposure: {len(images)} non-subtask training images, target {cfg.oe_target}, "
+    source = "non-subtask training images" if pool_rows is None else "mined pool images"
+    log(f"  outlier exposure: {len(images)} {source}, target {cfg.oe_target}, "
         f"weight {cfg.oe_weight}")
     return OutlierExposure(as_tensor(images), models.student_view, cfg, config.distill.batch_size,
-                           seed_for(config, "ood.exposure.batches"), device, teacher_logits, config.distill.temperature)
+                           seed_for(config, "ood.exposure.batches"), device, teacher_logits, config.distill.temperature,
+                           pool_rows)

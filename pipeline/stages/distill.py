@@ -7,6 +7,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..config import EdgesmithConfig, config_with
 from ..data.for_config import subtask_data
 from ..distill.methods import METHODS
@@ -67,7 +69,9 @@ class DistillStage(Stage):
 
     def inputs(self, cfg):
         base = ("adapt", "subspaces") if METHODS.get(cfg.distill.method).needs_subspaces else ("adapt",)
-        return base + (("search",) if cfg.search is not None else ())
+        # ood.mined_outliers embeds with the teacher as it was before adaptation
+        mining = cfg.ood is not None and cfg.ood.mined_outliers is not None
+        return base + (("search",) if cfg.search is not None else ()) + (("teacher",) if mining else ())
 
     def run(self, ctx: StageContext) -> dict:
         searched = {}
@@ -88,8 +92,9 @@ class DistillStage(Stage):
         models = load_models(cfg, ctx.inputs["adapt"].dir, data)
         method = self.prepare_method(ctx, models)
         known = KnownLogits.load(ctx.inputs["adapt"].dir)
-        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known)  # None unless ood.outlier_exposure
-        train = self.transfer_set(ctx, method, data)
+        original = ctx.inputs["teacher"].dir if "teacher" in ctx.inputs else None
+        outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known, original)  # None unless outlier_exposure
+        train = self.transfer_set(ctx, method, data, outliers)
         settings = DistillSettings(
             cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
@@ -97,11 +102,16 @@ class DistillStage(Stage):
             projected=self.projected_targets(ctx, method, train), outliers=outliers)
         return DistillRun(data, models, method, train, known, settings)
 
-    def transfer_set(self, ctx: StageContext, method, data):
+    def transfer_set(self, ctx: StageContext, method, data, outliers=None):
         """Labelled images + the unlabelled pool (labels only where they exist); a method without a teacher has
-        nothing to learn from the pool."""
+        nothing to learn from the pool. Outliers mined from the pool leave it unless ood.mined_outliers.distill."""
         if not method.uses_kd or data.pool is None:
             return data.train
+        mined = ctx.config.ood.mined_outliers if ctx.config.ood is not None else None
+        if outliers is not None and outliers.pool_rows is not None and not mined.distill:
+            keep = np.setdiff1d(np.arange(len(data.pool)), outliers.pool_rows)
+            data = replace(data, pool=data.pool.take(keep))
+            ctx.log(f"  transfer set: the {len(outliers.pool_rows)} mined outliers left out of the pool")
         ctx.log(f"  transfer set: {len(data.train)} labelled + {len(data.pool)} unlabelled images ({data.budget})")
         return data.transfer
 

@@ -57,9 +57,15 @@ def default_out(results_name: str, quick: bool) -> Path:
 
 
 def settings(args: argparse.Namespace) -> dict:
-    """The arguments as JSON values, for the results file (the command line is in the provenance stamp)."""
-    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-            if k not in ("command", "bench", "results_name")}
+    """The arguments as JSON values, for the results file (the command line is in the provenance stamp); paths in
+    the repository relative to it, so that a results file does not depend on where the clone lives."""
+    return {k: _repo_relative(v) for k, v in vars(args).items() if k not in ("command", "bench", "results_name")}
+
+
+def _repo_relative(value):
+    if isinstance(value, (str, Path)) and Path(value).is_absolute() and Path(value).is_relative_to(ROOT):
+        return str(Path(value).relative_to(ROOT))
+    return str(value) if isinstance(value, Path) else value
 
 
 # -- provenance --------------------------------------------------------------------------------------------------

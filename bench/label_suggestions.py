@@ -12,7 +12,7 @@ with the unlabelled pool):
 A labelling with a class under 2 labels cannot build (it is recorded with its reason). Test accuracy is on the
 subtask's official test split; model selection uses only the held-out labelled images.
 
-    python -m bench label_suggestions                      # full scale (the lead's machine: hours)
+    python -m bench label_suggestions                      # full scale (hours on 2 cores)
     python -m bench label_suggestions --quick              # the tiny config, one cell
 Writes bench/results/label_suggestions.{json,txt,png}.
 """

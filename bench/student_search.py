@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import DEFAULT_CONFIG, ROOT, TINY_CONFIG, parse, parser, quiet_progress, save_figure, write_results
+from bench._common import DEFAULT_CONFIG, ROOT, TINY_CONFIG, parse, parser, quiet_progress, save_figure, settings, write_results
 from pipeline.config import config_with
 from pipeline.errors import BudgetError
 from pipeline.runner import Build
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
     config = TINY_CONFIG if args.quick else args.config.resolve()
     report = {"config": str(config.relative_to(ROOT) if config.is_relative_to(ROOT) else config), "own_student": {
         "arch": base.student.arch, "test_acc": own["student_test_acc"], "macs": own["student_macs"],
-        "params": own["student_params"]}, "max_macs": max_macs, "by_macs": by_macs, "settings": vars(args)}
+        "params": own["student_params"]}, "max_macs": max_macs, "by_macs": by_macs, "settings": settings(args)}
     if not args.skip_latency:
         with tempfile.TemporaryDirectory() as tmp:
             own_dir = build(base)["distill"]["dir"]

@@ -125,10 +125,15 @@ class DataConfig(OmitNoneOptions):
         return self
 
     @property
+    def few_labels(self) -> bool:
+        """Only some training images have labels: a seeded budget or a labels file."""
+        return self.labels_per_class is not None or self.labels_file is not None
+
+    @property
     def has_pool(self) -> bool:
         """Whether distillation gets an unlabelled pool (data.unlabelled, default rest under a label budget)."""
         if self.unlabelled is None:
-            return self.labels_per_class is not None or self.labels_file is not None
+            return self.few_labels
         return self.unlabelled != "none"
 
 
@@ -271,8 +276,7 @@ class EdgesmithConfig(Section):
         ood = self.ood
         if ood is None:
             return self
-        few = self.data.labels_per_class is not None or self.data.labels_file is not None
-        if few and ood.outlier_exposure and ood.mined_outliers is None:
+        if self.data.few_labels and ood.outlier_exposure and ood.mined_outliers is None:
             raise ValueError(
                 "ood.outlier_exposure trains on the images known to lie outside the subtask, i.e. on the other "
                 "classes' labels, which a label budget (data.labels_per_class or data.labels_file) says you do not "

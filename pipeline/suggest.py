@@ -54,10 +54,6 @@ class Suggestion:
     why: str
 
 
-def has_labels(cfg) -> bool:
-    return cfg.data.labels_per_class is not None or cfg.data.labels_file is not None
-
-
 def candidates(cfg) -> Candidates:
     """The pool the config describes: every training image without labels (capped like the pool), else the
     unlabelled pool of its budget or labels file."""
@@ -69,7 +65,7 @@ def candidates(cfg) -> Candidates:
         raise ConfigError(f"data.unlabelled is the folder '{unlabelled}': suggest-labels ranks the dataset's own "
                           "training images, which a labels file can name, not a folder's.",
                           "Leave data.unlabelled unset or set it to rest for suggest-labels.")
-    if not has_labels(cfg):
+    if not cfg.data.few_labels:
         dataset = load_dataset(cfg.data)
         index = _capped(len(dataset.train), cfg.data.unlabelled_max_images, cfg.build.seed)
         ids = training_ids(cfg.data, dataset)
@@ -263,9 +259,9 @@ def stage_folders(cfg, progress) -> dict[str, Path]:
     from .runner import Build
 
     build = Build(cfg)
-    until = "adapt" if has_labels(cfg) else "teacher"
+    until = "adapt" if cfg.data.few_labels else "teacher"
     folders = {row["stage"]: Path(row["dir"]) for row in build.run(progress, until=until)}
-    if has_labels(cfg):
+    if cfg.data.few_labels:
         distill = next((p for p in build.plan(until="distill") if p.stage.name == "distill"), None)
         if distill is not None and build.cache.lookup("distill", distill.key) is not None:
             folders["distill"] = build.cache.path("distill", distill.key)

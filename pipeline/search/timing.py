@@ -131,9 +131,8 @@ class Records:
         return self.p99.get(artifact)
 
     def add(self, figures: dict[str, float], environment: dict) -> None:
+        from device_tests.measure import write_json
+
         self.p99.update(figures)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"protocol": self.protocol, "environment": environment, "p99_ms": self.p99},
-                                  indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_json(self.path, {"protocol": self.protocol, "environment": environment, "p99_ms": self.p99})
 

@@ -133,12 +133,6 @@ def study_key(ctx: StageContext) -> str:
                           "code": code_digest(TRIAL_CODE)})
 
 
-def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    tmp.replace(path)
-
-
 def no_candidate_error(rows, cfg: SearchConfig, study_dir: Path) -> BudgetError:
     lines = [f"{r.candidate.label}: {choose.why_not(r, m)}" for r, m in choose.closest(rows, cfg.budgets)]
     return BudgetError(
@@ -214,6 +208,8 @@ class TrialRunner:
         budgets = self.ctx.config.search.budgets
         if not budgets.needs_tflite:
             return
+        from device_tests.measure import write_json
+
         path = self.folder / "tflite.json"
         records = json.loads(path.read_text()) if path.is_file() else {}
         for row in rows:
@@ -221,7 +217,7 @@ class TrialRunner:
                 continue
             if row.artifact not in records:
                 records[row.artifact] = self._tflite(row, self.folder / "artifacts")
-                _write_json(path, records)
+                write_json(path, records)
             record = records[row.artifact]
             row.arena_kb, row.flash_kb = record.get("arena_kb"), record.get("flash_kb")
             row.tflite_s, row.tflite_error = record.get("tflite_s"), record.get("error", "")

@@ -9,8 +9,11 @@ with the unlabelled pool):
                       other classes unlabelled -> data.labels_file (so fewer than K labels, as for a real user)
   suggested, subtask  the same over the subtask's training images only (an annotator whose pool holds only the
                       device's classes): K labels, like random
+  every label         the reference: configs/fashion_tops.yaml (every training label, its own recipe) on the same
+                      subtask, seed 0 only (--reference / --no-reference)
 A labelling with a class under 2 labels cannot build (it is recorded with its reason). Test accuracy is on the
-subtask's official test split; model selection uses only the held-out labelled images.
+subtask's official test split; model selection uses only the held-out labelled images. The table gives, per
+subtask, the mean and the spread (sample standard deviation) over seeds, and each row's gap to the reference.
 
     python -m bench label_suggestions                      # full scale (hours on 2 cores)
     python -m bench label_suggestions --quick              # the tiny config, one cell
@@ -19,6 +22,7 @@ Writes bench/results/label_suggestions.{json,txt,png}.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import statistics
 import time
@@ -26,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench._common import ROOT, TINY_CONFIG, parse, parser, quiet_progress, save_figure, settings, write_results
+from bench._common import DEFAULT_CONFIG, ROOT, TINY_CONFIG, parse, parser, quiet_progress, save_figure, settings, write_results
 from pipeline.config import config_with
 from pipeline.data.for_config import subtask_data
 from pipeline.errors import DataError
@@ -40,6 +44,7 @@ SUBTASKS = [                                    # bench/label_efficiency.py's
     ["T-shirt/top", "Dress", "Shirt", "Bag"],
 ]
 ROWS = ["random", "suggested", "suggested, subtask"]
+REFERENCE = "every label"
 UNUSED_SECTIONS = ("qat", "export", "validate", "release", "ood")
 
 
@@ -49,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--subtasks", type=int, default=3)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
+    p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the student with every label (configs/fashion_tops.yaml), once per subtask")
     p.add_argument("--pool-cap", type=int, default=12000, help="data.unlabelled_max_images (and the suggest pool's cap)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_suggestions"), help="cache root")
@@ -56,7 +63,22 @@ def parse_args(argv=None):
     args.config = RECIPE
     if args.quick:      # the tiny config (a CNN teacher from scratch on the labels), 1 subtask, N = 8, 1 seed
         args.config, args.labels, args.subtasks, args.seeds, args.pool_cap = TINY_CONFIG, [8], 1, 1, 200
+        args.reference = False
     return args
+
+
+def reference_row(args, classes: list[str]) -> dict:
+    """The default config's student on the same subtask with every training label: what the budget is measured
+    against."""
+    name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
+    cfg = config_with(DEFAULT_CONFIG, {"build.name": f"ref_{name}", "build.output": args.output,
+                                       "build.threads": args.threads, "subtask": {"classes": classes}},
+                      remove=UNUSED_SECTIONS)
+    stages = {s["stage"]: s for s in Build(cfg).run(QUIET, until="distill")}
+    m = stages["distill"]["metrics"]
+    return {"row": REFERENCE, "subtask": "/".join(c.split("/")[0] for c in classes), "n": "all", "seed": 0,
+            "labels": m["labelled_train_images"] + m["val_images"], "test_acc": m["student_test_acc"],
+            "teacher_test_acc": m["teacher_test_acc"], "wall_s": round(sum(s["wall_s"] for s in stages.values()), 1)}
 
 
 def config(args, classes: list[str], seed: int, **data):
@@ -117,8 +139,9 @@ def run_row(args, row: str, classes: list[str], n: int, seed: int) -> dict:
 def summarise(runs: list[dict]) -> list[dict]:
     """Per (row, N): the mean over subtasks of the seed means (student and teacher), labels used, failed runs."""
     out = []
+    reference = {r["subtask"]: r["test_acc"] for r in runs if r["row"] == REFERENCE}
     for row in ROWS:
-        for n in sorted({r["n"] for r in runs}):
+        for n in sorted({r["n"] for r in runs if r["row"] != REFERENCE}):
             mine = [r for r in runs if r["row"] == row and r["n"] == n]
             done = [r for r in mine if "error" not in r]
             if not mine:
@@ -127,10 +150,24 @@ def summarise(runs: list[dict]) -> list[dict]:
             if done:
                 entry.update({key: _subtask_mean(done, key) for key in ("test_acc", "teacher_test_acc")})
                 entry["labels_mean"] = statistics.mean(r["labels"] for r in done)
-                entry["per_subtask"] = {s: statistics.mean(r["test_acc"] for r in done if r["subtask"] == s)
+                entry["per_subtask"] = {s: _spread([r["test_acc"] for r in done if r["subtask"] == s])
                                         for s in dict.fromkeys(r["subtask"] for r in done)}
+                if reference and set(entry["per_subtask"]) <= set(reference):
+                    entry["gap_to_every_label"] = statistics.mean(reference[s] - v["mean"]
+                                                                  for s, v in entry["per_subtask"].items())
             out.append(entry)
+    if reference:
+        out.append({"row": REFERENCE, "n": "all", "runs": len(reference), "failed": 0,
+                    "test_acc": statistics.mean(reference.values()),
+                    "teacher_test_acc": statistics.mean(r["teacher_test_acc"] for r in runs if r["row"] == REFERENCE),
+                    "labels_mean": statistics.mean(r["labels"] for r in runs if r["row"] == REFERENCE),
+                    "per_subtask": {s: {"mean": v, "sd": 0.0, "seeds": 1} for s, v in reference.items()}})
     return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "seeds": len(values)}
 
 
 def _subtask_mean(runs: list[dict], key: str) -> float:
@@ -141,13 +178,23 @@ def _subtask_mean(runs: list[dict], key: str) -> float:
 
 
 def table(summary: list[dict]) -> str:
-    head = f"{'row':<20} {'N':>4}  {'student %':>9}  {'teacher %':>9}  {'labels':>7}  {'failed':>6}"
+    subtasks = list(dict.fromkeys(s for r in summary for s in r.get("per_subtask", {})))
+    head = (f"{'row':<20} {'N':>4}  {'student %':>9}  {'teacher %':>9}  {'gap':>5}  "
+            + "".join(f"{s[:22]:>24}" for s in subtasks) + f"  {'labels':>7}  {'failed':>6}")
     lines = [head, "-" * len(head)]
     for r in summary:
         labels = f"{r['labels_mean']:>7.1f}" if "labels_mean" in r else f"{'-':>7}"
-        lines.append(f"{r['row']:<20} {r['n']:>4}  {_pct(r, 'test_acc')}  {_pct(r, 'teacher_test_acc')}  {labels}  "
-                     f"{r['failed']:>3}/{r['runs']:<2}")
+        gap = f"{r['gap_to_every_label'] * 100:>5.1f}" if "gap_to_every_label" in r else f"{'-':>5}"
+        cells = "".join(_cell(r.get("per_subtask", {}).get(s)) for s in subtasks)
+        lines.append(f"{r['row']:<20} {r['n']:>4}  {_pct(r, 'test_acc')}  {_pct(r, 'teacher_test_acc')}  {gap}  "
+                     f"{cells}  {labels}  {r['failed']:>3}/{r['runs']:<2}")
     return "\n".join(lines)
+
+
+def _cell(entry: dict | None) -> str:
+    if entry is None:
+        return f"{'-':>24}"
+    return f"{entry['mean'] * 100:>16.2f} +- {entry['sd'] * 100:>4.2f}"
 
 
 def _pct(entry: dict, key: str) -> str:
@@ -161,12 +208,15 @@ def plot(summary: list[dict], path: Path, stamp: dict) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    ns = sorted({r["n"] for r in summary})
+    ns = sorted({r["n"] for r in summary if r["row"] != REFERENCE})
     width = 0.8 / len(ROWS)
     for k, row in enumerate(ROWS):
         values = [next((r.get("test_acc", np.nan) * 100 for r in summary if r["row"] == row and r["n"] == n), np.nan)
                   for n in ns]
         ax.bar(np.arange(len(ns)) + k * width, values, width, label=row)
+    for r in summary:
+        if r["row"] == REFERENCE:
+            ax.axhline(r["test_acc"] * 100, color="black", linestyle="--", linewidth=1, label="every label")
     ax.set_xticks(np.arange(len(ns)) + width * (len(ROWS) - 1) / 2, [f"N = {n}" for n in ns])
     ax.set_ylabel("student test accuracy, mean over subtasks (%)")
     ax.set_title("Random vs suggested labels")
@@ -180,9 +230,13 @@ def plot(summary: list[dict], path: Path, stamp: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start, runs = time.perf_counter(), []
-    for classes in SUBTASKS[:args.subtasks]:
-        for n in args.labels:
-            for seed in range(args.seeds):
+    subtasks = SUBTASKS[:args.subtasks]
+    for classes in subtasks if args.reference else []:
+        runs.append(reference_row(args, classes))
+        print(f"[{time.perf_counter() - start:6.0f} s] {classes} every label: {runs[-1]['test_acc']}", flush=True)
+    for seed in range(args.seeds):          # seeds outermost: an interrupted run has every subtask at some seeds
+        for classes in subtasks:
+            for n in args.labels:
                 for row in args.rows:
                     runs.append(run_row(args, row, classes, n, seed))
                     print(f"[{time.perf_counter() - start:6.0f} s] {classes} N={n} seed={seed} {row}: "

@@ -17,6 +17,8 @@ subtask, the mean and the spread (sample standard deviation) over seeds, and eac
 
     python -m bench label_suggestions                      # full scale (hours on 2 cores)
     python -m bench label_suggestions --quick              # the tiny config, one cell
+    python -m bench label_suggestions --rows random --set teacher.adapt.heads=5 --no-reference \
+        --out bench/results/label_suggestions_heads.json  # one recipe change, the same labels and seeds
 Writes bench/results/label_suggestions.{json,txt,png}.
 """
 
@@ -31,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench._common import DEFAULT_CONFIG, ROOT, TINY_CONFIG, parse, parser, quiet_progress, save_figure, settings, write_results
-from pipeline.config import config_with
+from pipeline.config import config_with, parse_overrides
 from pipeline.data.for_config import subtask_data
 from pipeline.errors import DataError
 from pipeline.runner import Build
@@ -56,11 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=ROWS, choices=ROWS)
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="also the student with every label (configs/fashion_tops.yaml), once per subtask")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the recipe (not of the reference), as edgesmith build --set")
     p.add_argument("--pool-cap", type=int, default=12000, help="data.unlabelled_max_images (and the suggest pool's cap)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_suggestions"), help="cache root")
     args = parse(p, argv)
     args.config = RECIPE
+    args.recipe_overrides = parse_overrides(args.overrides)
     if args.quick:      # the tiny config (a CNN teacher from scratch on the labels), 1 subtask, N = 8, 1 seed
         args.config, args.labels, args.subtasks, args.seeds, args.pool_cap = TINY_CONFIG, [8], 1, 1, 200
         args.reference = False
@@ -86,7 +91,7 @@ def config(args, classes: list[str], seed: int, **data):
     overrides = {"build.name": f"ls_{name}", "build.seed": seed, "build.output": args.output,
                  "build.threads": args.threads, "subtask": {"classes": classes}, "data.labels_per_class": None,
                  "data.unlabelled": "rest", "data.unlabelled_max_images": args.pool_cap,
-                 **{f"data.{k}": v for k, v in data.items()}}
+                 **{f"data.{k}": v for k, v in data.items()}, **args.recipe_overrides}
     return config_with(args.config, overrides, remove=UNUSED_SECTIONS)
 
 

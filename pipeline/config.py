@@ -157,7 +157,8 @@ class InputSpec(Section):
     std: Optional[list[float]] = Field(None, description="per-channel std after scaling to [0, 1]")
 
 
-class AdaptConfig(Section):
+class AdaptConfig(OmitNoneOptions):
+    omit_when_none = ("keep", "heads")      # left out while unset: existing configs keep their cache keys
     method: Literal["none", "linear_probe", "finetune"] = Field(
         "none", description="none: use the pretrained head; linear_probe: new head only; finetune: new head + last stages")
     epochs: int = Field(3, ge=1, description="adaptation epochs (best on validation kept)")
@@ -168,6 +169,24 @@ class AdaptConfig(Section):
         None, description="finetune: first trainable module; earlier layers stay frozen and their output is cached"
     )
     max_images: Optional[int] = Field(None, ge=1, description="cap on training images used for adaptation")
+    keep: Optional[Literal["best", "last"]] = Field(
+        None, description="which epoch's weights to keep: best on the labelled validation split (null = best), or the "
+        "last one (under a label budget a few dozen validation images pick an epoch by chance)")
+    heads: Optional[int] = Field(
+        None, ge=2, description="train the tail this many times on the cached prefix, each with its own head "
+        "initialisation and batch order; the teacher's answers (its logits table for later stages) are their mean. "
+        "Needs train_from or linear_probe")
+
+    @model_validator(mode="after")
+    def _heads_need_a_cached_prefix(self):
+        if self.heads is not None and self.method == "finetune" and self.train_from is None:
+            raise ValueError("teacher.adapt.heads trains several tails on the cached output of a frozen prefix, but "
+                             "train_from is null (the whole network is fine-tuned). Set teacher.adapt.train_from "
+                             "(e.g. blocks.5), or remove heads")
+        if self.heads is not None and self.method == "none":
+            raise ValueError("teacher.adapt.heads needs a new head, but method is none. Set method to finetune or "
+                             "linear_probe, or remove heads")
+        return self
 
 
 class TrainTeacherConfig(Section):

@@ -17,6 +17,7 @@ STREAMS = (
     "teacher.augment",         # its augmentation (data.augment)
     "adapt.images",            # adapt.max_images: which training images adapt the head
     "adapt.batches",           # adapt: shuffling
+    "adapt.heads",             # adapt.heads: the k-th extra head's initialisation and shuffling (adapt.heads.<k>)
     "adapt.augment",           # its augmentation (data.augment, a fit on images rather than on a cached prefix)
     "subspaces.images",        # subspaces.max_images
     "subspaces.positions",     # the spatial positions sampled for the moments

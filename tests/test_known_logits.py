@@ -4,6 +4,7 @@ and the channels_last layout the teacher runs in."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,38 @@ def test_adapt_on_a_cached_prefix_saves_the_finished_teachers_logits(write_confi
     stages = {p.name.split("-")[0]: json.loads((p / "stage.json").read_text())["metrics"]
               for p in adapt_dir.parent.glob("*-*")}
     assert stages["distill"]["teacher_test_acc"] == pytest.approx(stages["adapt"]["teacher_subtask_test_acc"])
+
+
+def _adapt_folder(output: Path) -> tuple:
+    folder = next((output / "tiny").glob("adapt-*"))
+    return folder, json.loads((folder / "stage.json").read_text())["metrics"]
+
+
+def test_adapt_heads_make_the_teacher_answers_the_mean_of_several_heads(write_config, tmp_path):
+    adapt = {"method": "finetune", "train_from": "features.1", "epochs": 2, "keep": "last"}
+    single = write_config("single.yaml", **{"teacher.adapt": adapt, "build.output": str(tmp_path / "a" / "builds")})
+    several = write_config("several.yaml", **{"teacher.adapt": {**adapt, "heads": 3},
+                                              "build.output": str(tmp_path / "b" / "builds")})
+    for config in (single, several):
+        result = run_cli("build", config, "--until", "adapt")
+        assert result.returncode == 0, result.stdout + result.stderr
+    (one_dir, one), (three_dir, three) = _adapt_folder(tmp_path / "a" / "builds"), _adapt_folder(tmp_path / "b" / "builds")
+    assert one["adapt_best_epoch"] == three["adapt_best_epoch"] == 2          # keep: last
+    assert "adapt_heads" not in one and three["adapt_heads"] == 3
+    # The saved network is the first head, the same as without heads ...
+    assert (one_dir / "teacher.pt").read_bytes() == (three_dir / "teacher.pt").read_bytes()
+    # ... but the answers later stages read are the three heads' mean, and the teacher's test accuracy is theirs.
+    data = subtask_data(load_config(several))
+    test_one = KnownLogits.load(one_dir).logits[KnownLogits.load(one_dir).rows(data.test.images)]
+    known = KnownLogits.load(three_dir)
+    test_three = known.logits[known.rows(data.test.images)]
+    assert np.abs(test_three - test_one).max() > 0.05
+    ids = three["teacher_subtask_ids"]
+    assert three["teacher_subtask_test_acc"] == pytest.approx(float((test_three[:, ids].argmax(1) == data.test.labels).mean()))
+
+
+def test_adapt_heads_need_a_cached_prefix(write_config):
+    config = write_config(**{"teacher.adapt": {"method": "finetune", "epochs": 1, "heads": 3}})
+    result = run_cli("check", config)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "teacher.adapt.heads" in result.stdout + result.stderr and "train_from" in result.stdout + result.stderr

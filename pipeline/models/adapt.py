@@ -5,6 +5,9 @@ fit on images or on a frozen prefix's cached output, and which head columns hold
 
 from __future__ import annotations
 
+import copy
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -102,10 +105,13 @@ def fit_on_images(ctx, model, view, train, val, settings, description, augment_s
     return fit_classifier(model, len(train), train_batch, validate, settings, ctx.progress, description)
 
 
-def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, pool=None) -> dict:
+def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, pool=None, heads: int = 1,
+                       test_images=None) -> dict:
     """Run the frozen prefix once over the images, then train only the tail on its cached output. The result also
     holds the finished teacher's logits on train + val (+ the unlabelled pool: distillation needs them, and the
-    frozen prefix costs the same here as later)."""
+    frozen prefix costs the same here as later). With `heads` > 1 the tail is trained that many times (each with
+    its own head initialisation and batch order; `model` keeps the first) and every logit is the members' mean;
+    `test_images` then get their logits the same way (result["test_logits"])."""
     example = view(as_tensor(train.images[:2]).to(ctx.device))
     prefix, tail = split_at(model, first_trainable, example)
     for p in prefix.parameters():
@@ -120,30 +126,74 @@ def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, 
     def train_batch(idx):
         return channels_last(cached_train[idx].to(ctx.device)), labels[idx].to(ctx.device)
 
+    members = [tail]
+    untrained = copy.deepcopy(tail) if heads > 1 else None
+
     @torch.inference_mode()
     def tail_logits(cached):
-        tail.eval()
-        return torch.cat([tail(channels_last(cached[i:i + 512].to(ctx.device))).float().cpu()
+        for member in members:
+            member.eval()
+        return torch.cat([_mean_logits(members, channels_last(cached[i:i + 512].to(ctx.device)))
                           for i in range(0, len(cached), 512)])
 
+    def validate():
+        return accuracy(tail_logits(cached_val), val.labels)
+
     with channels_last_model(tail):
-        result = fit_classifier(tail, len(train), train_batch, lambda: accuracy(tail_logits(cached_val), val.labels),
-                                settings, ctx.progress, f"adapt (from {first_trainable})")
+        result = fit_classifier(tail, len(train), train_batch, validate, settings, ctx.progress,
+                                f"adapt (from {first_trainable})")
+        fitted = [tail]
+        for k in range(1, heads):
+            members[:] = [_fresh_head_copy(untrained, ctx.config, k)]      # validate() sees this member alone
+            stream = seed_for(ctx.config, f"adapt.heads.{k}")
+            with channels_last_model(members[0]):
+                fit_classifier(members[0], len(train), train_batch, validate, replace(settings, seed=stream),
+                               ctx.progress, f"adapt head {k + 1}/{heads}")
+            fitted.append(members[0])
+        members[:] = fitted
+        if heads > 1:
+            result["heads_val_acc"] = validate()
+            ctx.log(f"  {heads} heads: validation accuracy of their mean {result['heads_val_acc']:.4f}")
         result["logits"] = torch.cat([tail_logits(cached_train), tail_logits(cached_val)])
         if pool is not None and len(pool):
-            result["logits"] = torch.cat([result["logits"], _pool_logits(ctx, prefix, tail, view, pool.images)])
+            result["logits"] = torch.cat([result["logits"],
+                                          _logits_on(ctx, prefix, members, view, pool.images, "unlabelled pool")])
+        if test_images is not None:
+            result["test_logits"] = _logits_on(ctx, prefix, members, view, test_images, "test split")
     return result
 
 
+def _mean_logits(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    out = members[0](x).float()
+    for member in members[1:]:
+        out = out + member(x).float()
+    return (out / len(members)).cpu()
+
+
+def _fresh_head_copy(untrained: nn.Sequential, cfg, k: int) -> nn.Sequential:
+    """A copy of the tail as it was before training, except for the new head (every Linear), initialised from
+    stream adapt.heads.<k>; the trained blocks start from the same pretrained weights in every member."""
+    copy_ = copy.deepcopy(untrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed_for(cfg, f"adapt.heads.{k}"))
+        for module in copy_.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+    return copy_
+
+
 @torch.inference_mode()
-def _pool_logits(ctx, prefix: nn.Module, tail: nn.Module, view: View, images, batch: int = 128) -> torch.Tensor:
-    """The finished teacher on the pool, prefix and tail chunk by chunk (no cache of the prefix's output)."""
+def _logits_on(ctx, prefix: nn.Module, members: list[nn.Module], view: View, images, what: str,
+               batch: int = 128) -> torch.Tensor:
+    """The finished teacher (the members' mean) on more images, prefix and tail chunk by chunk (no cache of the
+    prefix's output)."""
     source, out = as_tensor(images), []
-    tail.eval()
-    with channels_last_model(prefix), ctx.progress.task("teacher logits (unlabelled pool)", len(source)) as bar:
+    for member in members:
+        member.eval()
+    with channels_last_model(prefix), ctx.progress.task(f"teacher logits ({what})", len(source)) as bar:
         for start in range(0, len(source), batch):
             x = channels_last(view(source[start:start + batch].to(ctx.device)))
-            out.append(tail(channels_last(prefix(x))).float().cpu())
+            out.append(_mean_logits(members, channels_last(prefix(x))))
             bar.advance(len(out[-1]))
     return torch.cat(out)
 

@@ -1,4 +1,5 @@
-"""A plain supervised training loop with best-on-validation selection (teacher training and adaptation)."""
+"""A plain supervised training loop with best-on-validation (or last-epoch) selection (teacher training and
+adaptation)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ class FitSettings:
     weight_decay: float
     batch_size: int
     seed: int
+    keep_last: bool = False   # keep the last epoch's weights instead of the best on validation
 
 
 def fit_classifier(module: nn.Module, n_train: int, train_batch: Callable[[torch.Tensor], tuple],
                    validate: Callable[[], float], settings: FitSettings, progress, description: str) -> dict:
-    """Cross-entropy training; keeps the weights of the epoch with the best validation accuracy."""
+    """Cross-entropy training; keeps the weights of the epoch with the best validation accuracy (or, with
+    settings.keep_last, of the last epoch: the one-cycle schedule ends at a small learning rate)."""
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.epochs * ((n_train + settings.batch_size - 1) // settings.batch_size)
@@ -47,7 +50,7 @@ def fit_classifier(module: nn.Module, n_train: int, train_batch: Callable[[torch
                 total, count = total + loss.item() * len(idx), count + len(idx)
             val_acc = validate()
             history.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": val_acc})
-            if val_acc > best["val_acc"]:
+            if val_acc > best["val_acc"] or settings.keep_last:
                 best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(module.state_dict())}
             bar.advance(1, loss=total / max(count, 1), val_acc=val_acc)
             progress.log(f"  {description} epoch {epoch}/{settings.epochs}: loss {total / max(count, 1):.4f} "

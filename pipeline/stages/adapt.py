@@ -41,7 +41,7 @@ class AdaptStage(Stage):
             fit_metrics, known = self.fit_new_head(ctx, model, view, data)
             names = labelled_classes(data)
         save_model(model, ctx.out, replace(spec, num_classes=len(names), class_names=tuple(names)))
-        metrics, test_logits = self.measure(ctx, model, view, data, names)
+        metrics, test_logits = self.measure(ctx, model, view, data, names, fit_metrics.pop("test_logits", None))
         if known is not None:
             images, logits = known
             fit_metrics["known_logits"] = save_known_logits(ctx.out, np.concatenate([images, data.test.images]),
@@ -60,23 +60,30 @@ class AdaptStage(Stage):
             keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed_for(ctx.config, "adapt.images")))
             train = train.take(keep[: adapt.max_images].sort().values.numpy())
         settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size,
-                               seed_for(ctx.config, "adapt.batches"))
+                               seed_for(ctx.config, "adapt.batches"), keep_last=adapt.keep == "last")
         known = None
         if first_trainable is None:
             result = fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})", "adapt.augment")
         else:
-            result = fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool)
+            heads = adapt.heads or 1
+            result = fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool, heads,
+                                        data.test.images if heads > 1 else None)
             seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
             known = (np.concatenate(seen), result.pop("logits"))
         model.cpu().eval()
         budget = {} if not data.few_labels else {"labels_per_class": data.labels_per_class,
                                                  "adapt_val_images": len(val), "label_budget": data.budget}
+        heads = {"adapt_heads": adapt.heads, "adapt_heads_val_acc": result["heads_val_acc"],
+                 "test_logits": result["test_logits"]} if "heads_val_acc" in result else {}
         return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
-                "adapt_history": result["history"], "adapt_train_images": len(train), **budget}, known
+                "adapt_history": result["history"], "adapt_train_images": len(train), **budget, **heads}, known
 
-    def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str]) -> tuple[dict, torch.Tensor]:
+    def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str],
+                logits: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+        """Test accuracy of the teacher: `logits` are the heads' mean when adapt.heads trained several."""
         ids = teacher_class_ids(names, data)
-        logits = teacher_logits(model, view, data.test.images, ctx.device)
+        if logits is None:
+            logits = teacher_logits(model, view, data.test.images, ctx.device)
         model.cpu()
         return {"teacher_subtask_test_acc": accuracy(logits[:, ids], data.test.labels), "teacher_subtask_ids": ids,
                 "params": count_params(model), "macs": count_macs(model, (view.channels, view.size, view.size))}, logits

@@ -80,9 +80,9 @@ def reference_row(args, classes: list[str]) -> dict:
                                        "build.threads": args.threads, "subtask": {"classes": classes}},
                       remove=UNUSED_SECTIONS)
     stages = {s["stage"]: s for s in Build(cfg).run(QUIET, until="distill")}
-    m = stages["distill"]["metrics"]
+    m, data = stages["distill"]["metrics"], subtask_data(cfg)
     return {"row": REFERENCE, "subtask": "/".join(c.split("/")[0] for c in classes), "n": "all", "seed": 0,
-            "labels": m["labelled_train_images"] + m["val_images"], "test_acc": m["student_test_acc"],
+            "labels": len(data.train) + len(data.val), "test_acc": m["student_test_acc"],
             "teacher_test_acc": m["teacher_test_acc"], "wall_s": round(sum(s["wall_s"] for s in stages.values()), 1)}
 
 

@@ -10,7 +10,7 @@ with the unlabelled pool):
   suggested, subtask  the same over the subtask's training images only (an annotator whose pool holds only the
                       device's classes): K labels, like random
   every label         the reference: configs/fashion_tops.yaml (every training label, its own recipe) on the same
-                      subtask, seed 0 only (--reference / --no-reference)
+                      subtask, seed 0 only (--reference / --no-reference); --quick: the tiny config
 A labelling with a class under 2 labels cannot build (it is recorded with its reason). Test accuracy is on the
 subtask's official test split; model selection uses only the held-out labelled images. The table gives, per
 subtask, the mean and the spread (sample standard deviation) over seeds, and each row's gap to the reference.
@@ -64,11 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_suggestions"), help="cache root")
     args = parse(p, argv)
-    args.config = RECIPE
+    args.config, args.reference_config = RECIPE, DEFAULT_CONFIG
     args.recipe_overrides = parse_overrides(args.overrides)
     if args.quick:      # the tiny config (a CNN teacher from scratch on the labels), 1 subtask, N = 8, 1 seed
         args.config, args.labels, args.subtasks, args.seeds, args.pool_cap = TINY_CONFIG, [8], 1, 1, 200
-        args.reference = False
+        args.reference_config = TINY_CONFIG
     return args
 
 
@@ -76,7 +76,7 @@ def reference_row(args, classes: list[str]) -> dict:
     """The default config's student on the same subtask with every training label: what the budget is measured
     against."""
     name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
-    cfg = config_with(DEFAULT_CONFIG, {"build.name": f"ref_{name}", "build.output": args.output,
+    cfg = config_with(args.reference_config, {"build.name": f"ref_{name}", "build.output": args.output,
                                        "build.threads": args.threads, "subtask": {"classes": classes}},
                       remove=UNUSED_SECTIONS)
     stages = {s["stage"]: s for s in Build(cfg).run(QUIET, until="distill")}

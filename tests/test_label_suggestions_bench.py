@@ -20,7 +20,12 @@ def test_quick_label_suggestions_run_writes_every_row(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     report = json.loads(out.read_text())
     runs = {r["row"]: r for r in report["runs"]}
-    assert set(runs) == {"random", "suggested", "suggested, subtask"}
+    assert set(runs) == {"random", "suggested", "suggested, subtask", "every label"}
+    # the reference: every training label of the subtask (tiny: 4 classes x 40 train + val images per class)
+    assert runs["every label"]["labels"] > runs["random"]["labels"] and 0.0 <= runs["every label"]["test_acc"] <= 1.0
+    summary = {(r["row"], r["n"]): r for r in report["summary"]}
+    assert summary[("random", 8)]["gap_to_every_label"] == pytest.approx(
+        runs["every label"]["test_acc"] - runs["random"]["test_acc"])
     assert runs["random"]["labels"] == 4 * 8 and 0.0 <= runs["random"]["test_acc"] <= 1.0
     # the annotator labels only the subtask's images among the K = 32 suggestions
     assert runs["suggested, subtask"]["labels"] == 32 and runs["suggested, subtask"]["looked_at"] == 32

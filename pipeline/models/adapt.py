@@ -6,6 +6,7 @@ fit on images or on a frozen prefix's cached output, and which head columns hold
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 
 import torch
@@ -174,11 +175,17 @@ def _fresh_head_copy(untrained: nn.Sequential, cfg, k: int) -> nn.Sequential:
     """A copy of the tail as it was before training, except for the new head (every Linear), initialised from
     stream adapt.heads.<k>; the trained blocks start from the same pretrained weights in every member."""
     copy_ = copy.deepcopy(untrained)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed_for(cfg, f"adapt.heads.{k}"))
-        for module in copy_.modules():
-            if isinstance(module, nn.Linear):
-                module.reset_parameters()
+    generator = torch.Generator().manual_seed(seed_for(cfg, f"adapt.heads.{k}"))
+    for module in copy_.modules():
+        if isinstance(module, nn.Linear):       # nn.Linear's own initialisation, drawn from this head's stream
+            with torch.no_grad():
+                weight = torch.empty(module.weight.shape)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+                bound = 1 / math.sqrt(module.in_features)
+                bias = torch.empty(module.out_features).uniform_(-bound, bound, generator=generator)
+                module.weight.copy_(weight)
+                if module.bias is not None:
+                    module.bias.copy_(bias)
     return copy_
 
 

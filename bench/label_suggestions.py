@@ -72,23 +72,29 @@ def parse_args(argv=None):
     return args
 
 
+def _build_name(classes: list[str]) -> str:
+    return "_".join(c.split("/")[0].split()[0].lower() for c in classes)
+
+
+def _subtask_label(classes: list[str]) -> str:
+    return "/".join(c.split("/")[0] for c in classes)
+
+
 def reference_row(args, classes: list[str]) -> dict:
     """The default config's student on the same subtask with every training label: what the budget is measured
     against."""
-    name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
-    cfg = config_with(args.reference_config, {"build.name": f"ref_{name}", "build.output": args.output,
+    cfg = config_with(args.reference_config, {"build.name": f"ref_{_build_name(classes)}", "build.output": args.output,
                                        "build.threads": args.threads, "subtask": {"classes": classes}},
                       remove=UNUSED_SECTIONS)
     stages = {s["stage"]: s for s in Build(cfg).run(QUIET, until="distill")}
     m, data = stages["distill"]["metrics"], subtask_data(cfg)
-    return {"row": REFERENCE, "subtask": "/".join(c.split("/")[0] for c in classes), "n": "all", "seed": 0,
+    return {"row": REFERENCE, "subtask": _subtask_label(classes), "n": "all", "seed": 0,
             "labels": len(data.train) + len(data.val), "test_acc": m["student_test_acc"],
             "teacher_test_acc": m["teacher_test_acc"], "wall_s": round(sum(s["wall_s"] for s in stages.values()), 1)}
 
 
 def config(args, classes: list[str], seed: int, **data):
-    name = "_".join(c.split("/")[0].split()[0].lower() for c in classes)
-    overrides = {"build.name": f"ls_{name}", "build.seed": seed, "build.output": args.output,
+    overrides = {"build.name": f"ls_{_build_name(classes)}", "build.seed": seed, "build.output": args.output,
                  "build.threads": args.threads, "subtask": {"classes": classes}, "data.labels_per_class": None,
                  "data.unlabelled": "rest", "data.unlabelled_max_images": args.pool_cap,
                  **{f"data.{k}": v for k, v in data.items()}, **args.recipe_overrides}
@@ -123,7 +129,7 @@ def suggested_labels(args, classes: list[str], n: int, seed: int, subtask_only: 
 
 
 def run_row(args, row: str, classes: list[str], n: int, seed: int) -> dict:
-    base = {"row": row, "subtask": "/".join(c.split("/")[0] for c in classes), "n": n, "seed": seed}
+    base = {"row": row, "subtask": _subtask_label(classes), "n": n, "seed": seed}
     if row == "random":
         cfg, looked_at = config(args, classes, seed, labels_per_class=n), None
     else:

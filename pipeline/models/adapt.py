@@ -5,6 +5,7 @@ fit on images or on a frozen prefix's cached output, and which head columns hold
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import replace
@@ -127,35 +128,33 @@ def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, 
     def train_batch(idx):
         return channels_last(cached_train[idx].to(ctx.device)), labels[idx].to(ctx.device)
 
-    members = [tail]
     untrained = copy.deepcopy(tail) if heads > 1 else None
 
     @torch.inference_mode()
-    def tail_logits(cached):
+    def tail_logits(members: list[nn.Module], cached):
         for member in members:
             member.eval()
         return torch.cat([_mean_logits(members, channels_last(cached[i:i + 512].to(ctx.device)))
                           for i in range(0, len(cached), 512)])
 
-    def validate():
-        return accuracy(tail_logits(cached_val), val.labels)
+    def fit(member: nn.Module, member_settings, description: str) -> dict:
+        with channels_last_model(member):
+            return fit_classifier(member, len(train), train_batch,
+                                  lambda: accuracy(tail_logits([member], cached_val), val.labels),
+                                  member_settings, ctx.progress, description)
 
-    with channels_last_model(tail):
-        result = fit_classifier(tail, len(train), train_batch, validate, settings, ctx.progress,
-                                f"adapt (from {first_trainable})")
-        fitted = [tail]
-        for k in range(1, heads):
-            members[:] = [_fresh_head_copy(untrained, ctx.config, k)]      # validate() sees this member alone
-            stream = seed_for(ctx.config, f"adapt.heads.{k}")
-            with channels_last_model(members[0]):
-                fit_classifier(members[0], len(train), train_batch, validate, replace(settings, seed=stream),
-                               ctx.progress, f"adapt head {k + 1}/{heads}")
-            fitted.append(members[0])
-        members[:] = fitted
+    result = fit(tail, settings, f"adapt (from {first_trainable})")
+    members = [tail]
+    for k in range(1, heads):
+        members.append(_fresh_head_copy(untrained, ctx.config, k))
+        fit(members[-1], replace(settings, seed=seed_for(ctx.config, f"adapt.heads.{k}")), f"adapt head {k + 1}/{heads}")
+    with contextlib.ExitStack() as layouts:      # the tails answer in channels_last, as they trained
+        for member in members:
+            layouts.enter_context(channels_last_model(member))
         if heads > 1:
-            result["heads_val_acc"] = validate()
+            result["heads_val_acc"] = accuracy(tail_logits(members, cached_val), val.labels)
             ctx.log(f"  {heads} heads: validation accuracy of their mean {result['heads_val_acc']:.4f}")
-        result["logits"] = torch.cat([tail_logits(cached_train), tail_logits(cached_val)])
+        result["logits"] = torch.cat([tail_logits(members, cached_train), tail_logits(members, cached_val)])
         if pool is not None and len(pool):
             result["logits"] = torch.cat([result["logits"],
                                           _logits_on(ctx, prefix, members, view, pool.images, "unlabelled pool")])

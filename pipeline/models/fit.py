@@ -50,10 +50,12 @@ def fit_classifier(module: nn.Module, n_train: int, train_batch: Callable[[torch
                 total, count = total + loss.item() * len(idx), count + len(idx)
             val_acc = validate()
             history.append({"epoch": epoch, "loss": total / max(count, 1), "val_acc": val_acc})
-            if val_acc > best["val_acc"] or settings.keep_last:
-                best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(module.state_dict())}
+            if val_acc > best["val_acc"] or settings.keep_last:     # keep_last: the weights stay where they end
+                best = {"val_acc": val_acc, "epoch": epoch,
+                        "state": None if settings.keep_last else copy.deepcopy(module.state_dict())}
             bar.advance(1, loss=total / max(count, 1), val_acc=val_acc)
             progress.log(f"  {description} epoch {epoch}/{settings.epochs}: loss {total / max(count, 1):.4f} "
                          f"val acc {val_acc:.4f}")
-    module.load_state_dict(best["state"])
+    if best["state"] is not None:
+        module.load_state_dict(best["state"])
     return {"best_val_acc": best["val_acc"], "best_epoch": best["epoch"], "history": history}

@@ -37,20 +37,23 @@ class AdaptStage(Stage):
         view = spec.input
         method = cfg.teacher.adapt.method
         fit_metrics, names, known = {}, spec.class_names, None
+        test_logits = None
         if method != "none":
-            fit_metrics, known = self.fit_new_head(ctx, model, view, data)
+            fit_metrics, known, test_logits = self.fit_new_head(ctx, model, view, data)
             names = labelled_classes(data)
         save_model(model, ctx.out, replace(spec, num_classes=len(names), class_names=tuple(names)))
-        metrics, test_logits = self.measure(ctx, model, view, data, names, fit_metrics.pop("test_logits", None))
+        metrics, test_logits = self.measure(ctx, model, view, data, names, test_logits)
         if known is not None:
             images, logits = known
             fit_metrics["known_logits"] = save_known_logits(ctx.out, np.concatenate([images, data.test.images]),
                                                             torch.cat([logits, test_logits]))
         return {**fit_metrics, **metrics}
 
-    def fit_new_head(self, ctx: StageContext, model: nn.Module, view: View, data) -> tuple[dict, tuple | None]:
-        """Returns the fit's metrics and, when the tail was trained on a cached prefix, (images, logits) of the
-        finished teacher on every image it saw (saved for later stages: pipeline.models.known_logits)."""
+    def fit_new_head(self, ctx: StageContext, model: nn.Module, view: View, data) -> tuple[dict, tuple | None,
+                                                                                          torch.Tensor | None]:
+        """Returns the fit's metrics; when the tail was trained on a cached prefix, (images, logits) of the
+        finished teacher on every image it saw (saved for later stages: pipeline.models.known_logits); and with
+        adapt.heads, the heads' mean logits on the test split."""
         adapt = ctx.config.teacher.adapt
         model.reset_classifier(len(labelled_classes(data)))
         model.to(ctx.device)
@@ -61,7 +64,7 @@ class AdaptStage(Stage):
             train = train.take(keep[: adapt.max_images].sort().values.numpy())
         settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size,
                                seed_for(ctx.config, "adapt.batches"), keep_last=adapt.keep == "last")
-        known = None
+        known, test_logits = None, None
         if first_trainable is None:
             result = fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})", "adapt.augment")
         else:
@@ -69,14 +72,14 @@ class AdaptStage(Stage):
             result = fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool, heads,
                                         data.test.images if heads > 1 else None)
             seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
-            known = (np.concatenate(seen), result.pop("logits"))
+            known, test_logits = (np.concatenate(seen), result.pop("logits")), result.pop("test_logits", None)
         model.cpu().eval()
         budget = {} if not data.few_labels else {"labels_per_class": data.labels_per_class,
                                                  "adapt_val_images": len(val), "label_budget": data.budget}
-        heads = {"adapt_heads": adapt.heads, "adapt_heads_val_acc": result["heads_val_acc"],
-                 "test_logits": result["test_logits"]} if "heads_val_acc" in result else {}
+        heads = {"adapt_heads": adapt.heads, "adapt_heads_val_acc": result["heads_val_acc"]} \
+            if "heads_val_acc" in result else {}
         return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
-                "adapt_history": result["history"], "adapt_train_images": len(train), **budget, **heads}, known
+                "adapt_history": result["history"], "adapt_train_images": len(train), **budget, **heads}, known, test_logits
 
     def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str],
                 logits: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:

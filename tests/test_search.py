@@ -3,6 +3,7 @@ Runtime, real processes for the workers (two at once; one killed with SIGKILL an
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -127,12 +128,22 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_to_the_same_choic
     killed = search_config(tmp_path, "killed.yaml", "killed", budgets={"max_macs": 60000})
     proc = subprocess.Popen([*EDGESMITH, "build", str(killed), "--until", "search"], cwd=REPO, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def in_a_trial() -> bool:
+        if not list((tmp_path / "killed").glob("tiny/search-study/*/journal.log")):
+            return False
+        trials = study_trials(tmp_path / "killed")
+        return bool(trained_labels(trials)) and any(t.state.name == "RUNNING" and "candidate" in t.user_attrs
+                                                    for t in trials)
+
     deadline = time.time() + 300
     while time.time() < deadline:
-        if list((tmp_path / "killed").glob("tiny/search-study/*/journal.log")):
-            trials = study_trials(tmp_path / "killed")
-            if trained_labels(trials) and any(t.state.name == "RUNNING" and "candidate" in t.user_attrs for t in trials):
+        if in_a_trial():     # stopped, then looked at again: on a busy machine it may have moved on meanwhile
+            os.killpg(proc.pid, signal.SIGSTOP)
+            os.waitpid(proc.pid, os.WUNTRACED)
+            if in_a_trial():
                 break
+            os.killpg(proc.pid, signal.SIGCONT)
         time.sleep(0.1)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -141,6 +152,27 @@ def test_two_workers_share_a_study_and_a_killed_search_resumes_to_the_same_choic
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert [t.state.name for t in study_trials(tmp_path / "killed")].count("FAIL") == 1
     assert _chosen_and_order(tmp_path / "killed") == reference
+
+
+def test_a_search_killed_just_after_it_created_a_trial_resumes_to_the_same_choice(searched, tmp_path):
+    """The journal as a worker killed right after creating its third trial leaves it, resumed at once."""
+    reference = _chosen_and_order(searched[0] / "builds")
+    cfg = copied_build(searched, tmp_path)
+    (journal,) = (tmp_path / "builds").glob("tiny/search-study/*/journal.log")
+    lines = journal.read_text().splitlines(keepends=True)
+    ops = [json.loads(line) for line in lines]
+    studies = [op["study_name"] for op in ops if op["op_code"] == 0]          # CREATE_STUDY, ids in this order
+    proxy = next(i for i, name in enumerate(studies) if name.endswith("proxy"))
+    creates = [i for i, op in enumerate(ops) if op["op_code"] == 4 and op["study_id"] == proxy]   # CREATE_TRIAL
+    cut = creates[2]
+    created = ops[cut]
+    created["datetime_start"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+    journal.write_text("".join(lines[:cut]) + json.dumps(created) + "\n")
+    assert [t.state.name for t in study_trials(tmp_path / "builds")][-1] == "RUNNING"
+
+    resumed = run_cli("build", cfg, "--until", "search")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert _chosen_and_order(tmp_path / "builds") == reference
 
 
 def copied_build(searched, tmp_path: Path, validate: dict | None = None, **search) -> Path:

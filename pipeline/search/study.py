@@ -90,6 +90,17 @@ def open_study(storage, key: str, kind: str):
                                load_if_exists=True)
 
 
+def ask_named(study, storage, worker: dict):
+    """study.ask(), except that the trial names its worker in the storage write that creates it. Named in a second
+    write, a trial whose worker was killed between the two stayed RUNNING without a name; a resume soon after
+    counted it among the trials and drew other candidates than a search that ran straight through."""
+    import optuna
+
+    template = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs={"worker": worker})
+    trial_id = storage.create_new_trial(storage.get_study_id_from_name(study.study_name), template_trial=template)
+    return optuna.Trial(study, trial_id)
+
+
 def derived_seed(seed: int, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"search:{seed}:{index}".encode()).digest()[:4], "little")
 
@@ -102,6 +113,7 @@ class Worker:
     evaluator: Evaluator
     artifacts: Path
     seed: int
+    storage: object                 # the study's Optuna storage (storage_for)
     log: Callable[[str], None] = print
 
     def run(self, study) -> int:
@@ -133,8 +145,7 @@ class Worker:
     def _one(self, study) -> int:
         import optuna
 
-        trial = study.ask()
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        trial = ask_named(study, self.storage, {"host": socket.gethostname(), "pid": os.getpid()})
         candidate = suggest(trial, self.cfg.families)
         trial.set_user_attr("candidate", candidate.to_json())
         if _running_twin(study, candidate, trial.number):
@@ -252,7 +263,8 @@ def _trained_twin(study, candidate: Candidate, number: int):
     return None
 
 
-# A trial names its worker milliseconds after it is created; one still unnamed after this long lost its worker.
+# Every trial this code creates names its worker (ask_named); one without a name comes from another tool or an older
+# version of this one, and is taken as lost once it has run this long without naming a worker.
 UNNAMED_AFTER_S = 60
 
 

@@ -115,7 +115,7 @@ class SearchSession:
         self.proxy, self.full = open_study(storage, self.key, PROXY), open_study(storage, self.key, FULL)
         self.trials = TrialRunner(ctx, self.folder)
         self.worker = Worker(cfg, self.trials, self.folder / "artifacts", seed_for(ctx.config, "search.sampler"),
-                             ctx.log)
+                             storage, ctx.log)
 
 
 # The code a trial runs: a change there starts a new study; a change elsewhere (reports, release) keeps it.

@@ -263,11 +263,6 @@ def _trained_twin(study, candidate: Candidate, number: int):
     return None
 
 
-# Every trial this code creates names its worker (ask_named); one without a name comes from another tool or an older
-# version of this one, and is taken as lost once it has run this long without naming a worker.
-UNNAMED_AFTER_S = 60
-
-
 def _running_twin(study, candidate: Candidate, number: int) -> bool:
     import optuna
 
@@ -277,20 +272,14 @@ def _running_twin(study, candidate: Candidate, number: int) -> bool:
 
 def fail_dead_trials(study) -> list[int]:
     """RUNNING trials of a process on this machine that no longer exists (a killed worker): FAIL, so the sampler
-    draws their candidate again. Trials of other machines are left alone."""
-    import datetime
-
+    draws their candidate again. Trials of other machines are left alone. Every trial of a study names its worker
+    from the start (ask_named: the study's key holds this code's digest, so no other version writes to it)."""
     import optuna
 
     host, failed = socket.gethostname(), []
-    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = t.user_attrs.get("worker")
-        if worker is None:
-            dead = t.datetime_start is not None and (now - t.datetime_start).total_seconds() > UNNAMED_AFTER_S
-        else:
-            dead = worker.get("host") == host and not _alive(int(worker.get("pid", -1)))
-        if dead:
+        worker = t.user_attrs.get("worker") or {}       # a trial written by hand into the study: left alone
+        if worker.get("host") == host and not _alive(int(worker.get("pid", -1))):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             failed.append(t.number)
     return failed

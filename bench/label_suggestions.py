@@ -19,6 +19,7 @@ subtask, the mean and the spread (sample standard deviation) over seeds, and eac
     python -m bench label_suggestions --quick              # the tiny config, one cell
     python -m bench label_suggestions --rows random --set teacher.adapt.heads=5 --no-reference \
         --out bench/results/label_suggestions_heads.json  # one recipe change, the same labels and seeds
+    python -m bench label_suggestions --seeds 3 --keep-runs    # a third seed; the first two taken from the file
 Writes bench/results/label_suggestions.{json,txt,png}.
 """
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import statistics
 import time
 from pathlib import Path
@@ -61,6 +63,9 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the recipe (not of the reference), as edgesmith build --set")
     p.add_argument("--pool-cap", type=int, default=12000, help="data.unlabelled_max_images (and the suggest pool's cap)")
+    p.add_argument("--keep-runs", action="store_true",
+                   help="take the runs already in --out (same row, subtask, N and seed) instead of building them "
+                        "again: adds seeds or rows to a result; the file keeps the earlier stamp under 'kept_from'")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_suggestions"), help="cache root")
     args = parse(p, argv)
@@ -238,24 +243,41 @@ def plot(summary: list[dict], path: Path, stamp: dict) -> None:
     plt.close(fig)
 
 
+def _run_key(run: dict) -> tuple:
+    return run["row"], run["subtask"], str(run["n"]), run["seed"]
+
+
+def kept_runs(args) -> tuple[dict, dict | None]:
+    """With --keep-runs, the runs of the file at --out by (row, subtask, N, seed), and its stamp."""
+    if not (args.keep_runs and args.out.exists()):
+        return {}, None
+    earlier = json.loads(args.out.read_text())
+    return {_run_key(r): r for r in earlier["runs"]}, earlier.get("kept_from") or earlier.get("provenance")
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     start, runs = time.perf_counter(), []
+    kept, kept_from = kept_runs(args)
     subtasks = SUBTASKS[:args.subtasks]
+
+    def add(key: tuple, build) -> None:
+        runs.append(kept[key] if key in kept else build())
+        print(f"[{time.perf_counter() - start:6.0f} s] {' '.join(map(str, key))}: "
+              f"{runs[-1].get('test_acc', runs[-1].get('error'))}{' (kept)' if key in kept else ''}", flush=True)
+
     for classes in subtasks if args.reference else []:
-        runs.append(reference_row(args, classes))
-        print(f"[{time.perf_counter() - start:6.0f} s] {classes} every label: {runs[-1]['test_acc']}", flush=True)
+        add((REFERENCE, _subtask_label(classes), "all", 0), lambda: reference_row(args, classes))
     for seed in range(args.seeds):          # seeds outermost: an interrupted run has every subtask at some seeds
         for classes in subtasks:
             for n in args.labels:
                 for row in args.rows:
-                    runs.append(run_row(args, row, classes, n, seed))
-                    print(f"[{time.perf_counter() - start:6.0f} s] {classes} N={n} seed={seed} {row}: "
-                          f"{runs[-1].get('test_acc', runs[-1].get('error'))}", flush=True)
+                    add((row, _subtask_label(classes), str(n), seed), lambda: run_row(args, row, classes, n, seed))
     summary = summarise(runs)
     text = table(summary)
     print(text)
-    result = {"args": settings(args), "wall_s": round(time.perf_counter() - start, 1), "summary": summary, "runs": runs}
+    result = {"args": settings(args), "wall_s": round(time.perf_counter() - start, 1), "summary": summary, "runs": runs,
+              **({"kept_from": kept_from} if kept_from and any(_run_key(r) in kept for r in runs) else {})}
     stamp = write_results(args.out, result, args.command, table=text)
     plot(summary, args.out.with_suffix(".png"), stamp)
     return result

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import statistics
 import time
@@ -71,6 +72,7 @@ def parse_args(argv=None):
     args = parse(p, argv)
     args.config, args.reference_config = RECIPE, DEFAULT_CONFIG
     args.recipe_overrides = parse_overrides(args.overrides)
+    args.recipe_sha256 = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
     if args.quick:      # the tiny config (a CNN teacher from scratch on the labels), 1 subtask, N = 8, 1 seed
         args.config, args.labels, args.subtasks, args.seeds, args.pool_cap = TINY_CONFIG, [8], 1, 1, 200
         args.reference_config = TINY_CONFIG
@@ -252,6 +254,12 @@ def kept_runs(args) -> tuple[dict, dict | None]:
     if not (args.keep_runs and args.out.exists()):
         return {}, None
     earlier = json.loads(args.out.read_text())
+    same = ("recipe_sha256", "recipe_overrides", "pool_cap")
+    differ = [k for k in same if earlier["args"].get(k) != settings(args)[k]]
+    if differ:          # a run of another recipe would be mixed into this one's table
+        raise SystemExit(f"--keep-runs: the runs in {args.out} were made with another recipe ({', '.join(differ)} "
+                         "differ: the config file, --set or --pool-cap). Write to a new --out, or leave out "
+                         "--keep-runs to build every run again.")
     return {_run_key(r): r for r in earlier["runs"]}, earlier.get("kept_from") or earlier.get("provenance")
 
 
@@ -261,18 +269,18 @@ def main(argv=None) -> dict:
     kept, kept_from = kept_runs(args)
     subtasks = SUBTASKS[:args.subtasks]
 
-    def add(key: tuple, build) -> None:
-        runs.append(kept[key] if key in kept else build())
+    def add(key: tuple, build, *build_args) -> None:
+        runs.append(kept[key] if key in kept else build(*build_args))
         print(f"[{time.perf_counter() - start:6.0f} s] {' '.join(map(str, key))}: "
               f"{runs[-1].get('test_acc', runs[-1].get('error'))}{' (kept)' if key in kept else ''}", flush=True)
 
     for classes in subtasks if args.reference else []:
-        add((REFERENCE, _subtask_label(classes), "all", 0), lambda: reference_row(args, classes))
+        add((REFERENCE, _subtask_label(classes), "all", 0), reference_row, args, classes)
     for seed in range(args.seeds):          # seeds outermost: an interrupted run has every subtask at some seeds
         for classes in subtasks:
             for n in args.labels:
                 for row in args.rows:
-                    add((row, _subtask_label(classes), str(n), seed), lambda: run_row(args, row, classes, n, seed))
+                    add((row, _subtask_label(classes), str(n), seed), run_row, args, row, classes, n, seed)
     summary = summarise(runs)
     text = table(summary)
     print(text)

@@ -158,7 +158,7 @@ class InputSpec(Section):
 
 
 class AdaptConfig(OmitNoneOptions):
-    omit_when_none = ("keep", "heads")      # left out while unset: existing configs keep their cache keys
+    omit_when_none = ("keep", "heads", "augment_copies")   # left out while unset: existing configs keep their keys
     method: Literal["none", "linear_probe", "finetune"] = Field(
         "none", description="none: use the pretrained head; linear_probe: new head only; finetune: new head + last stages")
     epochs: int = Field(3, ge=1, description="adaptation epochs (best on validation kept)")
@@ -176,16 +176,24 @@ class AdaptConfig(OmitNoneOptions):
         None, ge=2, description="train the tail this many times on the cached prefix, each with its own head "
         "initialisation and batch order; the teacher's answers (its logits table for later stages) are their mean. "
         "Needs train_from or linear_probe")
+    augment_copies: Optional[int] = Field(
+        None, ge=2, description="fit the tail on this many views of every labelled training image: the image and "
+        "seeded random crops (2 px) with horizontal flips, each run once through the frozen prefix and cached; an "
+        "epoch passes over all of them. For datasets whose classes survive a mirror image. Needs train_from or "
+        "linear_probe")
 
     @model_validator(mode="after")
-    def _heads_need_a_cached_prefix(self):
-        if self.heads is not None and self.method == "finetune" and self.train_from is None:
-            raise ValueError("teacher.adapt.heads trains several tails on the cached output of a frozen prefix, but "
-                             "train_from is null (the whole network is fine-tuned). Set teacher.adapt.train_from "
-                             "(e.g. blocks.5), or remove heads")
-        if self.heads is not None and self.method == "none":
-            raise ValueError("teacher.adapt.heads needs a new head, but method is none. Set method to finetune or "
-                             "linear_probe, or remove heads")
+    def _cached_prefix_options(self):
+        for key, what in (("heads", "trains several tails"), ("augment_copies", "caches augmented copies")):
+            if getattr(self, key) is None:
+                continue
+            if self.method == "finetune" and self.train_from is None:
+                raise ValueError(f"teacher.adapt.{key} {what} on the cached output of a frozen prefix, but "
+                                 "train_from is null (the whole network is fine-tuned). Set teacher.adapt.train_from "
+                                 f"(e.g. blocks.5), or remove {key}")
+            if self.method == "none":
+                raise ValueError(f"teacher.adapt.{key} needs a new head, but method is none. Set method to finetune "
+                                 f"or linear_probe, or remove {key}")
         return self
 
 

@@ -19,6 +19,7 @@ STREAMS = (
     "adapt.batches",           # adapt: shuffling
     "adapt.heads",             # adapt.heads: the k-th extra head's initialisation and shuffling (adapt.heads.<k>)
     "adapt.augment",           # its augmentation (data.augment, a fit on images rather than on a cached prefix)
+    "adapt.copies",            # adapt.augment_copies: the crops and flips of the cached copies
     "subspaces.images",        # subspaces.max_images
     "subspaces.positions",     # the spatial positions sampled for the moments
     "subspaces.basis",         # the random-basis baseline of pipeline.distill.subspace, + ".<pair index>"

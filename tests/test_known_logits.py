@@ -96,15 +96,21 @@ def _adapt_folder(output: Path) -> tuple:
     return folder, json.loads((folder / "stage.json").read_text())["metrics"]
 
 
-def test_adapt_heads_make_the_teacher_answers_the_mean_of_several_heads(write_config, tmp_path):
+def _adapt_with_and_without(write_config, tmp_path, extra: dict) -> tuple:
+    """Build until adapt twice, on a cached prefix, without and with the `extra` teacher.adapt keys: (config,
+    folder, metrics) of each."""
     adapt = {"method": "finetune", "train_from": "features.1", "epochs": 2, "keep": "last"}
-    single = write_config("single.yaml", **{"teacher.adapt": adapt, "build.output": str(tmp_path / "a" / "builds")})
-    several = write_config("several.yaml", **{"teacher.adapt": {**adapt, "heads": 3},
-                                              "build.output": str(tmp_path / "b" / "builds")})
-    for config in (single, several):
+    built = []
+    for name, keys in (("a", adapt), ("b", {**adapt, **extra})):
+        config = write_config(f"{name}.yaml", **{"teacher.adapt": keys, "build.output": str(tmp_path / name / "builds")})
         result = run_cli("build", config, "--until", "adapt")
         assert result.returncode == 0, result.stdout + result.stderr
-    (one_dir, one), (three_dir, three) = _adapt_folder(tmp_path / "a" / "builds"), _adapt_folder(tmp_path / "b" / "builds")
+        built.append((config, *_adapt_folder(tmp_path / name / "builds")))
+    return built
+
+
+def test_adapt_heads_make_the_teacher_answers_the_mean_of_several_heads(write_config, tmp_path):
+    (_, one_dir, one), (several, three_dir, three) = _adapt_with_and_without(write_config, tmp_path, {"heads": 3})
     assert one["adapt_best_epoch"] == three["adapt_best_epoch"] == 2          # keep: last
     assert "adapt_heads" not in one and three["adapt_heads"] == 3
     # The saved network is the first head, the same as without heads ...
@@ -119,8 +125,24 @@ def test_adapt_heads_make_the_teacher_answers_the_mean_of_several_heads(write_co
     assert three["teacher_subtask_test_acc"] == pytest.approx(float((test_three[:, ids].argmax(1) == data.test.labels).mean()))
 
 
-def test_adapt_heads_need_a_cached_prefix(write_config):
-    config = write_config(**{"teacher.adapt": {"method": "finetune", "epochs": 1, "heads": 3}})
+def test_adapt_augment_copies_train_the_tail_on_cached_crops_and_flips(write_config, tmp_path):
+    (_, plain_dir, one), (copies, copies_dir, three) = _adapt_with_and_without(write_config, tmp_path,
+                                                                                {"augment_copies": 3})
+    assert one["adapt_train_views"] == one["adapt_train_images"]
+    assert three["adapt_train_views"] == 3 * three["adapt_train_images"] == 3 * one["adapt_train_images"]
+    assert (plain_dir / "teacher.pt").read_bytes() != (copies_dir / "teacher.pt").read_bytes()
+    # The logits table holds the finished teacher's answers on the images themselves, not on their copies.
+    teacher, spec = load_teacher(copies_dir)
+    data = subtask_data(load_config(copies))
+    known = KnownLogits.load(copies_dir)
+    seen = np.concatenate([data.dataset.train.images[:500], data.test.images[:200]])
+    full = predict_logits(teacher, spec.input, seen, torch.device("cpu"))
+    torch.testing.assert_close(torch.from_numpy(known.logits[known.rows(seen)]), full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("key,value", [("heads", 3), ("augment_copies", 4)])
+def test_adapt_options_on_a_cached_prefix_need_one(write_config, key, value):
+    config = write_config(**{"teacher.adapt": {"method": "finetune", "epochs": 1, key: value}})
     result = run_cli("check", config)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "teacher.adapt.heads" in result.stdout + result.stderr and "train_from" in result.stdout + result.stderr
+    assert f"teacher.adapt.{key}" in result.stdout + result.stderr and "train_from" in result.stdout + result.stderr

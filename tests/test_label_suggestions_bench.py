@@ -35,3 +35,18 @@ def test_quick_label_suggestions_run_writes_every_row(tmp_path):
     assert [p.name.rsplit("_", 1)[1] for p in labels_files] == ["all.csv", "subtask.csv"]
     assert out.with_suffix(".png").stat().st_size > 1000 and "suggested" in out.with_suffix(".txt").read_text()
     assert out.with_suffix(".txt").read_text().startswith("# commit ")
+    # --keep-runs takes the file's runs instead of building them again, and refuses those of another recipe.
+    again = subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
+                            str(tmp_path / "b"), "--out", str(out), "--threads", "1", "--rows", "random",
+                            "--keep-runs"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("(kept)") == 2          # the reference and the random row
+    kept = json.loads(out.read_text())
+    assert [r["test_acc"] for r in kept["runs"]] == [runs["every label"]["test_acc"], runs["random"]["test_acc"]]
+    assert kept["kept_from"]["utc"] == report["provenance"]["utc"]
+    other = subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
+                            str(tmp_path / "b"), "--out", str(out), "--threads", "1", "--rows", "random",
+                            "--keep-runs", "--set", "distill.epochs=2"], cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert other.returncode != 0 and "another recipe" in other.stderr and "Traceback" not in other.stderr
+    assert json.loads(out.read_text()) == kept

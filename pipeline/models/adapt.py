@@ -108,12 +108,13 @@ def fit_on_images(ctx, model, view, train, val, settings, description, augment_s
 
 
 def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, pool=None, heads: int = 1,
-                       test_images=None) -> dict:
+                       test_images=None, copies: int = 1) -> dict:
     """Run the frozen prefix once over the images, then train only the tail on its cached output. The result also
     holds the finished teacher's logits on train + val (+ the unlabelled pool: distillation needs them, and the
     frozen prefix costs the same here as later). With `heads` > 1 the tail is trained that many times (each with
     its own head initialisation and batch order; `model` keeps the first) and every logit is the members' mean;
-    `test_images` then get their logits the same way (result["test_logits"])."""
+    `test_images` then get their logits the same way (result["test_logits"]). With `copies` > 1 the tail trains on
+    that many views of each training image (the image, then seeded crops and flips), all cached."""
     example = view(as_tensor(train.images[:2]).to(ctx.device))
     prefix, tail = split_at(model, first_trainable, example)
     for p in prefix.parameters():
@@ -122,11 +123,12 @@ def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, 
     with channels_last_model(prefix):
         cached_train = _cache_features(ctx, prefix, view, train.images, "cache teacher features (train)")
         cached_val = _cache_features(ctx, prefix, view, val.images, "cache teacher features (val)")
-    labels = torch.as_tensor(train.labels)
-    ctx.log(f"  cached {first_trainable} inputs: {tuple(cached_train.shape)} ({cached_train.numel() * 4 / 2**20:.0f} MiB)")
+        cached_fit = _with_augmented_copies(ctx, prefix, view, train.images, cached_train, copies)
+    labels = torch.as_tensor(train.labels).repeat(copies)
+    ctx.log(f"  cached {first_trainable} inputs: {tuple(cached_fit.shape)} ({cached_fit.numel() * 4 / 2**20:.0f} MiB)")
 
     def train_batch(idx):
-        return channels_last(cached_train[idx].to(ctx.device)), labels[idx].to(ctx.device)
+        return channels_last(cached_fit[idx].to(ctx.device)), labels[idx].to(ctx.device)
 
     untrained = copy.deepcopy(tail) if heads > 1 else None
 
@@ -139,11 +141,11 @@ def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, 
 
     def fit(member: nn.Module, member_settings, description: str) -> dict:
         with channels_last_model(member):
-            return fit_classifier(member, len(train), train_batch,
+            return fit_classifier(member, len(cached_fit), train_batch,
                                   lambda: accuracy(tail_logits([member], cached_val), val.labels),
                                   member_settings, ctx.progress, description)
 
-    result = fit(tail, settings, f"adapt (from {first_trainable})")
+    result = {**fit(tail, settings, f"adapt (from {first_trainable})"), "train_views": len(cached_fit)}
     members = [tail]
     for k in range(1, heads):
         members.append(_fresh_head_copy(untrained, ctx.config, k))
@@ -161,6 +163,21 @@ def fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, 
         if test_images is not None:
             result["test_logits"] = _logits_on(ctx, prefix, members, view, test_images, "test split")
     return result
+
+
+def _with_augmented_copies(ctx, prefix: nn.Module, view: View, images, cached: torch.Tensor, copies: int
+                           ) -> torch.Tensor:
+    """The cached training images followed by copies - 1 augmented copies of them (stream adapt.copies), each copy
+    through the prefix: crops and flips of the raw images, as data.augment makes them, while the prefix stays
+    cached."""
+    if copies == 1:
+        return cached
+    generator = torch.Generator().manual_seed(seed_for(ctx.config, "adapt.copies"))
+    raw = as_tensor(images)
+    views = [cached] + [_cache_features(ctx, prefix, view, augment_batch(raw, generator).numpy(),
+                                        f"cache teacher features (augmented copy {k + 1}/{copies - 1})")
+                        for k in range(copies - 1)]
+    return torch.cat(views)
 
 
 def _mean_logits(members: list[nn.Module], x: torch.Tensor) -> torch.Tensor:

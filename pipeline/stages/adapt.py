@@ -70,7 +70,7 @@ class AdaptStage(Stage):
         else:
             heads = adapt.heads or 1
             result = fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool, heads,
-                                        data.test.images if heads > 1 else None)
+                                        data.test.images if heads > 1 else None, adapt.augment_copies or 1)
             seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
             known, test_logits = (np.concatenate(seen), result.pop("logits")), result.pop("test_logits", None)
         model.cpu().eval()
@@ -79,7 +79,8 @@ class AdaptStage(Stage):
         heads = {"adapt_heads": adapt.heads, "adapt_heads_val_acc": result["heads_val_acc"]} \
             if "heads_val_acc" in result else {}
         return {"adapt_best_val_acc": result["best_val_acc"], "adapt_best_epoch": result["best_epoch"],
-                "adapt_history": result["history"], "adapt_train_images": len(train), **budget, **heads}, known, test_logits
+                "adapt_history": result["history"], "adapt_train_images": len(train),
+                "adapt_train_views": result.get("train_views", len(train)), **budget, **heads}, known, test_logits
 
     def measure(self, ctx: StageContext, model: nn.Module, view: View, data, names: list[str],
                 logits: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:

@@ -66,16 +66,16 @@ def parse_args(argv=None):
     p.add_argument("--pool-cap", type=int, default=12000, help="data.unlabelled_max_images (and the suggest pool's cap)")
     p.add_argument("--keep-runs", action="store_true",
                    help="take the runs already in --out (same row, subtask, N and seed) instead of building them "
-                        "again: adds seeds or rows to a result; the file keeps the earlier stamp under 'kept_from'")
+                        "again: adds seeds or rows to a result; the file keeps the earlier stamps under 'kept_from'")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--output", default=str(ROOT / "builds" / "bench_label_suggestions"), help="cache root")
     args = parse(p, argv)
     args.config, args.reference_config = RECIPE, DEFAULT_CONFIG
     args.recipe_overrides = parse_overrides(args.overrides)
-    args.recipe_sha256 = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
     if args.quick:      # the tiny config (a CNN teacher from scratch on the labels), 1 subtask, N = 8, 1 seed
         args.config, args.labels, args.subtasks, args.seeds, args.pool_cap = TINY_CONFIG, [8], 1, 1, 200
         args.reference_config = TINY_CONFIG
+    args.recipe_sha256 = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
     return args
 
 
@@ -249,18 +249,19 @@ def _run_key(run: dict) -> tuple:
     return run["row"], run["subtask"], str(run["n"]), run["seed"]
 
 
-def kept_runs(args) -> tuple[dict, dict | None]:
-    """With --keep-runs, the runs of the file at --out by (row, subtask, N, seed), and its stamp."""
+def kept_runs(args) -> tuple[dict, list[dict]]:
+    """With --keep-runs, the runs of the file at --out by (row, subtask, N, seed), and the stamps of the runs that
+    made them (its own and those it kept, oldest first)."""
     if not (args.keep_runs and args.out.exists()):
-        return {}, None
-    earlier = json.loads(args.out.read_text())
+        return {}, []
+    earlier, now = json.loads(args.out.read_text()), settings(args)
     same = ("recipe_sha256", "recipe_overrides", "pool_cap")
-    differ = [k for k in same if earlier["args"].get(k) != settings(args)[k]]
+    differ = [k for k in same if earlier["args"].get(k) != now[k]]
     if differ:          # a run of another recipe would be mixed into this one's table
         raise SystemExit(f"--keep-runs: the runs in {args.out} were made with another recipe ({', '.join(differ)} "
                          "differ: the config file, --set or --pool-cap). Write to a new --out, or leave out "
                          "--keep-runs to build every run again.")
-    return {_run_key(r): r for r in earlier["runs"]}, earlier.get("kept_from") or earlier.get("provenance")
+    return {_run_key(r): r for r in earlier["runs"]}, [*earlier.get("kept_from", []), earlier["provenance"]]
 
 
 def main(argv=None) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -35,7 +36,9 @@ def test_quick_label_suggestions_run_writes_every_row(tmp_path):
     assert [p.name.rsplit("_", 1)[1] for p in labels_files] == ["all.csv", "subtask.csv"]
     assert out.with_suffix(".png").stat().st_size > 1000 and "suggested" in out.with_suffix(".txt").read_text()
     assert out.with_suffix(".txt").read_text().startswith("# commit ")
-    # --keep-runs takes the file's runs instead of building them again, and refuses those of another recipe.
+    # --keep-runs takes the file's runs instead of building them again, and refuses those of another recipe: the
+    # recipe's digest is that of the config the runs were built from (here the tiny one).
+    assert report["args"]["recipe_sha256"] == hashlib.sha256((REPO / "configs" / "tiny.yaml").read_bytes()).hexdigest()
     again = subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
                             str(tmp_path / "b"), "--out", str(out), "--threads", "1", "--rows", "random",
                             "--keep-runs"], cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -43,7 +46,7 @@ def test_quick_label_suggestions_run_writes_every_row(tmp_path):
     assert again.stdout.count("(kept)") == 2          # the reference and the random row
     kept = json.loads(out.read_text())
     assert [r["test_acc"] for r in kept["runs"]] == [runs["every label"]["test_acc"], runs["random"]["test_acc"]]
-    assert kept["kept_from"]["utc"] == report["provenance"]["utc"]
+    assert kept["kept_from"][-1]["utc"] == report["provenance"]["utc"]
     other = subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
                             str(tmp_path / "b"), "--out", str(out), "--threads", "1", "--rows", "random",
                             "--keep-runs", "--set", "distill.epochs=2"], cwd=REPO, capture_output=True, text=True,

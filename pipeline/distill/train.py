@@ -62,11 +62,14 @@ def mixed_precision(device: torch.device, amp: bool):
 class TeacherOutputs:
     """Teacher subtask logits and layer targets per training image: computed once when the inputs are fixed
     (no augmentation), else on the fly without autograd. `precomputed` (logits, {pair: teacher map}) for every
-    training image skips the teacher entirely: several methods or seeds can share one teacher pass."""
+    training image skips the teacher entirely: several methods or seeds can share one teacher pass. `known_logits`
+    (the adapt stage's table, with several heads their mean) replace the network's cached logits; the layer
+    targets still come from the network, which is the first head."""
 
     def __init__(self, models: Models, method: DistillMethod, images: torch.Tensor, device, cached: bool,
                  progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
-                 projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None, amp: bool = False):
+                 projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None, amp: bool = False,
+                 known_logits: torch.Tensor | None = None):
         self.models, self.method, self.device, self.amp = models, method, device, amp
         self.teacher_layers = [p.teacher for p in method.pairs]
         self.cached, self.projected = None, projected is not None
@@ -78,6 +81,8 @@ class TeacherOutputs:
             self.cached = self._targets_of(*precomputed)
         elif cached:
             self.cached = self._compute_all(images, progress)
+        if known_logits is not None and self.cached is not None:
+            self.cached = known_logits, self.cached[1]
 
     @torch.no_grad()
     def _targets_of(self, logits: torch.Tensor, maps: dict[int, torch.Tensor], batch: int = 1024):
@@ -162,9 +167,10 @@ class DistillSettings:
     """How one distillation run trains, besides the models, the method and the images.
 
     `precomputed`: the teacher's outputs on every training image, computed elsewhere (the adapt stage's logits);
-    `projected`: SubDistill's targets as the subspaces stage cached them. Under torchrun every process draws the
-    same global batches and trains on its share of each (DDP); `micro_batch` caps the images per forward pass
-    (gradients accumulate up to the global batch).
+    `projected`: SubDistill's targets as the subspaces stage cached them; `known_logits`: the teacher's logits on
+    every training image from the adapt stage's table, for a method whose layer targets come from the network.
+    Under torchrun every process draws the same global batches and trains on its share of each (DDP);
+    `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""
 
     cfg: Any                            # the distill section (pipeline.distill.config.DistillConfig)
@@ -175,6 +181,7 @@ class DistillSettings:
     micro_batch: int | None = None
     precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
     projected: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None
+    known_logits: torch.Tensor | None = None
     outliers: Any = None
     on_epoch: Any = None                # called with (epoch, validation accuracy) after every epoch; may raise to stop
 
@@ -204,7 +211,8 @@ def loop_parts(models: Models, method: DistillMethod, train, settings: DistillSe
     fixed = not augment          # the teacher sees a fixed set of inputs: its outputs are computed once
     teacher_out = TeacherOutputs(models, method, images, device, cached=fixed, progress=settings.progress,
                                  precomputed=settings.precomputed if fixed else None,
-                                 projected=settings.projected if fixed else None, amp=cfg.amp)
+                                 projected=settings.projected if fixed else None, amp=cfg.amp,
+                                 known_logits=settings.known_logits if fixed else None)
     params = list(student.parameters()) + list(method.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # The scaler is on exactly when the steps run under mixed_precision (float16 gradients need loss scaling).

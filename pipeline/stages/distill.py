@@ -95,11 +95,12 @@ class DistillStage(Stage):
         original = ctx.inputs["teacher"].dir if "teacher" in ctx.inputs else None
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known, original)  # None unless outlier_exposure
         train = self.transfer_set(ctx, method, data, outliers)
+        logits = self.known_logits(ctx, models, train, known)
         settings = DistillSettings(
             cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
-            precomputed=self.known_outputs(ctx, models, method, train, known),
-            projected=self.projected_targets(ctx, method, train), outliers=outliers)
+            precomputed=(logits, {}) if logits is not None and not method.pairs else None,
+            projected=self.projected_targets(ctx, method, train), known_logits=logits, outliers=outliers)
         return DistillRun(data, models, method, train, known, settings)
 
     def transfer_set(self, ctx: StageContext, method, data, outliers=None):
@@ -121,14 +122,14 @@ class DistillStage(Stage):
         return {"labels_per_class": data.labels_per_class, "label_budget": data.budget,
                 "labelled_train_images": len(data.train), "val_images": len(data.val), "transfer_images": len(train)}
 
-    def known_outputs(self, ctx: StageContext, models: Models, method, train, known):
+    def known_logits(self, ctx: StageContext, models: Models, train, known):
         """The teacher's subtask logits on the training images, looked up in the adapt stage's table where it has
-        them, when the method needs nothing else from the teacher (no layer targets) and the teacher's inputs are
-        fixed (no augmentation)."""
-        if method.pairs or ctx.config.data.augment or known is None:
+        them (with several heads, their mean), when the teacher's inputs are fixed (no augmentation). A method
+        without layer targets then never runs the teacher; one with them still runs it (its first head) for the
+        layer targets."""
+        if ctx.config.data.augment or known is None:
             return None
-        logits = teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device, models.teacher_ids, known)
-        return logits, {}
+        return teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device, models.teacher_ids, known)
 
     def projected_targets(self, ctx: StageContext, method, train):
         """SubDistill's layer targets and the teacher's logits as the subspaces stage cached them, if it did."""

@@ -140,6 +140,32 @@ def test_adapt_augment_copies_train_the_tail_on_cached_crops_and_flips(write_con
     torch.testing.assert_close(torch.from_numpy(known.logits[known.rows(seen)]), full, atol=1e-4, rtol=1e-4)
 
 
+def test_distill_with_layer_targets_learns_the_heads_mean_not_the_first_head(write_config, tmp_path):
+    # attention runs the teacher network (the first head) for its layer targets; the answers it distils must still
+    # be the adapt stage's table, the mean of the heads, as for kd and QAT.
+    from pipeline.distill.train import loop_parts
+    from pipeline.progress import ProgressDisplay
+    from pipeline.stage import StageContext, StageRecord
+    from pipeline.stages.distill import DistillStage
+
+    adapt = {"method": "finetune", "train_from": "features.1", "epochs": 2, "keep": "last", "heads": 3}
+    config = write_config(**{"teacher.adapt": adapt, "distill.method": "attention"})
+    result = run_cli("build", config, "--until", "adapt")
+    assert result.returncode == 0, result.stdout + result.stderr
+    adapt_dir, _ = _adapt_folder(tmp_path / "builds")
+    inputs = {"adapt": StageRecord("adapt", "a" * 64, adapt_dir, {})}
+    ctx = StageContext(load_config(config), tmp_path, inputs, ProgressDisplay(enabled=False), "d" * 64)
+    run = DistillStage().prepare(ctx)
+    logits, layer_targets = loop_parts(run.models, run.method, run.train, run.settings).teacher_out.cached
+    assert len(layer_targets) == len(run.method.pairs) > 0
+    known = KnownLogits.load(adapt_dir)
+    table = known.logits[known.rows(run.train.images)][:, run.models.teacher_ids]
+    torch.testing.assert_close(logits, torch.from_numpy(table))
+    first_head = teacher_logits(run.models.teacher, run.models.teacher_view, run.train.images, torch.device("cpu"),
+                                run.models.teacher_ids)
+    assert (logits - first_head).abs().max() > 0.05
+
+
 @pytest.mark.parametrize("key,value", [("heads", 3), ("augment_copies", 4)])
 def test_adapt_options_on_a_cached_prefix_need_one(write_config, key, value):
     config = write_config(**{"teacher.adapt": {"method": "finetune", "epochs": 1, key: value}})

@@ -320,15 +320,6 @@ class EdgesmithConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _rounds_on_fixed_inputs(self):
-        if self.distill.rounds is not None and self.data.augment:
-            raise ValueError(
-                "distill.rounds averages the teacher's and the last student's answers on each transfer image once, "
-                "but data.augment shows the student new views every epoch; set data.augment: false, or remove "
-                "distill.rounds")
-        return self
-
-    @model_validator(mode="after")
     def _int8_formats_need_qat(self):
         int8 = self.export.int8_only() if self.export is not None else []
         if int8 and self.qat is None:

@@ -24,7 +24,6 @@ STREAMS = (
     "subspaces.positions",     # the spatial positions sampled for the moments
     "subspaces.basis",         # the random-basis baseline of pipeline.distill.subspace, + ".<pair index>"
     "distill.batches",         # distillation: shuffling, augmentation
-    "distill.rounds",          # distill.rounds: round k's fresh student and its shuffling (distill.rounds.<k>)
     "ood.exposure.images",     # which outside images outlier exposure trains on
     "ood.exposure.batches",    # their order
     "qat.calibration",         # the INT8 calibration images (qat stage and the export stage's PT2E formats)

@@ -47,35 +47,3 @@ def test_wrong_layer_name_fails_the_build_with_the_valid_names(write_config):
     message = " ".join((result.stdout + result.stderr).split())
     assert "no module named 'features.7'" in message and "features.0, features.1" in message
     assert "Traceback" not in message
-
-
-def _distill_folder(builds) -> tuple:
-    folder = next((builds / "tiny").glob("distill-*"))
-    return folder, json.loads((folder / "stage.json").read_text())["metrics"]
-
-
-def test_distill_rounds_retrain_a_fresh_student_on_the_teacher_and_last_student_mean(write_config, tmp_path):
-    built = []
-    for name, extra in (("one", {}), ("two", {"distill.rounds": 2})):
-        config = write_config(f"{name}.yaml", **{"distill.method": "attention", "build.output": str(tmp_path / name),
-                                                 **extra})
-        result = run_cli("build", config)
-        assert result.returncode == 0, result.stdout + result.stderr
-        built.append(_distill_folder(tmp_path / name))
-    (one_dir, one), (two_dir, two) = built
-    assert "rounds_student_test_acc" not in one
-    # Round 1 is the distillation without rounds, to the last digit; round 2 is another student, and the one saved.
-    assert two["rounds_student_test_acc"][0] == one["student_test_acc"]
-    assert two["rounds_val_acc"][0] == one["best_val_acc"]
-    assert len(two["rounds_student_test_acc"]) == 2 and two["rounds_student_test_acc"][1] == two["student_test_acc"]
-    assert (one_dir / "student.pt").read_bytes() != (two_dir / "student.pt").read_bytes()
-
-
-@pytest.mark.parametrize("extra,named", [({"distill.method": "student_only"}, "student_only"),
-                                         ({"data.augment": True}, "data.augment")])
-def test_distill_rounds_need_a_teacher_and_fixed_inputs(write_config, extra, named):
-    config = write_config(**{"distill.rounds": 2, **extra})
-    result = run_cli("check", config)
-    out = result.stdout + result.stderr
-    assert result.returncode == 2 and "Traceback" not in out
-    assert "distill.rounds" in out and named in out

@@ -23,7 +23,7 @@ class SubspacesConfig(Section):
 
 
 class DistillConfig(OmitNoneOptions):
-    omit_when_none = ("layer_every", "rounds")   # left out while unset: existing configs keep their keys
+    omit_when_none = ("layer_every",)
 
     method: str = Field("kd", description=", ".join(METHODS.names()))  # the METHODS registry
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
@@ -45,18 +45,6 @@ class DistillConfig(OmitNoneOptions):
         "steps that neither tap features nor gather targets (docs/subdistill.md: how large n may be); None: every "
         "step, as the method's reference code does")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
-    rounds: Optional[int] = Field(
-        None, ge=2, le=5, description="distil this many times: from round 2 on, a fresh student learns from the mean "
-        "of the teacher's and the previous round's student's logits on the transfer set (the layer targets stay "
-        "the teacher's); each round costs one distillation. None: one round")
-
-    @model_validator(mode="after")
-    def _rounds_need_a_teacher(self):
-        if self.rounds is not None and self.method in METHODS and not METHODS.get(self.method).uses_kd:
-            raise ValueError(f"distill.rounds lets the next student learn from the teacher's and the last student's "
-                             f"answers, but method {self.method!r} learns from labels alone; remove distill.rounds "
-                             "or use a method with a teacher (kd, attention, ...)")
-        return self
 
     @model_validator(mode="after")
     def _every_only_for_layer_methods(self):

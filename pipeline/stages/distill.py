@@ -8,13 +8,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..config import EdgesmithConfig, config_with
 from ..data.for_config import subtask_data
 from ..distill.methods import METHODS
 from ..distill.train import DistillSettings, Models, distill, layer_pairs, load_models
-from ..models import StudentSpec, count_macs, count_params, create_model, save_model
+from ..models import StudentSpec, count_macs, count_params, save_model
 from ..models.known_logits import KnownLogits, teacher_logits
 from ..models.predict import accuracy, predict_logits
 from ..ood.exposure import outlier_exposure
@@ -81,43 +80,9 @@ class DistillStage(Stage):
             searched = {"search": searched_student(ctx.inputs["search"].dir)}
         run = self.prepare(ctx)
         result = distill(run.models, run.method, run.train, run.data.val, run.settings)
-        rounds = self.more_rounds(ctx, run, result) if ctx.config.distill.rounds else {}
-        if rounds:
-            run, result = rounds.pop("run"), rounds.pop("result")
         self.save(ctx, run.models, run.data)
         return {**self.measure(ctx, run.models, run.data, run.known), **self.budget(run.data, run.train), **result,
-                **rounds, **searched}
-
-    def more_rounds(self, ctx: StageContext, run: "DistillRun", result: dict) -> dict:
-        """distill.rounds: each further round trains a fresh student (its own seeded initialisation and batch order)
-        on the mean of the teacher's and the last student's logits on the transfer set; the layer targets and
-        everything else stay as in round 1. Returns the last round's run and result, and every round's scores."""
-        cfg = ctx.config
-        teacher = teacher_logits(run.models.teacher, run.models.teacher_view, run.train.images, ctx.device,
-                                 run.models.teacher_ids, run.known)
-        scores = {"rounds_val_acc": [result["best_val_acc"]],
-                  "rounds_student_test_acc": [self.student_test_acc(ctx, run.models, run.data)]}
-        for k in range(2, cfg.distill.rounds + 1):
-            previous = predict_logits(run.models.student.to(ctx.device), run.models.student_view, run.train.images,
-                                      ctx.device)
-            targets = (teacher + previous) / 2
-            torch.manual_seed(seed_for(cfg, f"distill.rounds.{k}"))
-            models = replace(run.models, student=create_model(cfg.student.arch, run.data.num_classes,
-                                                              run.models.student_view.channels, cfg.student.pretrained))
-            method = self.prepare_method(ctx, models)
-            settings = replace(run.settings, seed=seed_for(cfg, f"distill.rounds.{k}"), known_logits=targets,
-                               precomputed=None if method.pairs else (targets, {}))
-            ctx.log(f"  distill round {k}/{cfg.distill.rounds}: a fresh student learns from the mean of the teacher's "
-                    "and the last student's answers")
-            result = distill(models, method, run.train, run.data.val, settings)
-            run = replace(run, models=models, method=method, settings=settings)
-            scores["rounds_val_acc"].append(result["best_val_acc"])
-            scores["rounds_student_test_acc"].append(self.student_test_acc(ctx, models, run.data))
-        return {**scores, "run": run, "result": result}
-
-    def student_test_acc(self, ctx: StageContext, models: Models, data) -> float:
-        logits = predict_logits(models.student.to(ctx.device), models.student_view, data.test.images, ctx.device)
-        return accuracy(logits, data.test.labels)
+                **searched}
 
     def prepare(self, ctx: StageContext) -> "DistillRun":
         """Everything the training loop gets, built as the stage builds it (bench/subdistill_steps.py times steps

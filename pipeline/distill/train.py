@@ -63,8 +63,8 @@ class TeacherOutputs:
     """Teacher subtask logits and layer targets per training image: computed once when the inputs are fixed
     (no augmentation), else on the fly without autograd. `precomputed` (logits, {pair: teacher map}) for every
     training image skips the teacher entirely: several methods or seeds can share one teacher pass. `known_logits`
-    (the adapt stage's table, with several heads their mean) replace the network's cached logits; the layer
-    targets still come from the network, which is the first head."""
+    (the adapt stage's table, with several heads their mean) are the cached logits: a method without layer targets
+    then never runs the teacher; one with them runs the network (the first head) for those only."""
 
     def __init__(self, models: Models, method: DistillMethod, images: torch.Tensor, device, cached: bool,
                  progress=None, precomputed: tuple[torch.Tensor, dict[int, torch.Tensor]] | None = None,
@@ -79,6 +79,8 @@ class TeacherOutputs:
             self.cached = projected[0], TargetStore(projected[1], method.from_projection)
         elif precomputed is not None:
             self.cached = self._targets_of(*precomputed)
+        elif cached and known_logits is not None and not self.teacher_layers:
+            self.cached = known_logits, {}
         elif cached:
             self.cached = self._compute_all(images, progress)
         if known_logits is not None and self.cached is not None:
@@ -166,9 +168,9 @@ def split_accuracy(model: nn.Module, view: View, split, device) -> float:
 class DistillSettings:
     """How one distillation run trains, besides the models, the method and the images.
 
-    `precomputed`: the teacher's outputs on every training image, computed elsewhere (the adapt stage's logits);
-    `projected`: SubDistill's targets as the subspaces stage cached them; `known_logits`: the teacher's logits on
-    every training image from the adapt stage's table, for a method whose layer targets come from the network.
+    `precomputed`: the teacher's outputs on every training image, computed elsewhere (a benchmark's shared teacher
+    pass); `projected`: SubDistill's targets as the subspaces stage cached them; `known_logits`: the teacher's
+    logits on every training image from the adapt stage's table.
     Under torchrun every process draws the same global batches and trains on its share of each (DDP);
     `micro_batch` caps the images per forward pass (gradients accumulate up to the global batch).
     `outliers` (pipeline.ood.exposure.OutlierExposure) adds an outlier-exposure loss to every step."""

@@ -95,12 +95,11 @@ class DistillStage(Stage):
         original = ctx.inputs["teacher"].dir if "teacher" in ctx.inputs else None
         outliers = outlier_exposure(cfg, models, ctx.device, ctx.log, known, original)  # None unless outlier_exposure
         train = self.transfer_set(ctx, method, data, outliers)
-        logits = self.known_logits(ctx, models, train, known)
         settings = DistillSettings(
             cfg.distill, seed_for(cfg, "distill.batches"), ctx.device, ctx.progress, augment=cfg.data.augment,
             micro_batch=cfg.distributed.micro_batch if cfg.distributed else None,
-            precomputed=(logits, {}) if logits is not None and not method.pairs else None,
-            projected=self.projected_targets(ctx, method, train), known_logits=logits, outliers=outliers)
+            projected=self.projected_targets(ctx, method, train),
+            known_logits=self.known_logits(ctx, models, train, known), outliers=outliers)
         return DistillRun(data, models, method, train, known, settings)
 
     def transfer_set(self, ctx: StageContext, method, data, outliers=None):
@@ -124,9 +123,7 @@ class DistillStage(Stage):
 
     def known_logits(self, ctx: StageContext, models: Models, train, known):
         """The teacher's subtask logits on the training images, looked up in the adapt stage's table where it has
-        them (with several heads, their mean), when the teacher's inputs are fixed (no augmentation). A method
-        without layer targets then never runs the teacher; one with them still runs it (its first head) for the
-        layer targets."""
+        them (with several heads, their mean), when the teacher's inputs are fixed (no augmentation)."""
         if ctx.config.data.augment or known is None:
             return None
         return teacher_logits(models.teacher, models.teacher_view, train.images, ctx.device, models.teacher_ids, known)

@@ -76,6 +76,9 @@ def parse_args(argv=None):
         args.config, args.labels, args.subtasks, args.seeds, args.pool_cap = TINY_CONFIG, [8], 1, 1, 200
         args.reference_config = TINY_CONFIG
     args.recipe_sha256 = hashlib.sha256(Path(args.config).read_bytes()).hexdigest()
+    # what --keep-runs compares: the recipe as parsed, with the --set overrides applied, so that a comment edited in
+    # the file, or a key moved from --set into the file, still counts as the same recipe
+    args.recipe_digest = config_with(args.config, args.recipe_overrides, remove=UNUSED_SECTIONS).digest()
     return args
 
 
@@ -255,7 +258,9 @@ def kept_runs(args) -> tuple[dict, list[dict]]:
     if not (args.keep_runs and args.out.exists()):
         return {}, []
     earlier, now = json.loads(args.out.read_text()), settings(args)
-    same = ("recipe_sha256", "recipe_overrides", "pool_cap")
+    # files written before the parsed recipe's digest was recorded: the file's bytes and the --set overrides
+    same = ("recipe_digest", "pool_cap") if "recipe_digest" in earlier["args"] else \
+        ("recipe_sha256", "recipe_overrides", "pool_cap")
     differ = [k for k in same if earlier["args"].get(k) != now[k]]
     if differ:          # a run of another recipe would be mixed into this one's table
         raise SystemExit(f"--keep-runs: the runs in {args.out} were made with another recipe ({', '.join(differ)} "

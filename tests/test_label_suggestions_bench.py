@@ -47,9 +47,15 @@ def test_quick_label_suggestions_run_writes_every_row(tmp_path):
     kept = json.loads(out.read_text())
     assert [r["test_acc"] for r in kept["runs"]] == [runs["every label"]["test_acc"], runs["random"]["test_acc"]]
     assert kept["kept_from"][-1]["utc"] == report["provenance"]["utc"]
-    other = subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
-                            str(tmp_path / "b"), "--out", str(out), "--threads", "1", "--rows", "random",
-                            "--keep-runs", "--set", "distill.epochs=2"], cwd=REPO, capture_output=True, text=True,
-                           timeout=600)
+
+    def keep_with(override: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "bench", "label_suggestions", "--quick", "--output",
+                               str(tmp_path / "b"), "--out", str(out), "--threads", "1", "--rows", "random",
+                               "--keep-runs", "--set", override], cwd=REPO, capture_output=True, text=True, timeout=600)
+
+    other = keep_with("distill.epochs=3")          # tiny.yaml distills for 2 epochs
     assert other.returncode != 0 and "another recipe" in other.stderr and "Traceback" not in other.stderr
     assert json.loads(out.read_text()) == kept
+    # the recipe is compared as parsed: setting a key to the file's own value is the same recipe
+    same = keep_with("distill.epochs=2")
+    assert same.returncode == 0 and same.stdout.count("(kept)") == 2, same.stdout + same.stderr

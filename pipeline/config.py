@@ -158,8 +158,7 @@ class InputSpec(Section):
 
 
 class AdaptConfig(OmitNoneOptions):
-    # left out while unset: existing configs keep their keys
-    omit_when_none = ("keep", "heads", "augment_copies", "fit_held_out")
+    omit_when_none = ("keep", "heads", "augment_copies")   # left out while unset: existing configs keep their keys
     method: Literal["none", "linear_probe", "finetune"] = Field(
         "none", description="none: use the pretrained head; linear_probe: new head only; finetune: new head + last stages")
     epochs: int = Field(3, ge=1, description="adaptation epochs (best on validation kept)")
@@ -182,18 +181,6 @@ class AdaptConfig(OmitNoneOptions):
         "seeded random crops (2 px) with horizontal flips, each run once through the frozen prefix and cached; an "
         "epoch passes over all of them. For datasets whose classes survive a mirror image. Needs train_from or "
         "linear_probe")
-    fit_held_out: Optional[bool] = Field(
-        None, description="also fit on the held-out labelled images (the validation split): with keep: last they "
-        "pick nothing, and under a label budget they are a fifth of the labels. Their accuracy is then measured on "
-        "images the teacher trained on. Needs keep: last")
-
-    @model_validator(mode="after")
-    def _held_out_picks_nothing(self):
-        if self.fit_held_out and self.keep != "last":
-            raise ValueError("teacher.adapt.fit_held_out trains on the held-out labelled images, but keep is "
-                             f"{self.keep or 'best'}: those images pick the epoch to keep, so they cannot also be trained "
-                             "on. Set teacher.adapt.keep: last, or remove fit_held_out")
-        return self
 
     @model_validator(mode="after")
     def _cached_prefix_options(self):

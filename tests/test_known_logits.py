@@ -140,34 +140,6 @@ def test_adapt_augment_copies_train_the_tail_on_cached_crops_and_flips(write_con
     torch.testing.assert_close(torch.from_numpy(known.logits[known.rows(seen)]), full, atol=1e-4, rtol=1e-4)
 
 
-def test_adapt_fit_held_out_trains_the_tail_on_the_held_out_images_too(write_config, tmp_path):
-    (_, plain_dir, plain), (both, both_dir, fitted) = _adapt_with_and_without(write_config, tmp_path,
-                                                                               {"fit_held_out": True})
-    from pipeline.models.adapt import labelled_split
-
-    cfg = load_config(both)
-    data = subtask_data(cfg)
-    train, val = labelled_split(cfg, data)
-    assert plain["adapt_train_images"] == len(train) and fitted["adapt_train_images"] == len(train) + len(val)
-    assert (plain_dir / "teacher.pt").read_bytes() != (both_dir / "teacher.pt").read_bytes()
-    # Every image is in the table once, with the finished teacher's answer (a held-out image was seen twice).
-    teacher, spec = load_teacher(both_dir)
-    known = KnownLogits.load(both_dir)
-    assert len(known.digests) == len(KnownLogits.load(plain_dir).digests)
-    seen = np.concatenate([data.dataset.train.images[:500], data.test.images[:200]])
-    full = predict_logits(teacher, spec.input, seen, torch.device("cpu"))
-    torch.testing.assert_close(torch.from_numpy(known.logits[known.rows(seen)]), full, atol=1e-4, rtol=1e-4)
-
-
-def test_adapt_fit_held_out_needs_the_last_epoch(write_config):
-    config = write_config(**{"teacher.adapt": {"method": "finetune", "train_from": "features.1", "epochs": 1,
-                                               "fit_held_out": True}})
-    result = run_cli("check", config)
-    out = result.stdout + result.stderr
-    assert result.returncode == 2 and "Traceback" not in out
-    assert "teacher.adapt.fit_held_out" in out and "keep: last" in out
-
-
 def test_distill_with_layer_targets_learns_the_heads_mean_not_the_first_head(write_config, tmp_path):
     # attention runs the teacher network (the first head) for its layer targets; the answers it distils must still
     # be the adapt stage's table, the mean of the heads, as for kd and QAT.

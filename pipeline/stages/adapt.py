@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import ImageSet, View
+from ..data import View
 from ..data.for_config import subtask_data
 from ..models import count_macs, count_params, load_teacher, save_model
 from ..models.adapt import classifier_name, fit_on_images, fit_tail_on_cached, labelled_classes, labelled_split, teacher_class_ids
@@ -64,8 +64,6 @@ class AdaptStage(Stage):
             train = train.take(keep[: adapt.max_images].sort().values.numpy())
         settings = FitSettings(adapt.epochs, adapt.lr, adapt.weight_decay, adapt.batch_size,
                                seed_for(ctx.config, "adapt.batches"), keep_last=adapt.keep == "last")
-        if adapt.fit_held_out:      # keep: last, so the held-out images pick nothing: they are trained on too
-            train = ImageSet(np.concatenate([train.images, val.images]), np.concatenate([train.labels, val.labels]))
         known, test_logits = None, None
         if first_trainable is None:
             result = fit_on_images(ctx, model, view, train, val, settings, f"adapt ({adapt.method})", "adapt.augment")
@@ -73,8 +71,6 @@ class AdaptStage(Stage):
             heads = adapt.heads or 1
             result = fit_tail_on_cached(ctx, model, view, train, val, settings, first_trainable, data.pool, heads,
                                         data.test.images if heads > 1 else None, adapt.augment_copies or 1)
-            # in the order of the result's logits (train, val, pool); a held-out image fitted on appears twice
-            # and is kept once in the table
             seen = [train.images, val.images] + ([data.pool.images] if data.pool is not None else [])
             known, test_logits = (np.concatenate(seen), result.pop("logits")), result.pop("test_logits", None)
         model.cpu().eval()

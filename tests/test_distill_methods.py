@@ -440,3 +440,42 @@ def test_a_lazy_layer_loss_weighs_n_times_in_training_and_once_in_eval(tmp_path)
 def test_layer_every_is_refused_for_methods_without_a_layer_loss():
     with pytest.raises(ValueError, match="layer_every spaces out the layer loss; method 'kd' has none"):
         DistillConfig(method="kd", layer_every=4)
+
+
+def test_ema_decay_ships_the_moving_average_of_every_steps_weights():
+    """One optimizer step per epoch: the weights after each epoch are the steps' weights, so the average can be
+    recomputed here from a run without it (the average does not change what the student trains on)."""
+    decay, epochs = 0.6, 3
+    rng = np.random.default_rng(2)
+    train = ImageSet(rng.integers(0, 256, (24, 1, 28, 28), dtype=np.uint8), rng.integers(0, 3, 24))
+    view = View(28, 1, (0.5,), (0.5,))
+
+    def run(ema_decay, on_epoch=None):
+        torch.manual_seed(0)
+        teacher = create_model("cnn_teacher", 10, 1).eval()
+        student = create_model("cnn_small", 3, 1)
+        students.append(student)
+        start = {k: v.clone() for k, v in student.state_dict().items()}
+        cfg = DistillConfig(method="kd", epochs=epochs, batch_size=24, lr=0.05, ema_decay=ema_decay)
+        models = Models(teacher, student, view, view, [0, 2, 6])
+        method = METHODS.get("kd")(cfg, pairs=[], teacher=teacher, student=student)
+        result = distill(models, method, train, train, DistillSettings(
+            cfg, 0, torch.device("cpu"), ProgressDisplay(enabled=False), on_epoch=on_epoch))
+        return start, student, result
+
+    students, snapshots = [], []
+    start, _, _ = run(None, on_epoch=lambda *_: snapshots.append(
+        {k: v.clone() for k, v in students[0].state_dict().items()}))
+    assert len(snapshots) == epochs
+    expected = dict(start)
+    for weights in snapshots:
+        expected = {k: decay * expected[k] + (1 - decay) * w if w.is_floating_point() else w
+                    for k, w in weights.items()}
+    _, averaged, result = run(decay)
+    assert result["best_epoch"] == epochs                   # the last epoch's average, not a pick
+    for name, value in averaged.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-6)
+    moved = max(float((snapshots[-1][k] - expected[k]).abs().max()) for k in expected if expected[k].is_floating_point())
+    assert moved > 1e-3                                     # the average is not the last step's weights
+    assert "ema_decay" not in DistillConfig().model_dump()  # unset: configs without it keep their keys

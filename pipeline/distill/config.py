@@ -23,7 +23,7 @@ class SubspacesConfig(Section):
 
 
 class DistillConfig(OmitNoneOptions):
-    omit_when_none = ("layer_every",)
+    omit_when_none = ("layer_every", "ema_decay")   # left out while unset: existing configs keep their keys
 
     method: str = Field("kd", description=", ".join(METHODS.names()))  # the METHODS registry
     temperature: float = Field(4.0, gt=0, description="KD softmax temperature T (the loss is scaled by T^2)")
@@ -33,7 +33,7 @@ class DistillConfig(OmitNoneOptions):
         "data (the loss scales differ by orders of magnitude between methods)")
     layers: list[LayerPair] | Literal["auto"] = Field(
         "auto", description="teacher/student module pairs, or auto: pair the models' stages by relative depth")
-    epochs: int = Field(10, ge=1, description="distillation epochs (best on validation kept)")
+    epochs: int = Field(10, ge=1, description="distillation epochs (best on validation kept, unless ema_decay)")
     batch_size: int = Field(64, ge=1, description="training batch size")
     lr: float = Field(1e-3, gt=0, description="AdamW learning rate")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -44,6 +44,10 @@ class DistillConfig(OmitNoneOptions):
         "its expected gradient is unchanged (lazy regularisation, as StyleGAN2's R1 term); the steps between are KD "
         "steps that neither tap features nor gather targets (docs/subdistill.md: how large n may be); None: every "
         "step, as the method's reference code does")
+    ema_decay: Optional[float] = Field(
+        None, gt=0, lt=1, description="keep an exponential moving average of the student's weights (this decay per "
+        "optimizer step, e.g. 0.99) and ship the last epoch's average instead of the epoch the validation images "
+        "pick; None: the best epoch on validation")
     amp: bool = Field(True, description="mixed precision on CUDA (ignored on CPU)")
 
     @model_validator(mode="after")

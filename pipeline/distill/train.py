@@ -241,6 +241,18 @@ def optimizer_step(parts: LoopParts, method: DistillMethod, rows: torch.Tensor, 
     return done
 
 
+def weight_average(student: nn.Module, decay: float | None):
+    """An exponential moving average of the student's weights and BatchNorm statistics (distill.ema_decay), updated
+    after every optimizer step and started from the initial weights; None without one."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    average = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    average.update_parameters(student)          # the first update copies: the average starts where the student does
+    return average
+
+
 def distill(models: Models, method: DistillMethod, train, val, settings: DistillSettings) -> dict:
     """Train the student; returns history and the best epoch, and leaves the best weights in the student."""
     cfg, seed, augment, device, progress = settings.cfg, settings.seed, settings.augment, settings.device, settings.progress
@@ -250,6 +262,8 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
     images, labels = parts.images, parts.labels
     schedule = torch.optim.lr_scheduler.StepLR(parts.optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     generator = torch.Generator().manual_seed(seed)        # settings.seed: the build's distill.batches stream
+    average = weight_average(student, cfg.ema_decay)
+    scored = average.module if average is not None else student     # what validation sees and the stage keeps
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     history, images_seen, train_time = [], 0, 0.0
     with progress.task(f"distill ({cfg.method})", cfg.epochs) as bar:
@@ -269,15 +283,18 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
                     for name, value in losses.items():
                         sums[name] = sums.get(name, 0.0) + float(value.detach() if torch.is_tensor(value) else value) * count
                         counts[name] = counts.get(name, 0.0) + count
+                if average is not None:
+                    average.update_parameters(student)
                 images_seen += len(idx)
             train_time += time.perf_counter() - start
             schedule.step()
-            val_acc = split_accuracy(student, models.student_view, val, device)
+            val_acc = split_accuracy(scored, models.student_view, val, device)
             sums, counts = distributed.all_reduce_floats(sums), distributed.all_reduce_floats(counts)
             epoch_losses = {k: v / counts[k] for k, v in sums.items()}
             history.append({"epoch": epoch, "val_acc": val_acc, **epoch_losses})
-            if val_acc > best["val_acc"]:
-                best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(student.state_dict())}
+            # With a weight average the last epoch's average is kept: no pick among epochs by a few validation images
+            if val_acc > best["val_acc"] or average is not None:
+                best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
             bar.advance(1, loss=epoch_losses["total"], val_acc=val_acc)
             progress.log(f"  distill epoch {epoch}/{cfg.epochs}: " +
                          " ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items()) + f"  val acc {val_acc:.4f}")

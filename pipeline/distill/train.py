@@ -263,7 +263,7 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
     schedule = torch.optim.lr_scheduler.StepLR(parts.optimizer, step_size=cfg.lr_step_epochs, gamma=cfg.lr_gamma)
     generator = torch.Generator().manual_seed(seed)        # settings.seed: the build's distill.batches stream
     average = weight_average(student, cfg.ema_decay)
-    scored = average.module if average is not None else student     # what validation sees and the stage keeps
+    scored = average.module if average is not None else student     # what validation sees
     best = {"val_acc": -1.0, "epoch": 0, "state": None}
     history, images_seen, train_time = [], 0, 0.0
     with progress.task(f"distill ({cfg.method})", cfg.epochs) as bar:
@@ -292,14 +292,15 @@ def distill(models: Models, method: DistillMethod, train, val, settings: Distill
             sums, counts = distributed.all_reduce_floats(sums), distributed.all_reduce_floats(counts)
             epoch_losses = {k: v / counts[k] for k, v in sums.items()}
             history.append({"epoch": epoch, "val_acc": val_acc, **epoch_losses})
-            # With a weight average the last epoch's average is kept: no pick among epochs by a few validation images
-            if val_acc > best["val_acc"] or average is not None:
-                best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(scored.state_dict())}
+            if average is None and val_acc > best["val_acc"]:
+                best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(student.state_dict())}
             bar.advance(1, loss=epoch_losses["total"], val_acc=val_acc)
             progress.log(f"  distill epoch {epoch}/{cfg.epochs}: " +
                          " ".join(f"{k} {v:.4f}" for k, v in epoch_losses.items()) + f"  val acc {val_acc:.4f}")
             if settings.on_epoch is not None:
                 settings.on_epoch(epoch, val_acc)
+    if average is not None:     # the last epoch's average: no pick among epochs by a few validation images
+        best = {"val_acc": val_acc, "epoch": cfg.epochs, "state": average.module.state_dict()}
     student.load_state_dict(best["state"])
     student.eval()
     teacher.to(memory_format=torch.contiguous_format)
